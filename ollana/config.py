@@ -1,0 +1,140 @@
+"""Settings and the parsers that turn command-line text into them.
+
+Every parser raises twisted.python.usage.UsageError with a one-line reason that
+names the option, so a bad value never ends in a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+from twisted.python.usage import UsageError
+
+MODES = ("auto", "server", "client")
+DISCOVERY_PORT = 11436
+SERVER_PORT = 11435
+OLLAMA_PORT = 11434
+DEFAULT_OLLAMA = f"http://127.0.0.1:{OLLAMA_PORT}"
+CLIENT_LISTEN = f"tcp:{OLLAMA_PORT}:interface=127.0.0.1"
+SERVER_LISTEN = f"tcp:{SERVER_PORT}"
+LIMITED_BROADCAST = "255.255.255.255"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a running Ollana needs to know, already validated."""
+
+    mode: str = "auto"
+    ollama_url: str = DEFAULT_OLLAMA
+    listen: str | None = None
+    discovery: bool = True
+    discovery_port: int = DISCOVERY_PORT
+    discovery_interface: str = ""
+    broadcast: tuple[str, ...] = (LIMITED_BROADCAST,)
+    probe_interval: float = 5.0
+    health_interval: float = 5.0
+    peers: tuple[tuple[str, int], ...] = ()
+    node_id: bytes = field(default_factory=lambda: os.urandom(16))
+
+    def listen_for(self, mode: str) -> str:
+        """The endpoint description to listen on in this mode."""
+        if self.listen is not None:
+            return self.listen
+        return CLIENT_LISTEN if mode == "client" else SERVER_LISTEN
+
+
+def parse_port(text: str, option: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise UsageError(f"{option}: not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise UsageError(f"{option}: port must be 1-65535, not {port}")
+    return port
+
+
+def parse_seconds(text: str, option: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise UsageError(f"{option}: not a number of seconds: {text!r}") from None
+    if not (math.isfinite(seconds) and 0.1 <= seconds <= 86400):
+        raise UsageError(f"{option}: must be between 0.1 and 86400 seconds, not {text}")
+    return seconds
+
+
+def parse_ipv4(text: str, option: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text.strip()))
+    except ValueError:
+        raise UsageError(f"{option}: not an IPv4 address: {text!r}") from None
+
+
+def parse_peer(text: str, option: str = "--peer") -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT or a bare HOST (port 11435)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise UsageError(f"{option}: expected [IPV6]:PORT, not {text!r}")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise UsageError(f"{option}: not an IPv6 address: {host!r}") from None
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    elif ":" in text:
+        raise UsageError(f"{option}: write an IPv6 peer as [ADDRESS]:PORT, not {text!r}")
+    else:
+        host, port_text = text, ""
+    if not host or any(c.isspace() or c in "/@?#" for c in host):
+        raise UsageError(f"{option}: expected HOST:PORT, not {text!r}")
+    port = parse_port(port_text, option) if port_text else SERVER_PORT
+    return host, port
+
+
+def parse_ollama_url(text: str, option: str = "--ollama") -> str:
+    """An Ollama address as Ollama's own OLLAMA_HOST accepts it, as a base URL.
+
+    Accepts ``http(s)://host:port``, ``host:port``, ``host``, ``:port``; a wildcard bind
+    address (0.0.0.0, ::) means this machine.
+    """
+    text = text.strip()
+    if not text:
+        raise UsageError(f"{option}: empty address")
+    with_scheme = text if "://" in text else "http://" + text
+    try:
+        parts = urlsplit(with_scheme)
+        port = parts.port
+    except ValueError as e:
+        raise UsageError(f"{option}: not an Ollama address: {text!r} ({e})") from None
+    if parts.scheme not in ("http", "https"):
+        raise UsageError(f"{option}: scheme must be http or https, not {parts.scheme!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise UsageError(f"{option}: give only scheme, host and port, not {text!r}")
+    host = parts.hostname or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    if port is None:  # as Ollama does: its own port unless a scheme was written
+        port = OLLAMA_PORT if "://" not in text else {"http": 80, "https": 443}[parts.scheme]
+    if port == 0:
+        raise UsageError(f"{option}: port must be 1-65535, not 0")
+    netloc = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{netloc}:{port}"
+
+
+def check_endpoint(text: str, option: str = "--listen") -> str:
+    """A Twisted server endpoint description, checked without touching the network."""
+    try:
+        serverFromString(MemoryReactor(), text)
+    except Exception as e:
+        reason = str(e) or type(e).__name__
+        raise UsageError(f"{option}: not a valid endpoint description: {text!r} ({reason})") from None
+    return text

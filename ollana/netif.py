@@ -1,0 +1,48 @@
+"""Which broadcast addresses reach the local networks of this machine."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import psutil
+
+from ollana.config import LIMITED_BROADCAST
+
+
+def broadcast_addresses(
+    addresses: Mapping[str, Iterable[Any]], stats: Mapping[str, Any]
+) -> list[str]:
+    """The directed broadcast address of every up, non-loopback IPv4 interface.
+
+    Takes the shapes of psutil.net_if_addrs() and psutil.net_if_stats().
+    """
+    found: list[str] = []
+    for name, entries in addresses.items():
+        stat = stats.get(name)
+        if stat is None or not stat.isup:
+            continue
+        for entry in entries:
+            if entry.family != socket.AF_INET:
+                continue
+            address = ipaddress.IPv4Address(entry.address)
+            if address.is_loopback:
+                continue
+            if entry.broadcast:
+                broadcast = ipaddress.IPv4Address(entry.broadcast)
+            elif entry.netmask:
+                network = ipaddress.IPv4Network(f"{address}/{entry.netmask}", strict=False)
+                broadcast = network.broadcast_address
+            else:
+                continue
+            if broadcast != address and str(broadcast) not in found:
+                found.append(str(broadcast))
+    return found
+
+
+def default_broadcast_addresses() -> list[str]:
+    """This machine's directed broadcast addresses, or the limited broadcast if none."""
+    found = broadcast_addresses(psutil.net_if_addrs(), psutil.net_if_stats())
+    return found or [LIMITED_BROADCAST]

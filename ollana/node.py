@@ -1,0 +1,285 @@
+"""The running Ollana: its services in server and client mode, and the auto choice.
+
+tap.makeService builds an OllanaService; in auto mode the service asks the local
+Ollama first and builds the server or client services once it knows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import defer, error
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorCore
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from ollana import __version__
+from ollana.config import Settings
+from ollana.discovery import AnnouncementListener, ProbeResponder, Seeker
+from ollana.health import HTTPGetter, LocalOllamaMonitor, OllamaProbe, choose_mode
+from ollana.peers import PeerPool
+from ollana.proxy import make_site
+
+log = Logger()
+
+HEALTH_TIMEOUT = 3.0
+ErrorReporter = Callable[[str], None]
+
+
+def describe_listen_error(e: error.CannotListenError, what: str, option: str) -> str:
+    """One line naming the port, the reason and the option that changes it."""
+    reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+    where = f" on {e.interface}" if e.interface else ""
+    return f"Cannot listen on {what} port {e.port}{where}: {reason}. Choose another with {option}."
+
+
+class HTTPListener(Service):
+    """Listens for HTTP on an endpoint description and tells when and where it listens."""
+
+    def __init__(self, reactor: Any, description: str, factory: Factory, on_error: ErrorReporter) -> None:
+        self._reactor = reactor
+        self.description = description
+        self._factory = factory
+        self._on_error = on_error
+        self.port: IListeningPort | None = None
+        self._waiting: list[defer.Deferred[int]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        d = serverFromString(self._reactor, self.description).listen(self._factory)
+        d.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        log.info("Listening for HTTP on {address}", address=port.getHost())
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(port.getHost().port)  # type: ignore[attr-defined]
+
+    def _failed(self, failure: Any) -> None:
+        if failure.check(error.CannotListenError):
+            self._on_error(describe_listen_error(failure.value, "TCP", "--listen"))
+        else:
+            self._on_error(f"Cannot listen on {self.description}: {failure.getErrorMessage()}")
+
+    def whenListening(self) -> defer.Deferred[int]:
+        """Fires with the bound TCP port number once listening."""
+        if self.port is not None:
+            return defer.succeed(self.port.getHost().port)  # type: ignore[attr-defined]
+        d: defer.Deferred[int] = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return defer.maybeDeferred(port.stopListening)
+        return None
+
+
+class ResponderService(Service):
+    """Server side of discovery: the responder on the shared discovery port."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        responder: ProbeResponder,
+        settings: Settings,
+        listener: HTTPListener,
+        on_error: ErrorReporter,
+    ) -> None:
+        self._reactor = reactor
+        self.responder = responder
+        self._settings = settings
+        self._listener = listener
+        self._on_error = on_error
+        self._port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self._port = self._reactor.listenMulticast(
+                self._settings.discovery_port,
+                self.responder,
+                interface=self._settings.discovery_interface,
+                listenMultiple=True,
+            )
+        except error.CannotListenError as e:
+            self._on_error(describe_listen_error(e, "UDP", "--discovery-port"))
+            return
+        self._port.setBroadcastAllowed(True)
+        self._listener.whenListening().addCallback(self._ready)
+
+    def _ready(self, proxy_port: int) -> None:
+        self.responder.proxy_port = proxy_port
+        self.responder.announce()
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        port, self._port = self._port, None
+        if port is None:
+            return None
+        self.responder.bye()
+        return defer.maybeDeferred(port.stopListening)
+
+
+class SeekerService(Service):
+    """Client side of discovery: probes every interval, hears announcements, expires peers."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, pool: PeerPool, settings: Settings, on_error: ErrorReporter) -> None:
+        self._reactor = reactor
+        self.pool = pool
+        self._settings = settings
+        self._on_error = on_error
+        targets = [(address, settings.discovery_port) for address in settings.broadcast]
+        self.seeker = Seeker(settings.node_id, pool, targets)
+        self.listener = AnnouncementListener(settings.node_id, pool)
+        self._ports: list[Any] = []
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self._ports.append(
+                self._reactor.listenMulticast(
+                    self._settings.discovery_port,
+                    self.listener,
+                    interface=self._settings.discovery_interface,
+                    listenMultiple=True,
+                )
+            )
+        except error.CannotListenError as e:
+            self._on_error(describe_listen_error(e, "UDP", "--discovery-port"))
+            return
+        own = self._reactor.listenUDP(0, self.seeker)
+        own.setBroadcastAllowed(True)
+        self._ports.append(own)
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = self._reactor
+        self._loop.start(self._settings.probe_interval, now=True)
+
+    def tick(self) -> None:
+        """Expire silent peers and probe again; errors are logged, never raised."""
+        try:
+            self.pool.expire()
+            self.seeker.probe()
+        except Exception:
+            self.log.failure("Error in the discovery loop")
+
+    def stopService(self) -> defer.Deferred[Any]:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        ports, self._ports = self._ports, []
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+
+
+def build_server(
+    settings: Settings, reactor: Any, http: HTTPGetter, on_error: ErrorReporter
+) -> list[IService]:
+    """The local Ollama monitor, the LAN listener and the discovery responder."""
+    probe = OllamaProbe(http, reactor, settings.ollama_url)
+    monitor = LocalOllamaMonitor(probe, reactor, settings.health_interval, HEALTH_TIMEOUT)
+    monitor.setName("ollama-monitor")
+    listener = HTTPListener(reactor, settings.listen_for("server"), make_site("server"), on_error)
+    listener.setName("http")
+    services: list[IService] = [monitor, listener]
+    if settings.discovery:
+        targets = [(address, settings.discovery_port) for address in settings.broadcast]
+        responder = ProbeResponder(
+            settings.node_id, targets, "http", __version__, lambda: monitor.healthy
+        )
+        monitor.on_up = responder.announce
+        monitor.on_down = responder.bye
+        discovery = ResponderService(reactor, responder, settings, listener, on_error)
+        discovery.setName("discovery")
+        services.append(discovery)
+    return services
+
+
+def build_client(
+    settings: Settings, reactor: Any, pool: PeerPool, on_error: ErrorReporter
+) -> list[IService]:
+    """The discovery seeker (unless disabled) and the local listener."""
+    for host, port in settings.peers:
+        pool.add_static(host, port)
+    services: list[IService] = []
+    if settings.discovery:
+        seeker = SeekerService(reactor, pool, settings, on_error)
+        seeker.setName("discovery")
+        services.append(seeker)
+    listener = HTTPListener(reactor, settings.listen_for("client"), make_site("client"), on_error)
+    listener.setName("http")
+    services.append(listener)
+    return services
+
+
+class OllanaService(MultiService):
+    """One Ollana node; in auto mode it picks server or client when it starts."""
+
+    log = Logger()
+
+    def __init__(self, settings: Settings, reactor: Any, http: HTTPGetter) -> None:
+        super().__init__()
+        self.settings = settings
+        self._reactor = reactor
+        self._http = http
+        self.pool = PeerPool(reactor, ttl=3 * settings.probe_interval)
+        self.mode: str | None = None
+        self.failure: str | None = None
+        self._choosing: defer.Deferred[Any] | None = None
+        if settings.mode != "auto":
+            self._become(settings.mode)
+
+    def _become(self, mode: str) -> None:
+        self.mode = mode
+        if mode == "server":
+            services = build_server(self.settings, self._reactor, self._http, self.fail)
+        else:
+            services = build_client(self.settings, self._reactor, self.pool, self.fail)
+        for service in services:
+            service.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.mode is None and self._choosing is None:
+            probe = OllamaProbe(self._http, self._reactor, self.settings.ollama_url)
+            self._choosing = defer.Deferred.fromCoroutine(choose_mode(probe, self._reactor))
+            self._choosing.addCallback(self._chosen)
+            self._choosing.addErrback(self._choice_failed)
+
+    def _chosen(self, choice: tuple[str, str]) -> None:
+        self._choosing = None
+        mode, reason = choice
+        self.log.info("Auto mode: {mode} mode, because {reason}", mode=mode, reason=reason)
+        if self.running:
+            self._become(mode)
+
+    def _choice_failed(self, failure: Any) -> None:
+        self._choosing = None
+        if not failure.check(defer.CancelledError):
+            self.log.failure("Could not choose a mode", failure)
+            self.fail("Could not choose a mode: " + failure.getErrorMessage())
+
+    def stopService(self) -> Any:
+        if self._choosing is not None:
+            self._choosing.cancel()
+        return super().stopService()
+
+    def fail(self, message: str) -> None:
+        """A fatal start-up problem: say it in one line and stop."""
+        self.failure = message
+        self.log.critical("{message}", message=message)
+        if IReactorCore.providedBy(self._reactor):
+            self._reactor.callWhenRunning(self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        if self._reactor.running:
+            self._reactor.stop()

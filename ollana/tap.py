@@ -1,0 +1,143 @@
+"""twistd ollana: command-line options and the service maker.
+
+This is the only module that touches the global reactor and the machine's interfaces.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from typing import Any
+
+from twisted.python import usage
+
+from ollana import config
+from ollana.config import Settings
+
+
+class DiscoveryOptions(usage.Options):
+    """The discovery options that both twistd ollana and ollana discover take."""
+
+    optParameters = [
+        ["discovery-port", None, str(config.DISCOVERY_PORT), "UDP port of LANA discovery."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["broadcast"] = []
+
+    def opt_broadcast(self, address: str) -> None:
+        """IPv4 address to send discovery broadcasts to (repeatable) [default: the broadcast address of every up, non-loopback interface]."""
+        self["broadcast"].append(config.parse_ipv4(address, "--broadcast"))
+
+    def postOptions(self) -> None:
+        self["discovery-port"] = config.parse_port(str(self["discovery-port"]), "--discovery-port")
+
+    def broadcast_targets(self) -> tuple[str, ...]:
+        """The addresses given, or this machine's broadcast addresses."""
+        if self["broadcast"]:
+            return tuple(self["broadcast"])
+        from ollana.netif import default_broadcast_addresses
+
+        return tuple(default_broadcast_addresses())
+
+
+class Options(DiscoveryOptions):
+    synopsis = "[options]"
+    longdesc = (
+        "Ollana makes the Ollama servers of a LAN usable from every device. On a machine "
+        "with Ollama it serves the LAN (server mode); elsewhere it finds those servers and "
+        "serves 127.0.0.1:11434 for local apps (client mode)."
+    )
+    optFlags = [
+        ["no-discovery", None, "Neither send nor answer LANA discovery datagrams."],
+    ]
+    optParameters = [
+        ["mode", None, "auto", "auto, server or client; auto picks server when a local Ollama answers."],
+        ["ollama", None, None, "Local Ollama URL [default: $OLLAMA_HOST or http://127.0.0.1:11434]."],
+        ["listen", None, None,
+         "Endpoint for the HTTP proxy [default: tcp:11434:interface=127.0.0.1 in client mode, "
+         "tcp:11435 in server mode]."],
+        ["discovery-interface", None, None,
+         "IPv4 address to bind the discovery socket to [default: all]."],
+        ["probe-interval", None, "5", "Seconds between discovery probes (client mode)."],
+        ["health-interval", None, "5", "Seconds between health checks."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["peer"] = []
+
+    def opt_peer(self, peer: str) -> None:
+        """A server to use besides discovered ones, as HOST:PORT (repeatable)."""
+        self["peer"].append(config.parse_peer(peer))
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self["mode"] not in config.MODES:
+            raise usage.UsageError(f"--mode: must be auto, server or client, not {self['mode']!r}")
+        ollama = self["ollama"]
+        option = "--ollama"
+        if ollama is None:
+            ollama = os.environ.get("OLLAMA_HOST") or config.DEFAULT_OLLAMA
+            option = "OLLAMA_HOST"
+        self["ollama"] = config.parse_ollama_url(ollama, option)
+        if self["listen"] is not None:
+            config.check_endpoint(self["listen"])
+        if self["discovery-interface"] is None:
+            self["discovery-interface"] = ""
+        else:
+            self["discovery-interface"] = config.parse_ipv4(
+                self["discovery-interface"], "--discovery-interface"
+            )
+        for name in ("probe-interval", "health-interval"):
+            self[name] = config.parse_seconds(str(self[name]), "--" + name)
+        if self["mode"] == "client" and self["no-discovery"] and not self["peer"]:
+            raise usage.UsageError("--no-discovery in client mode needs at least one --peer")
+
+    def settings(self) -> Settings:
+        """The validated options as Settings (looks up broadcast addresses if needed)."""
+        discovery = not self["no-discovery"]
+        return Settings(
+            mode=self["mode"],
+            ollama_url=self["ollama"],
+            listen=self["listen"],
+            discovery=discovery,
+            discovery_port=self["discovery-port"],
+            discovery_interface=self["discovery-interface"],
+            broadcast=self.broadcast_targets() if discovery else (),
+            probe_interval=self["probe-interval"],
+            health_interval=self["health-interval"],
+            peers=tuple(self["peer"]),
+        )
+
+
+def makeService(options: Options, reactor: Any = None) -> Any:
+    """The Ollana service for twistd, on the global reactor unless given another."""
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+
+    from ollana.node import HEALTH_TIMEOUT, OllanaService
+
+    class QuietFactory(_HTTP11ClientFactory):
+        noisy = False  # no "Starting factory" line for every health check
+
+    exit_code_from_failure = reactor is None
+    if reactor is None:
+        from twisted.internet import reactor
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    pool._factory = QuietFactory
+    agent = Agent(reactor, connectTimeout=HEALTH_TIMEOUT, pool=pool)
+    service = OllanaService(options.settings(), reactor, HTTPClient(agent))
+    if exit_code_from_failure:
+        atexit.register(_exit_if_failed, service)
+    return service
+
+
+def _exit_if_failed(service: Any) -> None:
+    """twistd exits 0 whatever happened: make a fatal start-up error exit 1."""
+    if service.failure is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)

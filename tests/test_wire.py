@@ -1,0 +1,154 @@
+"""The LANA datagram codec."""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from ollana import wire
+
+NODE = bytes(range(16))
+
+node_ids = st.binary(min_size=16, max_size=16)
+announces = st.builds(
+    wire.Announce,
+    node_id=node_ids,
+    port=st.integers(1, 65535),
+    scheme=st.sampled_from(wire.SCHEMES),
+    version=st.text(
+        st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp", "Cf", "Co", "Cn", "Zs")),
+        max_size=16,
+    ),
+)
+messages = st.one_of(
+    st.builds(wire.Probe, node_ids),
+    st.builds(wire.Bye, node_ids),
+    st.just(wire.LegacyHello()),
+    announces,
+)
+
+
+def header(kind: int, version: int = wire.PROTOCOL_VERSION, magic: bytes = b"LANA") -> bytes:
+    return struct.pack(">4sBB16s", magic, version, kind, NODE)
+
+
+def field(kind: int, value: bytes) -> bytes:
+    return struct.pack(">BB", kind, len(value)) + value
+
+
+GOOD_FIELDS = field(1, struct.pack(">H", 11435)) + field(2, b"http") + field(3, b"0.1.0")
+
+
+class RoundTripTests(SynchronousTestCase):
+    @given(messages)
+    def test_round_trip(self, message: wire.Message) -> None:
+        packet = wire.encode(message)
+        self.assertLessEqual(len(packet), wire.MAX_PACKET)
+        self.assertTrue(packet.startswith(wire.MAGIC))
+        self.assertEqual(wire.decode(packet), message)
+
+    @given(st.binary(max_size=600))
+    def test_arbitrary_bytes_raise_only_malformed(self, data: bytes) -> None:
+        try:
+            wire.decode(data)
+        except wire.MalformedPacket:
+            pass
+
+    @given(st.binary(max_size=80))
+    def test_arbitrary_fields_after_a_good_header(self, data: bytes) -> None:
+        for kind in (1, 2, 3, 4):
+            try:
+                wire.decode(header(kind) + data)
+            except wire.MalformedPacket:
+                pass
+
+    @given(messages, st.data())
+    def test_truncations_never_raise_anything_else(self, message: wire.Message, data: st.DataObject) -> None:
+        packet = wire.encode(message)
+        cut = data.draw(st.integers(0, len(packet)))
+        try:
+            wire.decode(packet[:cut])
+        except wire.MalformedPacket:
+            pass
+
+
+class LayoutTests(SynchronousTestCase):
+    def test_starts_with_magic_number(self) -> None:
+        packet = wire.encode(wire.Probe(NODE))
+        self.assertEqual(struct.unpack(">I", packet[:4])[0], 0x4C414E41)
+        self.assertEqual(packet, header(1))
+
+    def test_announce_layout(self) -> None:
+        packet = wire.encode(wire.Announce(NODE, 11435, "http", "0.1.0"))
+        self.assertEqual(packet, header(2) + GOOD_FIELDS)
+
+    def test_bare_magic_is_the_legacy_hello(self) -> None:
+        self.assertEqual(wire.decode(b"LANA"), wire.LegacyHello())
+        self.assertEqual(wire.encode(wire.LegacyHello()), b"LANA")
+
+    def test_unknown_fields_are_skipped(self) -> None:
+        packet = header(2) + field(0xC0, b"\x00" * 32) + GOOD_FIELDS + field(99, b"future")
+        self.assertEqual(wire.decode(packet), wire.Announce(NODE, 11435, "http", "0.1.0"))
+
+    def test_room_for_an_authentication_tag(self) -> None:
+        longest = wire.encode(wire.Announce(NODE, 65535, "https", "v" * wire.MAX_VERSION_TEXT))
+        self.assertLessEqual(len(longest) + 2 + 64 + 2 + 8 + 2 + 16, wire.MAX_PACKET)
+
+
+class RejectionTests(SynchronousTestCase):
+    def assertRejected(self, packet: bytes, reason: str) -> None:
+        e = self.assertRaises(wire.MalformedPacket, wire.decode, packet)
+        self.assertIn(reason, str(e))
+
+    def test_short(self) -> None:
+        self.assertRejected(b"LAN", "too short")
+        self.assertRejected(b"LANA\x01", "too short")
+
+    def test_bad_magic(self) -> None:
+        self.assertRejected(header(1, magic=b"LAMA"), "bad magic")
+
+    def test_future_version(self) -> None:
+        self.assertRejected(header(1, version=2), "unsupported protocol version 2")
+
+    def test_unknown_kind(self) -> None:
+        self.assertRejected(header(9), "unknown message kind 9")
+
+    def test_too_large(self) -> None:
+        self.assertRejected(header(1) + field(99, b"x" * 200) * 3, "too large")
+
+    def test_truncated_field(self) -> None:
+        self.assertRejected(header(1) + b"\x01", "truncated field header")
+        self.assertRejected(header(1) + b"\x01\x05ab", "truncated field value")
+
+    def test_repeated_field(self) -> None:
+        self.assertRejected(header(2) + GOOD_FIELDS + field(1, b"\x00\x01"), "repeated field 1")
+
+    def test_announce_fields(self) -> None:
+        self.assertRejected(header(2) + field(2, b"http") + field(3, b"1"), "lacks field 1")
+        self.assertRejected(
+            header(2) + field(1, b"\x01") + field(2, b"http") + field(3, b"1"), "bad port field"
+        )
+        self.assertRejected(
+            header(2) + field(1, b"\x00\x00") + field(2, b"http") + field(3, b"1"), "port 0"
+        )
+        self.assertRejected(
+            header(2) + field(1, b"\x00\x01") + field(2, b"gopher") + field(3, b"1"),
+            "unknown scheme",
+        )
+        self.assertRejected(
+            header(2) + field(1, b"\x00\x01") + field(2, b"http") + field(3, b"\xff"), "UTF-8"
+        )
+        self.assertRejected(
+            header(2) + field(1, b"\x00\x01") + field(2, b"http") + field(3, b"a\nb"),
+            "printable",
+        )
+
+    def test_encode_refuses_what_cannot_be_decoded(self) -> None:
+        self.assertRaises(ValueError, wire.encode, wire.Probe(b"short"))
+        self.assertRaises(ValueError, wire.encode, wire.Announce(NODE, 0, "http", "1"))
+        self.assertRaises(ValueError, wire.encode, wire.Announce(NODE, 1, "ftp", "1"))
+        self.assertRaises(ValueError, wire.encode, wire.Announce(NODE, 1, "http", "x" * 65))
+        self.assertRaises(ValueError, wire.encode, wire.Announce(NODE, 1, "http", "a\tb"))
