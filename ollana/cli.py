@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any, TextIO
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
@@ -69,7 +69,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         for line in lines
     )
 
@@ -86,7 +86,7 @@ async def discover(reactor: Any, options: DiscoverOptions, out: TextIO) -> int:
     loop.start(REPEAT_PROBE, now=True)
     await task.deferLater(reactor, options["timeout"])
     loop.stop()
-    await port.stopListening()
+    await defer.maybeDeferred(port.stopListening)
     rows = server_rows(list(pool))
     if options["json"]:
         out.write(json.dumps(rows, indent=2) + "\n")
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
     except usage.UsageError as e:
-        sys.stderr.write(f"{options.subOptions or options}\nollana: {e}\n")
+        sys.stderr.write(f"{getattr(options, 'subOptions', None) or options}\nollana: {e}\n")
         raise SystemExit(2) from None
 
     async def run(reactor: Any) -> None:
@@ -114,10 +114,4 @@ def main(argv: list[str] | None = None) -> None:
         if code:
             raise SystemExit(code)
 
-    task.react(lambda reactor: defer_from(run(reactor)))
-
-
-def defer_from(coroutine: Any) -> Any:
-    from twisted.internet.defer import Deferred
-
-    return Deferred.fromCoroutine(coroutine)
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))

@@ -79,6 +79,8 @@ def parse_ipv4(text: str, option: str) -> str:
 def parse_peer(text: str, option: str = "--peer") -> tuple[str, int]:
     """HOST:PORT, [IPv6]:PORT or a bare HOST (port 11435)."""
     text = text.strip()
+    if "/" in text:
+        raise UsageError(f"{option}: expected HOST:PORT, not {text!r}")
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or (rest and not rest.startswith(":")):
@@ -136,5 +138,7 @@ def check_endpoint(text: str, option: str = "--listen") -> str:
         serverFromString(MemoryReactor(), text)
     except Exception as e:
         reason = str(e) or type(e).__name__
-        raise UsageError(f"{option}: not a valid endpoint description: {text!r} ({reason})") from None
+        raise UsageError(
+            f"{option}: not a valid endpoint description: {text!r} ({reason})"
+        ) from None
     return text

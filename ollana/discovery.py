@@ -32,7 +32,7 @@ class _LanaProtocol(DatagramProtocol):
         self.rejected = 0
         self.sent = 0
 
-    def datagramReceived(self, datagram: bytes, addr: Address) -> None:  # type: ignore[override]
+    def datagramReceived(self, datagram: bytes, addr: Address) -> None:
         try:
             message = wire.decode(datagram)
         except wire.MalformedPacket as e:

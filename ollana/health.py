@@ -16,16 +16,14 @@ from twisted.logger import Logger
 class HTTPGetter(Protocol):
     """What we need of a treq HTTPClient (treq.testing.StubTreq fits too)."""
 
-    def get(self, url: str, **kwargs: Any) -> defer.Deferred[Any]: ...
+    def get(self, url: str, /) -> defer.Deferred[Any]: ...
 
 
 class OllamaUnavailable(Exception):
     """The Ollama did not give a valid answer; the message says why, in a few words."""
 
 
-def _describe(failure_value: BaseException, timeout: float) -> str:
-    if isinstance(failure_value, (defer.TimeoutError, defer.CancelledError)):
-        return f"no answer within {timeout:g} s"
+def _describe(failure_value: BaseException) -> str:
     if isinstance(failure_value, error.ConnectionRefusedError):
         return "connection refused"
     if isinstance(failure_value, OllamaUnavailable):
@@ -45,10 +43,14 @@ class OllamaProbe:
     def version(self, timeout: float) -> defer.Deferred[str]:
         """The version string, or a failure with OllamaUnavailable after at most timeout s."""
         d = defer.Deferred.fromCoroutine(self._fetch())
-        d.addTimeout(timeout, self._clock)
+
+        def timed_out(result: object, timeout: float) -> None:
+            raise OllamaUnavailable(f"no answer within {timeout:g} s")
+
+        d.addTimeout(timeout, self._clock, onTimeoutCancel=timed_out)
 
         def explain(failure: Any) -> None:
-            raise OllamaUnavailable(_describe(failure.value, timeout))
+            raise OllamaUnavailable(_describe(failure.value))
 
         d.addErrback(explain)
         return d
@@ -110,7 +112,7 @@ class LocalOllamaMonitor(Service):
 
     def check(self) -> defer.Deferred[None]:
         """Check once; the result only changes state and is never an error."""
-        d = self._probe.version(self.timeout)
+        d: defer.Deferred[Any] = self._probe.version(self.timeout)
         d.addCallbacks(self._up, self._down)
         d.addErrback(lambda f: self.log.failure("Error while checking the local Ollama", f))
         self._checking = d

@@ -12,8 +12,7 @@ from typing import Any
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, error
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorCore
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -40,7 +39,9 @@ def describe_listen_error(e: error.CannotListenError, what: str, option: str) ->
 class HTTPListener(Service):
     """Listens for HTTP on an endpoint description and tells when and where it listens."""
 
-    def __init__(self, reactor: Any, description: str, factory: Factory, on_error: ErrorReporter) -> None:
+    def __init__(
+        self, reactor: Any, description: str, factory: IProtocolFactory, on_error: ErrorReporter
+    ) -> None:
         self._reactor = reactor
         self.description = description
         self._factory = factory
@@ -55,7 +56,12 @@ class HTTPListener(Service):
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
-        log.info("Listening for HTTP on {address}", address=port.getHost())
+        address = port.getHost()
+        log.info(
+            "Listening for HTTP on {host}:{port}",
+            host=getattr(address, "host", address),
+            port=getattr(address, "port", None),
+        )
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(port.getHost().port)  # type: ignore[attr-defined]
@@ -77,9 +83,7 @@ class HTTPListener(Service):
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
         port, self.port = self.port, None
-        if port is not None:
-            return defer.maybeDeferred(port.stopListening)
-        return None
+        return port.stopListening() if port is not None else None
 
 
 class ResponderService(Service):
@@ -133,7 +137,9 @@ class SeekerService(Service):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, pool: PeerPool, settings: Settings, on_error: ErrorReporter) -> None:
+    def __init__(
+        self, reactor: Any, pool: PeerPool, settings: Settings, on_error: ErrorReporter
+    ) -> None:
         self._reactor = reactor
         self.pool = pool
         self._settings = settings
@@ -251,9 +257,10 @@ class OllanaService(MultiService):
         super().startService()
         if self.mode is None and self._choosing is None:
             probe = OllamaProbe(self._http, self._reactor, self.settings.ollama_url)
-            self._choosing = defer.Deferred.fromCoroutine(choose_mode(probe, self._reactor))
-            self._choosing.addCallback(self._chosen)
-            self._choosing.addErrback(self._choice_failed)
+            choosing = defer.Deferred.fromCoroutine(choose_mode(probe, self._reactor))
+            self._choosing = choosing
+            choosing.addCallback(self._chosen)
+            choosing.addErrback(self._choice_failed)
 
     def _chosen(self, choice: tuple[str, str]) -> None:
         self._choosing = None

@@ -94,9 +94,7 @@ class PeerPool:
         """Record an original-Ollana server that answered a probe from host."""
         key = f"legacy:{host}"
         is_new = key not in self._peers
-        peer = Peer(
-            key, host, LEGACY_PORT, "http", "legacy", Source.LEGACY, self._clock.seconds()
-        )
+        peer = Peer(key, host, LEGACY_PORT, "http", "legacy", Source.LEGACY, self._clock.seconds())
         self._peers[key] = peer
         if is_new:
             self.log.info("Found legacy Ollana server at {url}", url=peer.url)

@@ -28,7 +28,7 @@ class DiscoveryOptions(usage.Options):
         self["broadcast"] = []
 
     def opt_broadcast(self, address: str) -> None:
-        """IPv4 address to send discovery broadcasts to (repeatable) [default: the broadcast address of every up, non-loopback interface]."""
+        """IPv4 address to send discovery broadcasts to (repeatable) [default: the broadcast address of every up, non-loopback interface]."""  # noqa: E501 (usage help)
         self["broadcast"].append(config.parse_ipv4(address, "--broadcast"))
 
     def postOptions(self) -> None:
@@ -54,13 +54,31 @@ class Options(DiscoveryOptions):
         ["no-discovery", None, "Neither send nor answer LANA discovery datagrams."],
     ]
     optParameters = [
-        ["mode", None, "auto", "auto, server or client; auto picks server when a local Ollama answers."],
-        ["ollama", None, None, "Local Ollama URL [default: $OLLAMA_HOST or http://127.0.0.1:11434]."],
-        ["listen", None, None,
-         "Endpoint for the HTTP proxy [default: tcp:11434:interface=127.0.0.1 in client mode, "
-         "tcp:11435 in server mode]."],
-        ["discovery-interface", None, None,
-         "IPv4 address to bind the discovery socket to [default: all]."],
+        [
+            "mode",
+            None,
+            "auto",
+            "auto, server or client; auto picks server when a local Ollama answers.",
+        ],
+        [
+            "ollama",
+            None,
+            None,
+            "Local Ollama URL [default: $OLLAMA_HOST or http://127.0.0.1:11434].",
+        ],
+        [
+            "listen",
+            None,
+            None,
+            "Endpoint for the HTTP proxy [default: tcp:11434:interface=127.0.0.1 in client mode, "
+            "tcp:11435 in server mode].",
+        ],
+        [
+            "discovery-interface",
+            None,
+            None,
+            "IPv4 address to bind the discovery socket to [default: all].",
+        ],
         ["probe-interval", None, "5", "Seconds between discovery probes (client mode)."],
         ["health-interval", None, "5", "Seconds between health checks."],
     ]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Union
 
 MAGIC = b"LANA"
 PROTOCOL_VERSION = 1
@@ -77,7 +76,7 @@ class LegacyHello:
     """The original Ollana's bare magic: a probe to a server, a reply to a client."""
 
 
-Message = Union[Probe, Announce, Bye, LegacyHello]
+Message = Probe | Announce | Bye | LegacyHello
 
 
 def encode(message: Message) -> bytes:

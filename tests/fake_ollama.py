@@ -70,12 +70,14 @@ def main() -> None:
     parser.add_argument("--version", default="0.12.0")
     parser.add_argument("--model", action="append", default=[])
     args = parser.parse_args()
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
 
     fake = FakeOllama(args.version, args.model)
-    port = reactor.listenTCP(args.port, fake.site(), interface="127.0.0.1")  # type: ignore[attr-defined]
+    port = reactor.listenTCP(args.port, fake.site(), interface="127.0.0.1")
     print(f"fake Ollama on http://127.0.0.1:{port.getHost().port}", flush=True)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 if __name__ == "__main__":

@@ -9,12 +9,24 @@ protocol sent from ``port.written`` and feeds it datagrams with
 from __future__ import annotations
 
 import errno
+import os
+import re
+import socket
+import sys
+from pathlib import Path
 from typing import Any
 
-from twisted.internet import error
+from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address
-from twisted.internet.protocol import DatagramProtocol
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+
+def capture_logs(case: SynchronousTestCase) -> EventLoggingObserver:
+    """Log events emitted during the test, as a list of event dicts."""
+    return EventLoggingObserver.createWithCleanup(case, globalLogPublisher)  # type: ignore[arg-type]
 
 
 class FakeDatagramPort:
@@ -66,7 +78,7 @@ class FakeNetworkReactor(MemoryReactorClock):
         self.busy_udp_ports: set[int] = set()
         self._next_port = 40000
 
-    def listenUDP(  # type: ignore[override]
+    def listenUDP(
         self, port: int, protocol: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192
     ) -> FakeDatagramPort:
         return self._bind(port, protocol, interface)
@@ -99,3 +111,111 @@ class FakeNetworkReactor(MemoryReactorClock):
             if bound.port == port and bound.listening:
                 return bound
         raise LookupError(f"nothing listens on UDP port {port}")
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def python_env() -> dict[str, str]:
+    """The environment for a child Python that imports this checkout's ollana and plugin."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("OLLAMA_HOST", None)
+    return env
+
+
+def free_udp_port() -> int:
+    """A UDP port on loopback that nothing uses at the moment."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ChildProcess(ProcessProtocol):
+    """A child process whose output lines a test can wait for, with a deadline."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self.lines: list[str] = []
+        self._buffer = b""
+        self._waiters: list[tuple[re.Pattern[str], defer.Deferred[re.Match[str]]]] = []
+        self._end_waiters: list[defer.Deferred[int | None]] = []
+        self.has_ended = False
+        self.exit_code: int | None = None
+        self.exit_signal: int | None = None
+
+    @classmethod
+    def spawn(cls, reactor: Any, args: list[str]) -> ChildProcess:
+        """Run ``python ARGS`` with this checkout importable."""
+        child = cls(reactor)
+        reactor.spawnProcess(
+            child, sys.executable, [sys.executable, *args], env=python_env(), path=str(REPO)
+        )
+        return child
+
+    def outReceived(self, data: bytes) -> None:
+        self._buffer += data
+        *complete, self._buffer = self._buffer.split(b"\n")
+        for raw in complete:
+            line = raw.decode("utf-8", "replace")
+            self.lines.append(line)
+            for waiter in list(self._waiters):
+                match = waiter[0].search(line)
+                if match:
+                    self._waiters.remove(waiter)
+                    waiter[1].callback(match)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        if self._buffer:
+            self.outReceived(b"\n")
+        self.has_ended = True
+        self.exit_code = reason.value.exitCode
+        self.exit_signal = reason.value.signal
+        waiters, self._waiters = self._waiters, []
+        for _, d in waiters:
+            d.errback(AssertionError("the process ended; its output:\n" + self.output()))
+        ended, self._end_waiters = self._end_waiters, []
+        for waiting in ended:
+            waiting.callback(self.exit_code)
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 20) -> defer.Deferred[re.Match[str]]:
+        """Fires with the match of the first output line matching pattern."""
+        for line in self.lines:
+            match = re.search(pattern, line)
+            if match:
+                return defer.succeed(match)
+        if self.has_ended:
+            return defer.fail(AssertionError(f"no {pattern!r} in:\n" + self.output()))
+        d: defer.Deferred[re.Match[str]] = defer.Deferred()
+        self._waiters.append((re.compile(pattern), d))
+        return d.addTimeout(timeout, self._reactor)
+
+    def when_ended(self) -> defer.Deferred[int | None]:
+        """Fires with the exit code (None when killed by a signal)."""
+        if self.has_ended:
+            return defer.succeed(self.exit_code)
+        d: defer.Deferred[int | None] = defer.Deferred()
+        self._end_waiters.append(d)
+        return d
+
+    def signal(self, name: str) -> None:
+        if not self.has_ended and self.transport is not None:
+            self.transport.signalProcess(name)
+
+    async def stop(self, timeout: float = 20) -> int | None:
+        """SIGTERM, SIGKILL if it has not ended after timeout seconds; the exit code.
+
+        twistd stopped by a signal ends by that signal, so a clean stop gives None.
+        """
+        if not self.has_ended:
+            self.signal("TERM")
+            kill = self._reactor.callLater(timeout, self.signal, "KILL")
+            await self.when_ended()
+            if kill.active():
+                kill.cancel()
+        return self.exit_code

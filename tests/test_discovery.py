@@ -7,15 +7,17 @@ import errno
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from ollana import wire
 from ollana.config import Settings
 from ollana.discovery import AnnouncementListener, ProbeResponder, Seeker
 from ollana.node import HTTPListener, ResponderService, SeekerService
 from ollana.peers import PeerPool, Source
-from tests.support import FakeDatagramPort, FakeNetworkReactor
+from tests.support import FakeDatagramPort, FakeNetworkReactor, capture_logs
 
 ME = b"\x11" * 16
 OTHER = b"\x22" * 16
@@ -26,9 +28,7 @@ TARGETS = [("198.18.0.255", 11436), ("127.255.255.255", 11436)]
 
 class LogCapture:
     def __init__(self, case: SynchronousTestCase) -> None:
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        case.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = capture_logs(case)
 
     def at(self, level: LogLevel) -> list[dict]:
         return [e for e in self.events if e.get("log_level") == level]
@@ -82,7 +82,12 @@ class ProbeResponderTests(SynchronousTestCase):
         bye = wire.encode(wire.Bye(ME))
         self.assertEqual(
             self.port.take(),
-            [(self.announce, TARGETS[0]), (self.announce, TARGETS[1]), (bye, TARGETS[0]), (bye, TARGETS[1])],
+            [
+                (self.announce, TARGETS[0]),
+                (self.announce, TARGETS[1]),
+                (bye, TARGETS[0]),
+                (bye, TARGETS[1]),
+            ],
         )
 
     def test_send_errors_are_logged_and_survived(self) -> None:
@@ -124,18 +129,24 @@ class SeekerTests(SynchronousTestCase):
         self.assertEqual(self.own.take(), [(probe, TARGETS[0]), (probe, TARGETS[1])])
 
     def test_reply_adds_a_peer_at_the_source_address(self) -> None:
-        self.seeker.datagramReceived(wire.encode(wire.Announce(OTHER, 11435, "http", "0.1.0")), SERVER)
+        self.seeker.datagramReceived(
+            wire.encode(wire.Announce(OTHER, 11435, "http", "0.1.0")), SERVER
+        )
         [peer] = self.pool
         self.assertEqual((peer.host, peer.port, peer.key), ("198.18.0.2", 11435, OTHER.hex()))
 
     def test_unsolicited_announce_and_bye_on_the_shared_port(self) -> None:
-        self.listener.datagramReceived(wire.encode(wire.Announce(OTHER, 11435, "http", "0.1.0")), SERVER)
+        self.listener.datagramReceived(
+            wire.encode(wire.Announce(OTHER, 11435, "http", "0.1.0")), SERVER
+        )
         self.assertEqual(len(self.pool), 1)
         self.listener.datagramReceived(wire.encode(wire.Bye(OTHER)), SERVER)
         self.assertEqual(len(self.pool), 0)
 
     def test_own_announcements_are_ignored(self) -> None:
-        self.listener.datagramReceived(wire.encode(wire.Announce(ME, 11435, "http", "0.1.0")), SERVER)
+        self.listener.datagramReceived(
+            wire.encode(wire.Announce(ME, 11435, "http", "0.1.0")), SERVER
+        )
         self.seeker.datagramReceived(wire.encode(wire.Announce(ME, 11435, "http", "0.1.0")), SERVER)
         self.assertEqual(len(self.pool), 0)
 
@@ -226,8 +237,10 @@ class SeekerServiceTests(SynchronousTestCase):
         self.service.startService()
         self.assertEqual(
             self.errors,
-            ["Cannot listen on UDP port 11436: Address already in use. "
-             "Choose another with --discovery-port."],
+            [
+                "Cannot listen on UDP port 11436: Address already in use. "
+                "Choose another with --discovery-port."
+            ],
         )
 
 
@@ -237,7 +250,10 @@ class ResponderServiceTests(SynchronousTestCase):
         self.serving = True
         self.errors: list[str] = []
         self.listener = HTTPListener(
-            self.reactor, "tcp:11435:interface=127.0.0.1", object(), self.errors.append  # type: ignore[arg-type]
+            self.reactor,
+            "tcp:11435:interface=127.0.0.1",
+            Site(Resource()),
+            self.errors.append,
         )
         self.responder = ProbeResponder(
             ME, [("127.255.255.255", 11436)], "http", "0.1.0", lambda: self.serving
@@ -265,16 +281,24 @@ class ResponderServiceTests(SynchronousTestCase):
         from twisted.internet.testing import MemoryReactorClock
 
         class Busy(MemoryReactorClock):
-            def listenTCP(self, port: int, factory: object, backlog: int = 50, interface: str = "") -> object:
+            def listenTCP(
+                self, port: int, factory: object, backlog: int = 50, interface: str = ""
+            ) -> object:
                 from twisted.internet.error import CannotListenError
 
-                raise CannotListenError(interface, port, OSError(errno.EADDRINUSE, "Address already in use"))
+                raise CannotListenError(
+                    interface, port, OSError(errno.EADDRINUSE, "Address already in use")
+                )
 
-        listener = HTTPListener(Busy(), "tcp:11435:interface=127.0.0.1", object(), self.errors.append)  # type: ignore[arg-type]
+        listener = HTTPListener(
+            Busy(), "tcp:11435:interface=127.0.0.1", Site(Resource()), self.errors.append
+        )
         listener.startService()
         self.assertEqual(
             self.errors,
-            ["Cannot listen on TCP port 11435 on 127.0.0.1: Address already in use. "
-             "Choose another with --listen."],
+            [
+                "Cannot listen on TCP port 11435 on 127.0.0.1: Address already in use. "
+                "Choose another with --listen."
+            ],
         )
         self.assertNoResult(listener.whenListening())

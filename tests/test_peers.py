@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from ollana import wire
 from ollana.peers import PeerPool, Source
+from tests.support import capture_logs
 
 A = bytes(16)
 B = bytes([1]) * 16
@@ -17,9 +18,7 @@ class PeerPoolTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.pool = PeerPool(self.clock, ttl=15)
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = capture_logs(self)
 
     def messages(self) -> list[str]:
         return [e["log_format"] for e in self.events if e.get("log_level") == LogLevel.info]

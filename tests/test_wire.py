@@ -66,7 +66,9 @@ class RoundTripTests(SynchronousTestCase):
                 pass
 
     @given(messages, st.data())
-    def test_truncations_never_raise_anything_else(self, message: wire.Message, data: st.DataObject) -> None:
+    def test_truncations_never_raise_anything_else(
+        self, message: wire.Message, data: st.DataObject
+    ) -> None:
         packet = wire.encode(message)
         cut = data.draw(st.integers(0, len(packet)))
         try:

@@ -1,0 +1,3 @@
+from ollana.cli import main
+
+main()
