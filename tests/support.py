@@ -11,8 +11,10 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,12 +147,15 @@ class ChildProcess(ProcessProtocol):
         self.exit_signal: int | None = None
 
     @classmethod
-    def spawn(cls, reactor: Any, args: list[str]) -> ChildProcess:
-        """Run ``python ARGS`` with this checkout importable."""
+    def spawn(cls, reactor: Any, args: list[str], prefix: Sequence[str] = ()) -> ChildProcess:
+        """Run ``PREFIX... python ARGS...`` with this checkout importable.
+
+        The prefix runs the child elsewhere, as ``ip netns exec NAME`` does.
+        """
         child = cls(reactor)
-        reactor.spawnProcess(
-            child, sys.executable, [sys.executable, *args], env=python_env(), path=str(REPO)
-        )
+        argv = [*prefix, sys.executable, *args]
+        executable = shutil.which(argv[0]) or argv[0]
+        reactor.spawnProcess(child, executable, argv, env=python_env(), path=str(REPO))
         return child
 
     def outReceived(self, data: bytes) -> None:
