@@ -124,6 +124,8 @@ class LocalOllamaMonitor(Service):
         return d
 
     def _up(self, version: str) -> None:
+        if not self.running:
+            return
         self.version = version
         self.reason = "answering"
         if not self.healthy:
@@ -137,6 +139,8 @@ class LocalOllamaMonitor(Service):
 
     def _down(self, failure: Any) -> None:
         failure.trap(OllamaUnavailable)
+        if not self.running:
+            return  # cancelled by stopService: says nothing about the Ollama
         reason = str(failure.value)
         first_check = self.reason == "not checked yet"
         self.reason = reason

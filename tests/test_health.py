@@ -13,6 +13,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from ollana.health import LocalOllamaMonitor, OllamaProbe, OllamaUnavailable, choose_mode
 from tests.fake_ollama import FakeOllama
+from tests.support import capture_logs
 
 URL = "http://127.0.0.1:11434"
 
@@ -183,10 +184,12 @@ class LocalOllamaMonitorTests(SynchronousTestCase):
         silent = Silent()
         self.http.stub = StubTreq(silent)
         self.monitor.startService()
+        logs = capture_logs(self)
         self.monitor.stopService()
         self.clock.advance(60)
         self.assertEqual(len(silent.pending), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual((self.monitor.reason, list(logs)), ("not checked yet", []))
 
 
 class ChooseModeTests(SynchronousTestCase):

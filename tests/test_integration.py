@@ -6,6 +6,7 @@ Everything here stays on loopback: discovery goes to 127.255.255.255 on a free p
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import sys
@@ -15,6 +16,7 @@ import treq
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
@@ -213,3 +215,56 @@ class ServerProcessTests(TestCase):
         bye = client.wait_for(r"Server \w+ at \S+ said bye")
         await server.stop()
         await bye
+
+    async def test_daemon_writes_and_removes_its_pidfile(self) -> None:
+        run = os.path.abspath(self.mktemp())
+        os.mkdir(run)
+        pidfile, logfile = os.path.join(run, "ollana.pid"), os.path.join(run, "ollana.log")
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            [*TWISTD, f"--pidfile={pidfile}", f"--logfile={logfile}", "ollana", "--mode", "server",
+             "--listen", "tcp:0:interface=127.0.0.1", "--broadcast", LOOPBACK_BROADCAST,
+             "--discovery-port", str(self.discovery_port),
+             "--ollama", f"http://127.0.0.1:{self.ollama.getHost().port}"],
+            env=python_env(),
+            path=run,
+        )  # fmt: skip
+        self.assertEqual(code, 0, err)
+        with open(pidfile) as f:
+            pid = int(f.read())
+        self.addCleanup(_kill_quietly, pid)
+        await eventually(lambda: "Listening for HTTP" in _read(logfile))
+        os.kill(pid, signal.SIGTERM)
+        await eventually(lambda: not os.path.exists(pidfile) and not _alive(pid))
+        self.assertIn("Server Shut Down.", _read(logfile))
+        self.assertNotIn("Traceback", _read(logfile))
+
+
+async def eventually(condition: Any, deadline: float = 20, step: float = 0.1) -> None:
+    """Wait until condition() holds, checking every step seconds, failing after deadline."""
+    for _ in range(int(deadline / step)):
+        if condition():
+            return
+        await deferLater(reactor, step)
+    raise AssertionError(f"not true after {deadline} s")
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _kill_quietly(pid: int) -> None:
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
