@@ -74,7 +74,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     )
 
 
-async def discover(reactor: Any, options: DiscoverOptions, out: TextIO) -> int:
+async def discover(
+    reactor: Any, options: DiscoverOptions, out: TextIO, err: TextIO = sys.stderr
+) -> int:
     """Probe for options['timeout'] seconds, print what answered, return the exit code."""
     pool = PeerPool(reactor, ttl=float("inf"))
     targets = [(address, options["discovery-port"]) for address in options.broadcast_targets()]
@@ -87,6 +89,8 @@ async def discover(reactor: Any, options: DiscoverOptions, out: TextIO) -> int:
     await task.deferLater(reactor, options["timeout"])
     loop.stop()
     await defer.maybeDeferred(port.stopListening)
+    if seeker.sent == 0:
+        err.write(f"ollana: could not send any probe (last error: {seeker.last_send_error})\n")
     rows = server_rows(list(pool))
     if options["json"]:
         out.write(json.dumps(rows, indent=2) + "\n")

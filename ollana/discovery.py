@@ -31,6 +31,7 @@ class _LanaProtocol(DatagramProtocol):
         self.received = 0
         self.rejected = 0
         self.sent = 0
+        self.last_send_error: str | None = None
 
     def datagramReceived(self, datagram: bytes, addr: Address) -> None:
         try:
@@ -68,6 +69,7 @@ class _LanaProtocol(DatagramProtocol):
         try:
             self.transport.write(wire.encode(message), addr)
         except OSError as e:
+            self.last_send_error = f"{addr[0]}:{addr[1]}: {e.strerror or e}"
             self.log.warn(
                 "Cannot send discovery datagram to {host}:{port}: {error}",
                 host=addr[0],

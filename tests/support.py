@@ -78,6 +78,7 @@ class FakeNetworkReactor(MemoryReactorClock):
         super().__init__()
         self.udp_ports: list[FakeDatagramPort] = []
         self.busy_udp_ports: set[int] = set()
+        self.udp_write_error: OSError | None = None
         self._next_port = 40000
 
     def listenUDP(
@@ -104,6 +105,7 @@ class FakeNetworkReactor(MemoryReactorClock):
             self._next_port += 1
             port = self._next_port
         bound = FakeDatagramPort(protocol, port, interface)
+        bound.write_error = self.udp_write_error
         self.udp_ports.append(bound)
         return bound
 

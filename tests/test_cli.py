@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 
@@ -102,6 +103,24 @@ class DiscoverTests(SynchronousTestCase):
     def test_nothing_found_json_is_an_empty_list(self) -> None:
         code, text = self.run_discover("--json", answer=False)
         self.assertEqual((code, json.loads(text)), (1, []))
+
+
+class SendFailureTests(SynchronousTestCase):
+    def test_says_when_no_probe_could_be_sent(self) -> None:
+        reactor = FakeNetworkReactor()
+        reactor.udp_write_error = OSError(errno.ENETUNREACH, "Network is unreachable")
+        options = DiscoverOptions()
+        options.parseOptions(["--broadcast", "255.255.255.255", "--discovery-port", "12000"])
+        out, err = io.StringIO(), io.StringIO()
+        d = defer.Deferred.fromCoroutine(discover(reactor, options, out, err))
+        reactor.advance(2)
+        self.assertEqual(self.successResultOf(d), 1)
+        self.assertEqual(
+            err.getvalue(),
+            "ollana: could not send any probe "
+            "(last error: 255.255.255.255:12000: Network is unreachable)\n",
+        )
+        self.assertEqual(out.getvalue(), "No Ollana server answered within 2 s.\n")
 
 
 class UsageTests(SynchronousTestCase):
