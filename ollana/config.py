@@ -42,6 +42,10 @@ class Settings:
     peers: tuple[tuple[str, int], ...] = ()
     node_id: bytes = field(default_factory=lambda: os.urandom(16))
 
+    def targets(self) -> list[tuple[str, int]]:
+        """Where discovery broadcasts go: each broadcast address on the discovery port."""
+        return [(address, self.discovery_port) for address in self.broadcast]
+
     def listen_for(self, mode: str) -> str:
         """The endpoint description to listen on in this mode."""
         if self.listen is not None:

@@ -86,6 +86,22 @@ class HTTPListener(Service):
         return port.stopListening() if port is not None else None
 
 
+def listen_shared(
+    reactor: Any, settings: Settings, protocol: Any, on_error: ErrorReporter
+) -> Any | None:
+    """Bind the discovery port, shared with other processes; None (reported) if it fails."""
+    try:
+        return reactor.listenMulticast(
+            settings.discovery_port,
+            protocol,
+            interface=settings.discovery_interface,
+            listenMultiple=True,
+        )
+    except error.CannotListenError as e:
+        on_error(describe_listen_error(e, "UDP", "--discovery-port"))
+        return None
+
+
 class ResponderService(Service):
     """Server side of discovery: the responder on the shared discovery port."""
 
@@ -106,15 +122,8 @@ class ResponderService(Service):
 
     def startService(self) -> None:
         super().startService()
-        try:
-            self._port = self._reactor.listenMulticast(
-                self._settings.discovery_port,
-                self.responder,
-                interface=self._settings.discovery_interface,
-                listenMultiple=True,
-            )
-        except error.CannotListenError as e:
-            self._on_error(describe_listen_error(e, "UDP", "--discovery-port"))
+        self._port = listen_shared(self._reactor, self._settings, self.responder, self._on_error)
+        if self._port is None:
             return
         self._port.setBroadcastAllowed(True)
         self._listener.whenListening().addCallback(self._ready)
@@ -144,26 +153,17 @@ class SeekerService(Service):
         self.pool = pool
         self._settings = settings
         self._on_error = on_error
-        targets = [(address, settings.discovery_port) for address in settings.broadcast]
-        self.seeker = Seeker(settings.node_id, pool, targets)
+        self.seeker = Seeker(settings.node_id, pool, settings.targets())
         self.listener = AnnouncementListener(settings.node_id, pool)
         self._ports: list[Any] = []
         self._loop: LoopingCall | None = None
 
     def startService(self) -> None:
         super().startService()
-        try:
-            self._ports.append(
-                self._reactor.listenMulticast(
-                    self._settings.discovery_port,
-                    self.listener,
-                    interface=self._settings.discovery_interface,
-                    listenMultiple=True,
-                )
-            )
-        except error.CannotListenError as e:
-            self._on_error(describe_listen_error(e, "UDP", "--discovery-port"))
+        shared = listen_shared(self._reactor, self._settings, self.listener, self._on_error)
+        if shared is None:
             return
+        self._ports.append(shared)
         own = self._reactor.listenUDP(0, self.seeker)
         own.setBroadcastAllowed(True)
         self._ports.append(own)
@@ -198,9 +198,8 @@ def build_server(
     listener.setName("http")
     services: list[IService] = [monitor, listener]
     if settings.discovery:
-        targets = [(address, settings.discovery_port) for address in settings.broadcast]
         responder = ProbeResponder(
-            settings.node_id, targets, "http", __version__, lambda: monitor.healthy
+            settings.node_id, settings.targets(), "http", __version__, lambda: monitor.healthy
         )
         monitor.on_up = responder.announce
         monitor.on_down = responder.bye

@@ -30,6 +30,7 @@ from tests.support import REPO, ChildProcess, free_udp_port, python_env
 reactor: Any = _reactor
 TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
 LOOPBACK_BROADCAST = "127.255.255.255"
+LOOPBACK_LISTEN = "tcp:0:interface=127.0.0.1"
 
 
 class Recorder(AnnouncementListener):
@@ -80,26 +81,19 @@ class ServerProcessTests(TestCase):
         )
         self.addCleanup(udp.stopListening)
 
-    def start_server(self, *extra: str) -> ChildProcess:
+    def ollana(self, mode: str, *extra: str, listen: str = LOOPBACK_LISTEN) -> list[str]:
+        """Arguments for twistd -n ollana in this mode, on loopback only."""
+        return [
+            *TWISTD, "-n", "--pidfile=", "ollana", "--mode", mode, "--listen", listen,
+            "--broadcast", LOOPBACK_BROADCAST, "--discovery-port", str(self.discovery_port),
+            *extra,
+        ]  # fmt: skip
+
+    def start_server(self, listen: str = LOOPBACK_LISTEN) -> ChildProcess:
+        ollama = f"http://127.0.0.1:{self.ollama.getHost().port}"
         server = ChildProcess.spawn(
             reactor,
-            TWISTD
-            + [
-                "-n",
-                "--pidfile=",
-                "ollana",
-                "--mode",
-                "server",
-                "--ollama",
-                f"http://127.0.0.1:{self.ollama.getHost().port}",
-                "--broadcast",
-                LOOPBACK_BROADCAST,
-                "--discovery-port",
-                str(self.discovery_port),
-                "--health-interval",
-                "1",
-                *extra,
-            ],
+            self.ollana("server", "--ollama", ollama, "--health-interval", "1", listen=listen),
         )
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(server.stop()))
         return server
@@ -122,7 +116,7 @@ class ServerProcessTests(TestCase):
         )
 
     async def test_server_is_discovered_and_says_bye(self) -> None:
-        server = self.start_server("--listen", "tcp:0:interface=127.0.0.1")
+        server = self.start_server()
         announced = self.recorder.next_message(timeout=30)
         match = await server.wait_for(r"Listening for HTTP on 127\.0\.0\.1:(\d+)")
         http_port = int(match.group(1))
@@ -161,7 +155,7 @@ class ServerProcessTests(TestCase):
 
     async def test_silent_while_ollama_is_down(self) -> None:
         self.fake.up = False
-        server = self.start_server("--listen", "tcp:0:interface=127.0.0.1")
+        server = self.start_server()
         await server.wait_for(r"Local Ollama at .* is down: HTTP 500")
         out, err, code = await self.discover("--timeout", "1")
         self.assertEqual((code, out), (1, b"No Ollana server answered within 1 s.\n"))
@@ -176,7 +170,7 @@ class ServerProcessTests(TestCase):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        server = self.start_server("--listen", f"tcp:{port}:interface=127.0.0.1")
+        server = self.start_server(listen=f"tcp:{port}:interface=127.0.0.1")
         code = await server.when_ended()
         self.assertEqual(code, 1)
         [line] = [text for text in server.lines if "Cannot listen" in text]
@@ -190,25 +184,9 @@ class ServerProcessTests(TestCase):
         self.assertNotIn("Traceback", server.output())
 
     async def test_client_process_finds_the_server_process(self) -> None:
-        server = self.start_server("--listen", "tcp:0:interface=127.0.0.1")
+        server = self.start_server()
         match = await server.wait_for(r"Listening for HTTP on 127\.0\.0\.1:(\d+)")
-        client = ChildProcess.spawn(
-            reactor,
-            TWISTD
-            + [
-                "-n",
-                "--pidfile=",
-                "ollana",
-                "--mode",
-                "client",
-                "--listen",
-                "tcp:0:interface=127.0.0.1",
-                "--broadcast",
-                LOOPBACK_BROADCAST,
-                "--discovery-port",
-                str(self.discovery_port),
-            ],
-        )
+        client = ChildProcess.spawn(reactor, self.ollana("client"))
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(client.stop()))
         found = await client.wait_for(r"Found server (\w+) at (\S+) ")
         self.assertEqual(found.group(2), f"http://127.0.0.1:{match.group(1)}")
@@ -222,10 +200,12 @@ class ServerProcessTests(TestCase):
         pidfile, logfile = os.path.join(run, "ollana.pid"), os.path.join(run, "ollana.log")
         out, err, code = await getProcessOutputAndValue(
             sys.executable,
-            [*TWISTD, f"--pidfile={pidfile}", f"--logfile={logfile}", "ollana", "--mode", "server",
-             "--listen", "tcp:0:interface=127.0.0.1", "--broadcast", LOOPBACK_BROADCAST,
-             "--discovery-port", str(self.discovery_port),
-             "--ollama", f"http://127.0.0.1:{self.ollama.getHost().port}"],
+            [
+                *TWISTD, f"--pidfile={pidfile}", f"--logfile={logfile}", "ollana",
+                "--mode", "server", "--listen", LOOPBACK_LISTEN,
+                "--broadcast", LOOPBACK_BROADCAST, "--discovery-port", str(self.discovery_port),
+                "--ollama", f"http://127.0.0.1:{self.ollama.getHost().port}",
+            ],  # fmt: skip
             env=python_env(),
             path=run,
         )  # fmt: skip
