@@ -13,6 +13,7 @@ from twisted.python import usage
 
 from ollana import config
 from ollana.discovery import Seeker
+from ollana.netif import default_broadcast_addresses
 from ollana.peers import Peer, PeerPool, Source
 from ollana.tap import DiscoveryOptions
 
@@ -79,8 +80,10 @@ async def discover(
 ) -> int:
     """Probe for options['timeout'] seconds, print what answered, return the exit code."""
     pool = PeerPool(reactor, ttl=float("inf"))
-    targets = [(address, options["discovery-port"]) for address in options.broadcast_targets()]
-    seeker = Seeker(os.urandom(16), pool, targets)
+    addresses = options.broadcast_addresses() or tuple(default_broadcast_addresses())
+    seeker = Seeker(
+        os.urandom(16), pool, lambda: [(a, options["discovery-port"]) for a in addresses]
+    )
     port = reactor.listenUDP(0, seeker)
     port.setBroadcastAllowed(True)
     loop = task.LoopingCall(seeker.probe)

@@ -36,15 +36,11 @@ class Settings:
     discovery: bool = True
     discovery_port: int = DISCOVERY_PORT
     discovery_interface: str = ""
-    broadcast: tuple[str, ...] = (LIMITED_BROADCAST,)
+    broadcast: tuple[str, ...] | None = None  # None: this machine's, looked up at each send
     probe_interval: float = 5.0
     health_interval: float = 5.0
     peers: tuple[tuple[str, int], ...] = ()
     node_id: bytes = field(default_factory=lambda: os.urandom(16))
-
-    def targets(self) -> list[tuple[str, int]]:
-        """Where discovery broadcasts go: each broadcast address on the discovery port."""
-        return [(address, self.discovery_port) for address in self.broadcast]
 
     def listen_for(self, mode: str) -> str:
         """The endpoint description to listen on in this mode."""
@@ -139,10 +135,24 @@ def parse_ollama_url(text: str, option: str = "--ollama") -> str:
 def check_endpoint(text: str, option: str = "--listen") -> str:
     """A Twisted server endpoint description, checked without touching the network."""
     try:
-        serverFromString(MemoryReactor(), text)
+        endpoint = serverFromString(MemoryReactor(), text)
     except Exception as e:
         reason = str(e) or type(e).__name__
         raise UsageError(
             f"{option}: not a valid endpoint description: {text!r} ({reason})"
         ) from None
+    port = getattr(endpoint, "_port", None)  # TCP and SSL endpoints keep it there
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise UsageError(f"{option}: port must be 0-65535, not {port}")
     return text
+
+
+def endpoint_type(text: str) -> str:
+    """The kind of a server endpoint description: tcp, ssl, unix, ..."""
+    kind = text.split(":", 1)[0].lower()
+    return "tcp" if kind.isdigit() else kind
+
+
+def endpoint_scheme(text: str) -> str:
+    """The URL scheme clients use for this listening endpoint."""
+    return "https" if endpoint_type(text) == "ssl" else "http"

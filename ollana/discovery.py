@@ -9,7 +9,7 @@ the shared port for unsolicited announcements and byes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -18,6 +18,7 @@ from ollana import wire
 from ollana.peers import PeerPool
 
 Address = tuple[str, int]
+Targets = Callable[[], list[Address]]
 
 
 class _LanaProtocol(DatagramProtocol):
@@ -86,13 +87,13 @@ class ProbeResponder(_LanaProtocol):
     def __init__(
         self,
         node_id: bytes,
-        targets: Sequence[Address],
+        targets: Targets,
         scheme: str,
         version: str,
         is_serving: Callable[[], bool],
     ) -> None:
         super().__init__(node_id)
-        self.targets = list(targets)
+        self.targets = targets
         self.scheme = scheme
         self.version = version
         self.is_serving = is_serving
@@ -109,19 +110,25 @@ class ProbeResponder(_LanaProtocol):
             if announcement is not None:
                 self.send(announcement, addr)
         elif isinstance(message, wire.LegacyHello):
-            if self._announcement() is not None:
+            # Original clients probe from a port of their own. From the discovery port
+            # it is an original server answering our broadcast: answering that back
+            # would start an endless exchange.
+            if self._announcement() is not None and addr[1] != self._own_port():
                 self.send(message, addr)
+
+    def _own_port(self) -> int | None:
+        return getattr(self.transport.getHost(), "port", None) if self.transport else None
 
     def announce(self) -> None:
         """Tell every broadcast target that this server is here."""
         announcement = self._announcement()
         if announcement is not None:
-            for target in self.targets:
+            for target in self.targets():
                 self.send(announcement, target)
 
     def bye(self) -> None:
         """Tell every broadcast target that this server is going away."""
-        for target in self.targets:
+        for target in self.targets():
             self.send(wire.Bye(self.node_id), target)
 
 
@@ -143,13 +150,13 @@ class AnnouncementListener(_LanaProtocol):
 class Seeker(AnnouncementListener):
     """Client side, on a socket of its own: sends probes and records the replies."""
 
-    def __init__(self, node_id: bytes, pool: PeerPool, targets: Sequence[Address]) -> None:
+    def __init__(self, node_id: bytes, pool: PeerPool, targets: Targets) -> None:
         super().__init__(node_id, pool)
-        self.targets = list(targets)
+        self.targets = targets
 
     def probe(self) -> None:
         """Send one probe to every broadcast target."""
-        for target in self.targets:
+        for target in self.targets():
             self.send(wire.Probe(self.node_id), target)
 
     def handle(self, message: wire.Message, addr: Address) -> None:

@@ -41,19 +41,32 @@ class OllamaProbe:
         self.base_url = base_url.rstrip("/")
 
     def version(self, timeout: float) -> defer.Deferred[str]:
-        """The version string, or a failure with OllamaUnavailable after at most timeout s."""
-        d = defer.Deferred.fromCoroutine(self._fetch())
+        """The version string, or OllamaUnavailable after at most timeout seconds.
 
-        def timed_out(result: object, timeout: float) -> None:
+        Cancelling the result cancels the request and fails with CancelledError.
+        """
+        fetching = defer.Deferred.fromCoroutine(self._fetch())
+
+        def cancel(result: defer.Deferred[str]) -> None:
+            result.errback(defer.CancelledError())  # first, so the fetch's failure is moot
+            fetching.cancel()
+
+        result: defer.Deferred[str] = defer.Deferred(cancel)
+
+        def timed_out(outcome: object, timeout: float) -> None:
             raise OllamaUnavailable(f"no answer within {timeout:g} s")
 
-        d.addTimeout(timeout, self._clock, onTimeoutCancel=timed_out)
+        def succeeded(version: str) -> None:
+            if not result.called:
+                result.callback(version)
 
-        def explain(failure: Any) -> None:
-            raise OllamaUnavailable(_describe(failure.value))
+        def failed(failure: Any) -> None:
+            if not result.called:
+                result.errback(OllamaUnavailable(_describe(failure.value)))
 
-        d.addErrback(explain)
-        return d
+        fetching.addTimeout(timeout, self._clock, onTimeoutCancel=timed_out)
+        fetching.addCallbacks(succeeded, failed)
+        return result
 
     async def _fetch(self) -> str:
         response = await self._http.get(self.base_url + "/api/version")
@@ -138,9 +151,9 @@ class LocalOllamaMonitor(Service):
             self.on_up()
 
     def _down(self, failure: Any) -> None:
-        failure.trap(OllamaUnavailable)
         if not self.running:
             return  # cancelled by stopService: says nothing about the Ollama
+        failure.trap(OllamaUnavailable)
         reason = str(failure.value)
         first_check = self.reason == "not checked yet"
         self.reason = reason
@@ -156,17 +169,20 @@ class LocalOllamaMonitor(Service):
 
 
 async def choose_mode(
-    probe: OllamaProbe, clock: IReactorTime, attempts: int = 4, pause: float = 0.5
+    probe: OllamaProbe, clock: IReactorTime, within: float = 2.0, every: float = 0.5
 ) -> tuple[str, str]:
-    """Server mode when the local Ollama answers within about two seconds, else client."""
+    """Server mode when the local Ollama answers, asked every 0.5 s for 2 s; else client."""
     reason = ""
-    for attempt in range(attempts):
+    deadline = clock.seconds() + within
+    while True:
+        started = clock.seconds()
         try:
-            version = await probe.version(timeout=pause)
+            version = await probe.version(timeout=every)
         except OllamaUnavailable as e:
             reason = str(e)
-            if attempt + 1 < attempts:
-                await deferLater(clock, pause)
         else:
             return "server", f"Ollama {version} answers at {probe.base_url}"
-    return "client", f"no Ollama at {probe.base_url} ({reason})"
+        next_try = started + every
+        if next_try >= deadline - 1e-9:
+            return "client", f"no Ollama at {probe.base_url} ({reason})"
+        await deferLater(clock, max(0.0, next_try - clock.seconds()))

@@ -17,8 +17,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ollana import __version__
-from ollana.config import Settings
-from ollana.discovery import AnnouncementListener, ProbeResponder, Seeker
+from ollana.config import Settings, endpoint_scheme
+from ollana.discovery import AnnouncementListener, ProbeResponder, Seeker, Targets
 from ollana.health import HTTPGetter, LocalOllamaMonitor, OllamaProbe, choose_mode
 from ollana.peers import PeerPool
 from ollana.proxy import make_site
@@ -27,6 +27,18 @@ log = Logger()
 
 HEALTH_TIMEOUT = 3.0
 ErrorReporter = Callable[[str], None]
+BroadcastLookup = Callable[[], list[str]]
+
+
+def broadcast_targets(settings: Settings, find_broadcast: BroadcastLookup) -> Targets:
+    """Where discovery broadcasts go: the given addresses, or this machine's at that moment
+    (so that a network that comes up after Ollana is used without a restart)."""
+
+    def targets() -> list[tuple[str, int]]:
+        addresses = settings.broadcast if settings.broadcast is not None else find_broadcast()
+        return [(address, settings.discovery_port) for address in addresses]
+
+    return targets
 
 
 def describe_listen_error(e: error.CannotListenError, what: str, option: str) -> str:
@@ -55,6 +67,9 @@ class HTTPListener(Service):
         d.addCallbacks(self._listening, self._failed)
 
     def _listening(self, port: IListeningPort) -> None:
+        if not self.running:  # stopped before the endpoint was ready
+            port.stopListening()
+            return
         self.port = port
         address = port.getHost()
         log.info(
@@ -129,6 +144,8 @@ class ResponderService(Service):
         self._listener.whenListening().addCallback(self._ready)
 
     def _ready(self, proxy_port: int) -> None:
+        if self._port is None:
+            return
         self.responder.proxy_port = proxy_port
         self.responder.announce()
 
@@ -147,13 +164,18 @@ class SeekerService(Service):
     log = Logger()
 
     def __init__(
-        self, reactor: Any, pool: PeerPool, settings: Settings, on_error: ErrorReporter
+        self,
+        reactor: Any,
+        pool: PeerPool,
+        settings: Settings,
+        targets: Targets,
+        on_error: ErrorReporter,
     ) -> None:
         self._reactor = reactor
         self.pool = pool
         self._settings = settings
         self._on_error = on_error
-        self.seeker = Seeker(settings.node_id, pool, settings.targets())
+        self.seeker = Seeker(settings.node_id, pool, targets)
         self.listener = AnnouncementListener(settings.node_id, pool)
         self._ports: list[Any] = []
         self._loop: LoopingCall | None = None
@@ -164,7 +186,11 @@ class SeekerService(Service):
         if shared is None:
             return
         self._ports.append(shared)
-        own = self._reactor.listenUDP(0, self.seeker)
+        try:
+            own = self._reactor.listenUDP(0, self.seeker)
+        except error.CannotListenError as e:
+            self._on_error(f"Cannot open a UDP socket for discovery probes: {e.socketError}")
+            return
         own.setBroadcastAllowed(True)
         self._ports.append(own)
         self._loop = LoopingCall(self.tick)
@@ -188,18 +214,27 @@ class SeekerService(Service):
 
 
 def build_server(
-    settings: Settings, reactor: Any, http: HTTPGetter, on_error: ErrorReporter
+    settings: Settings,
+    reactor: Any,
+    http: HTTPGetter,
+    find_broadcast: BroadcastLookup,
+    on_error: ErrorReporter,
 ) -> list[IService]:
     """The local Ollama monitor, the LAN listener and the discovery responder."""
     probe = OllamaProbe(http, reactor, settings.ollama_url)
     monitor = LocalOllamaMonitor(probe, reactor, settings.health_interval, HEALTH_TIMEOUT)
     monitor.setName("ollama-monitor")
-    listener = HTTPListener(reactor, settings.listen_for("server"), make_site("server"), on_error)
+    listen = settings.listen_for("server")
+    listener = HTTPListener(reactor, listen, make_site("server"), on_error)
     listener.setName("http")
     services: list[IService] = [monitor, listener]
     if settings.discovery:
         responder = ProbeResponder(
-            settings.node_id, settings.targets(), "http", __version__, lambda: monitor.healthy
+            settings.node_id,
+            broadcast_targets(settings, find_broadcast),
+            endpoint_scheme(listen),
+            __version__,
+            lambda: monitor.healthy,
         )
         monitor.on_up = responder.announce
         monitor.on_down = responder.bye
@@ -210,14 +245,19 @@ def build_server(
 
 
 def build_client(
-    settings: Settings, reactor: Any, pool: PeerPool, on_error: ErrorReporter
+    settings: Settings,
+    reactor: Any,
+    pool: PeerPool,
+    find_broadcast: BroadcastLookup,
+    on_error: ErrorReporter,
 ) -> list[IService]:
     """The discovery seeker (unless disabled) and the local listener."""
     for host, port in settings.peers:
         pool.add_static(host, port)
     services: list[IService] = []
     if settings.discovery:
-        seeker = SeekerService(reactor, pool, settings, on_error)
+        targets = broadcast_targets(settings, find_broadcast)
+        seeker = SeekerService(reactor, pool, settings, targets, on_error)
         seeker.setName("discovery")
         services.append(seeker)
     listener = HTTPListener(reactor, settings.listen_for("client"), make_site("client"), on_error)
@@ -231,11 +271,18 @@ class OllanaService(MultiService):
 
     log = Logger()
 
-    def __init__(self, settings: Settings, reactor: Any, http: HTTPGetter) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        reactor: Any,
+        http: HTTPGetter,
+        find_broadcast: BroadcastLookup,
+    ) -> None:
         super().__init__()
         self.settings = settings
         self._reactor = reactor
         self._http = http
+        self._find_broadcast = find_broadcast
         self.pool = PeerPool(reactor, ttl=3 * settings.probe_interval)
         self.mode: str | None = None
         self.failure: str | None = None
@@ -246,9 +293,13 @@ class OllanaService(MultiService):
     def _become(self, mode: str) -> None:
         self.mode = mode
         if mode == "server":
-            services = build_server(self.settings, self._reactor, self._http, self.fail)
+            services = build_server(
+                self.settings, self._reactor, self._http, self._find_broadcast, self.fail
+            )
         else:
-            services = build_client(self.settings, self._reactor, self.pool, self.fail)
+            services = build_client(
+                self.settings, self._reactor, self.pool, self._find_broadcast, self.fail
+            )
         for service in services:
             service.setServiceParent(self)
 

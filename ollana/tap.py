@@ -34,13 +34,9 @@ class DiscoveryOptions(usage.Options):
     def postOptions(self) -> None:
         self["discovery-port"] = config.parse_port(str(self["discovery-port"]), "--discovery-port")
 
-    def broadcast_targets(self) -> tuple[str, ...]:
-        """The addresses given, or this machine's broadcast addresses."""
-        if self["broadcast"]:
-            return tuple(self["broadcast"])
-        from ollana.netif import default_broadcast_addresses
-
-        return tuple(default_broadcast_addresses())
+    def broadcast_addresses(self) -> tuple[str, ...] | None:
+        """The addresses given, or None for this machine's own."""
+        return tuple(self["broadcast"]) or None
 
 
 class Options(DiscoveryOptions):
@@ -103,6 +99,12 @@ class Options(DiscoveryOptions):
         self["ollama"] = config.parse_ollama_url(ollama, option)
         if self["listen"] is not None:
             config.check_endpoint(self["listen"])
+            announced = self["mode"] != "client" and not self["no-discovery"]
+            if announced and config.endpoint_type(self["listen"]) not in ("tcp", "tcp6", "ssl"):
+                raise usage.UsageError(
+                    "--listen: a server announces a TCP port, so use a tcp: or ssl: endpoint "
+                    "(or --mode client, or --no-discovery)"
+                )
         if self["discovery-interface"] is None:
             self["discovery-interface"] = ""
         else:
@@ -124,7 +126,7 @@ class Options(DiscoveryOptions):
             discovery=discovery,
             discovery_port=self["discovery-port"],
             discovery_interface=self["discovery-interface"],
-            broadcast=self.broadcast_targets() if discovery else (),
+            broadcast=self.broadcast_addresses() if discovery else (),
             probe_interval=self["probe-interval"],
             health_interval=self["health-interval"],
             peers=tuple(self["peer"]),
@@ -134,20 +136,22 @@ class Options(DiscoveryOptions):
 def makeService(options: Options, reactor: Any = None) -> Any:
     """The Ollana service for twistd, on the global reactor unless given another."""
     from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+    from twisted.web.client import Agent, HTTPConnectionPool
 
+    from ollana.netif import default_broadcast_addresses
     from ollana.node import HEALTH_TIMEOUT, OllanaService
-
-    class QuietFactory(_HTTP11ClientFactory):
-        noisy = False  # no "Starting factory" line for every health check
 
     exit_code_from_failure = reactor is None
     if reactor is None:
         from twisted.internet import reactor
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    pool._factory = QuietFactory
+    # One kept-alive connection for the health checks, not a new one (and two log
+    # lines) every few seconds.
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 1
     agent = Agent(reactor, connectTimeout=HEALTH_TIMEOUT, pool=pool)
-    service = OllanaService(options.settings(), reactor, HTTPClient(agent))
+    service = OllanaService(
+        options.settings(), reactor, HTTPClient(agent), default_broadcast_addresses
+    )
     if exit_code_from_failure:
         atexit.register(_exit_if_failed, service)
     return service

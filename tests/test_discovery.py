@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 
 from twisted.application.service import MultiService
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
@@ -37,7 +37,7 @@ class LogCapture:
 class ProbeResponderTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.serving = True
-        self.responder = ProbeResponder(ME, TARGETS, "http", "0.1.0", lambda: self.serving)
+        self.responder = ProbeResponder(ME, lambda: TARGETS, "http", "0.1.0", lambda: self.serving)
         self.responder.proxy_port = 11435
         self.port = FakeDatagramPort(self.responder, 11436)
         self.announce = wire.encode(wire.Announce(ME, 11435, "http", "0.1.0"))
@@ -49,6 +49,14 @@ class ProbeResponderTests(SynchronousTestCase):
     def test_answers_a_legacy_probe_with_the_bare_magic(self) -> None:
         self.responder.datagramReceived(b"LANA", CLIENT)
         self.assertEqual(self.port.take(), [(b"LANA", CLIENT)])
+
+    def test_no_answer_to_an_original_servers_reply(self) -> None:
+        # The original server answers any datagram, our announcements too, from the
+        # discovery port; answering back would never end.
+        self.responder.announce()
+        self.port.take()
+        self.responder.datagramReceived(b"LANA", ("198.18.0.9", 11436))
+        self.assertEqual(self.port.take(), [])
 
     def test_silent_while_not_serving(self) -> None:
         self.serving = False
@@ -118,7 +126,7 @@ class SeekerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.pool = PeerPool(self.clock, ttl=15)
-        self.seeker = Seeker(ME, self.pool, TARGETS)
+        self.seeker = Seeker(ME, self.pool, lambda: TARGETS)
         self.own = FakeDatagramPort(self.seeker, 40001)
         self.listener = AnnouncementListener(ME, self.pool)
         self.shared = FakeDatagramPort(self.listener, 11436)
@@ -184,7 +192,10 @@ class SeekerServiceTests(SynchronousTestCase):
         self.reactor = FakeNetworkReactor()
         self.pool = PeerPool(self.reactor, ttl=15)
         self.errors: list[str] = []
-        self.service = SeekerService(self.reactor, self.pool, settings(), self.errors.append)
+        self.targets = [("127.255.255.255", 11436)]
+        self.service = SeekerService(
+            self.reactor, self.pool, settings(), lambda: self.targets, self.errors.append
+        )
 
     def test_probes_at_start_and_every_interval(self) -> None:
         self.service.startService()
@@ -199,6 +210,25 @@ class SeekerServiceTests(SynchronousTestCase):
         self.assertEqual(own.take(), [(probe, ("127.255.255.255", 11436))])
         self.reactor.advance(5)
         self.assertEqual(len(own.take()), 1)
+
+    def test_broadcast_targets_are_looked_up_at_each_probe(self) -> None:
+        self.service.startService()
+        own = self.reactor.udp_ports[1]
+        self.targets = [("198.18.0.255", 11436), ("198.18.4.255", 11436)]
+        own.take()
+        self.reactor.advance(5)
+        self.assertEqual([target for _, target in own.take()], self.targets)
+
+    def test_own_socket_failure_is_reported(self) -> None:
+        def refuse(port: int, protocol: object, interface: str = "") -> None:
+            raise error.CannotListenError("", 0, OSError(errno.EMFILE, "Too many open files"))
+
+        self.reactor.listenUDP = refuse  # type: ignore[assignment,method-assign]
+        self.service.startService()
+        self.assertEqual(
+            self.errors,
+            ["Cannot open a UDP socket for discovery probes: [Errno 24] Too many open files"],
+        )
 
     def test_peers_expire_after_three_silent_intervals(self) -> None:
         self.service.startService()
@@ -256,7 +286,7 @@ class ResponderServiceTests(SynchronousTestCase):
             self.errors.append,
         )
         self.responder = ProbeResponder(
-            ME, [("127.255.255.255", 11436)], "http", "0.1.0", lambda: self.serving
+            ME, lambda: [("127.255.255.255", 11436)], "http", "0.1.0", lambda: self.serving
         )
         self.service = ResponderService(
             self.reactor, self.responder, settings(), self.listener, self.errors.append

@@ -184,8 +184,13 @@ class LocalOllamaMonitorTests(SynchronousTestCase):
         silent = Silent()
         self.http.stub = StubTreq(silent)
         self.monitor.startService()
+        [request] = silent.pending
+        lost: list[object] = []
+        request.notifyFinish().addErrback(lost.append)
         logs = capture_logs(self)
         self.monitor.stopService()
+        self.http.stub.flush()
+        self.assertEqual(len(lost), 1, "the request in flight is cancelled")
         self.clock.advance(60)
         self.assertEqual(len(silent.pending), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])

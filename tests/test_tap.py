@@ -12,12 +12,13 @@ from twisted.internet import defer, error
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from ollana import wire
+from ollana import __version__, config, wire
 from ollana.netif import broadcast_addresses
 from ollana.node import OllanaService
 from ollana.tap import Options, makeService
 from tests.fake_ollama import FakeOllama
 from tests.support import FakeNetworkReactor
+from tests.test_health import Silent
 
 SAFE = ["--broadcast", "127.255.255.255"]
 
@@ -83,6 +84,16 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(s.broadcast, ("127.255.255.255", "198.18.0.255"))
         self.assertEqual((s.probe_interval, s.health_interval), (2.5, 1.0))
         self.assertEqual(s.peers, (("box", 11435), ("fd00::1", 8000), ("gpu", 11435)))
+
+    def test_unix_socket_where_nothing_is_announced(self) -> None:
+        for args in (["--mode", "client"], ["--mode", "server", "--no-discovery"]):
+            options = parse(*SAFE, *args, "--listen", "unix:/run/ollana.sock")
+            self.assertEqual(options["listen"], "unix:/run/ollana.sock")
+
+    def test_endpoint_scheme(self) -> None:
+        self.assertEqual(config.endpoint_scheme("tcp:11435"), "http")
+        self.assertEqual(config.endpoint_scheme("11435"), "http")
+        self.assertEqual(config.endpoint_scheme("ssl:443:privateKey=k.pem"), "https")
 
     def test_no_discovery_needs_no_broadcast_addresses(self) -> None:
         s = parse("--no-discovery").settings()
@@ -151,6 +162,16 @@ class OptionsTests(SynchronousTestCase):
             "--listen: not a valid endpoint description: 'carrier-pigeon:1' "
             "(Unknown endpoint type: 'carrier-pigeon')",
         )
+        self.assertUsage(["--listen", "tcp:99999"], "--listen: port must be 0-65535, not 99999")
+        unix = "--listen: a server announces a TCP port, so use a tcp: or ssl: endpoint"
+        self.assertUsage(
+            ["--listen", "unix:/run/ollana.sock"],
+            unix + " (or --mode client, or --no-discovery)",
+        )
+        self.assertUsage(
+            ["--mode", "server", "--listen", "unix:/run/ollana.sock"],
+            unix + " (or --mode client, or --no-discovery)",
+        )
         self.assertUsage(
             ["--mode", "client", "--no-discovery"],
             "--no-discovery in client mode needs at least one --peer",
@@ -195,7 +216,7 @@ class ServiceTreeTests(SynchronousTestCase):
         options = parse(*SAFE, "--discovery-port", "12000", *args)
         if http is None:
             return makeService(options, reactor=self.reactor)
-        return OllanaService(options.settings(), self.reactor, http)
+        return OllanaService(options.settings(), self.reactor, http, no_lookup)
 
     def test_server_mode(self) -> None:
         service = self.make("--mode", "server")
@@ -251,15 +272,25 @@ class ServiceTreeTests(SynchronousTestCase):
         self.assertEqual(service_names(service), ["discovery", "http"])
         self.assertTrue(all(child.running for child in service))
 
-    def test_stopping_during_the_choice_builds_nothing(self) -> None:
-        service = self.make(http=Refusing())
+    def test_stopping_during_the_choice_cancels_it(self) -> None:
+        silent = Silent()
+        stub = StubTreq(silent)
+        service = self.make(http=Counting(stub))
         service.startService()
+        [request] = silent.pending
+        lost: list[object] = []
+        request.notifyFinish().addErrback(lost.append)
         service.stopService()
+        stub.flush()
+        self.assertEqual(len(lost), 1, "the request in flight is cancelled")
         self.reactor.pump([0.5] * 10)
+        self.assertEqual(service._http.calls, 1)  # type: ignore[attr-defined]
         self.assertEqual((service.mode, service_names(service)), (None, []))
 
     def test_a_start_up_failure_stops_the_reactor(self) -> None:
         self.reactor.busy_udp_ports.add(12000)
+        stops: list[bool] = []
+        self.patch(self.reactor, "stop", lambda: stops.append(True))
         service = self.make("--mode", "client")
         service.startService()
         self.assertEqual(
@@ -267,11 +298,67 @@ class ServiceTreeTests(SynchronousTestCase):
             "Cannot listen on UDP port 12000: Address already in use. "
             "Choose another with --discovery-port.",
         )
-        self.assertFalse(self.reactor.hasStopped)
-        self.reactor.run()
-        self.assertTrue(self.reactor.hasStopped)
+        self.assertEqual(stops, [])
+        self.reactor.running = True
+        for hook, args, kwargs in self.reactor.whenRunningHooks:
+            hook(*args, **kwargs)
+        self.assertEqual(stops, [True])
+
+    def test_server_answers_only_while_ollama_is_up(self) -> None:
+        http = Switchable(StubTreq(FakeOllama().resource()))
+        service = self.make("--mode", "server", "--health-interval", "5", http=http)
+        service.startService()
+        [udp] = self.reactor.udp_ports
+        target = ("127.255.255.255", 12000)
+        [(data, to)] = udp.take()
+        node = wire.decode(data).node_id  # type: ignore[union-attr]
+        self.assertEqual(to, target)
+        probe = wire.encode(wire.Probe(b"\x01" * 16))
+        udp.protocol.datagramReceived(probe, ("127.0.0.1", 50000))
+        self.assertEqual(len(udp.take()), 1)
+
+        http.up = False
+        self.reactor.advance(5)
+        self.assertEqual(udp.take(), [(wire.encode(wire.Bye(node)), target)])
+        udp.protocol.datagramReceived(probe, ("127.0.0.1", 50000))
+        udp.protocol.datagramReceived(b"LANA", ("127.0.0.1", 50001))
+        self.assertEqual(udp.take(), [])
+
+        http.up = True
+        self.reactor.advance(5)
+        [(data, to)] = udp.take()
+        self.assertEqual(
+            (wire.decode(data), to), (wire.Announce(node, 11435, "http", __version__), target)
+        )
 
 
 class Refusing:
     def get(self, url: str, **kwargs: Any) -> defer.Deferred[Any]:
         return defer.fail(error.ConnectionRefusedError())
+
+
+class Counting:
+    def __init__(self, http: Any) -> None:
+        self.http = http
+        self.calls = 0
+
+    def get(self, url: str, **kwargs: Any) -> defer.Deferred[Any]:
+        self.calls += 1
+        return self.http.get(url, **kwargs)
+
+
+class Switchable:
+    """Passes requests on while up, refuses them while down."""
+
+    def __init__(self, http: Any) -> None:
+        self.http = http
+        self.up = True
+
+    def get(self, url: str, **kwargs: Any) -> defer.Deferred[Any]:
+        if not self.up:
+            return defer.fail(error.ConnectionRefusedError())
+        return self.http.get(url, **kwargs)
+
+
+def no_lookup() -> list[str]:
+    raise AssertionError("tests must not look up this machine's broadcast addresses")

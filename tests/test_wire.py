@@ -96,8 +96,14 @@ class LayoutTests(SynchronousTestCase):
         self.assertEqual(wire.decode(packet), wire.Announce(NODE, 11435, "http", "0.1.0"))
 
     def test_room_for_an_authentication_tag(self) -> None:
-        longest = wire.encode(wire.Announce(NODE, 65535, "https", "v" * wire.MAX_VERSION_TEXT))
-        self.assertLessEqual(len(longest) + 2 + 64 + 2 + 8 + 2 + 16, wire.MAX_PACKET)
+        announce = wire.Announce(NODE, 65535, "https", "v" * wire.MAX_VERSION_TEXT)
+        # A SHA-256 HMAC, a timestamp, a nonce and a certificate fingerprint, as a later
+        # version may append them in the reserved field types.
+        extras = field(0xC0, b"t" * 32) + field(0xC1, b"s" * 8) + field(0xC2, b"n" * 16)
+        extras += field(0xC3, b"f" * 32)
+        packet = wire.encode(announce) + extras
+        self.assertLessEqual(len(packet), wire.MAX_PACKET)
+        self.assertEqual(wire.decode(packet), announce)
 
 
 class RejectionTests(SynchronousTestCase):
