@@ -40,6 +40,8 @@ class Settings:
     probe_interval: float = 5.0
     health_interval: float = 5.0
     peers: tuple[tuple[str, int], ...] = ()
+    connect_timeout: float = 5.0
+    idle_timeout: float = 600.0
     node_id: bytes = field(default_factory=lambda: os.urandom(16))
 
     def listen_for(self, mode: str) -> str:

@@ -20,8 +20,8 @@ from ollana import __version__
 from ollana.config import Settings, endpoint_scheme
 from ollana.discovery import AnnouncementListener, ProbeResponder, Seeker, Targets
 from ollana.health import HTTPGetter, LocalOllamaMonitor, OllamaProbe, choose_mode
-from ollana.peers import PeerPool
-from ollana.proxy import make_site
+from ollana.peers import PeerPool, Source
+from ollana.proxy import NoUpstream, ProxySettings, ProxySite, Upstream, make_agent
 
 log = Logger()
 
@@ -213,6 +213,47 @@ class SeekerService(Service):
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
 
 
+class ConnectionPoolService(Service):
+    """Closes the proxy's kept-alive upstream connections when Ollana stops."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._pool.closeCachedConnections()
+
+
+def proxy_services(
+    settings: Settings, reactor: Any, choose: Callable[[], Upstream]
+) -> tuple[ProxySite, ConnectionPoolService]:
+    """The proxying site for the HTTP listener, and the service that owns its connections."""
+    agent, pool = make_agent(reactor, settings.connect_timeout)
+    proxy = ProxySettings(
+        agent=agent,
+        choose=choose,
+        clock=reactor,
+        idle_timeout=settings.idle_timeout,
+        retry_after=settings.probe_interval,
+    )
+    connections = ConnectionPoolService(pool)
+    connections.setName("upstream-connections")
+    return ProxySite(proxy), connections
+
+
+def choose_peer(pool: PeerPool) -> Upstream:
+    """A server from the pool to send a request to (any usable one, for now)."""
+    for peer in pool:
+        if peer.usable:
+            return Upstream(peer.url, f"{peer.host}:{peer.port}")
+    if any(peer.source is Source.LEGACY for peer in pool):
+        raise NoUpstream(
+            "ollana: only original (legacy) Ollana servers were found; they cannot be "
+            "proxied to, upgrade them to this Ollana"
+        )
+    raise NoUpstream("ollana: no Ollama server found on the LAN yet")
+
+
 def build_server(
     settings: Settings,
     reactor: Any,
@@ -225,9 +266,10 @@ def build_server(
     monitor = LocalOllamaMonitor(probe, reactor, settings.health_interval, HEALTH_TIMEOUT)
     monitor.setName("ollama-monitor")
     listen = settings.listen_for("server")
-    listener = HTTPListener(reactor, listen, make_site("server"), on_error)
+    site, connections = proxy_services(settings, reactor, lambda: Upstream(settings.ollama_url))
+    listener = HTTPListener(reactor, listen, site, on_error)
     listener.setName("http")
-    services: list[IService] = [monitor, listener]
+    services: list[IService] = [monitor, connections, listener]
     if settings.discovery:
         responder = ProbeResponder(
             settings.node_id,
@@ -260,9 +302,10 @@ def build_client(
         seeker = SeekerService(reactor, pool, settings, targets, on_error)
         seeker.setName("discovery")
         services.append(seeker)
-    listener = HTTPListener(reactor, settings.listen_for("client"), make_site("client"), on_error)
+    site, connections = proxy_services(settings, reactor, lambda: choose_peer(pool))
+    listener = HTTPListener(reactor, settings.listen_for("client"), site, on_error)
     listener.setName("http")
-    services.append(listener)
+    services += [connections, listener]
     return services
 
 

@@ -77,6 +77,14 @@ class Options(DiscoveryOptions):
         ],
         ["probe-interval", None, "5", "Seconds between discovery probes (client mode)."],
         ["health-interval", None, "5", "Seconds between health checks."],
+        ["connect-timeout", None, "5", "Seconds to wait for a connection to an upstream."],
+        [
+            "idle-timeout",
+            None,
+            "600",
+            "Seconds an upstream may stay silent (before or within a response) before the "
+            "request is given up.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -111,7 +119,7 @@ class Options(DiscoveryOptions):
             self["discovery-interface"] = config.parse_ipv4(
                 self["discovery-interface"], "--discovery-interface"
             )
-        for name in ("probe-interval", "health-interval"):
+        for name in ("probe-interval", "health-interval", "connect-timeout", "idle-timeout"):
             self[name] = config.parse_seconds(str(self[name]), "--" + name)
         if self["mode"] == "client" and self["no-discovery"] and not self["peer"]:
             raise usage.UsageError("--no-discovery in client mode needs at least one --peer")
@@ -130,6 +138,8 @@ class Options(DiscoveryOptions):
             probe_interval=self["probe-interval"],
             health_interval=self["health-interval"],
             peers=tuple(self["peer"]),
+            connect_timeout=self["connect-timeout"],
+            idle_timeout=self["idle-timeout"],
         )
 
 

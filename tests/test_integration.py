@@ -135,8 +135,9 @@ class ServerProcessTests(TestCase):
 
         pool = HTTPConnectionPool(reactor, persistent=False)
         response = await treq.get(f"http://127.0.0.1:{http_port}/api/tags", pool=pool)
-        self.assertEqual(response.code, 503)
-        self.assertIn("error", json.loads(await response.content()))
+        self.assertEqual(response.code, 200)
+        tags = json.loads(await response.content())
+        self.assertEqual([m["name"] for m in tags["models"]], ["llama3.2:latest"])
 
         legacy = LegacyClient()
         legacy_port = reactor.listenUDP(0, legacy, interface="127.0.0.1")

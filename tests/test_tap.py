@@ -221,21 +221,23 @@ class ServiceTreeTests(SynchronousTestCase):
     def test_server_mode(self) -> None:
         service = self.make("--mode", "server")
         self.assertEqual(service.mode, "server")
-        self.assertEqual(service_names(service), ["ollama-monitor", "http", "discovery"])
+        self.assertEqual(
+            service_names(service), ["ollama-monitor", "upstream-connections", "http", "discovery"]
+        )
 
     def test_server_mode_without_discovery(self) -> None:
         service = self.make("--mode", "server", "--no-discovery")
-        self.assertEqual(service_names(service), ["ollama-monitor", "http"])
+        self.assertEqual(service_names(service), ["ollama-monitor", "upstream-connections", "http"])
 
     def test_client_mode(self) -> None:
         service = self.make("--mode", "client", "--peer", "box:11435")
         self.assertEqual(service.mode, "client")
-        self.assertEqual(service_names(service), ["discovery", "http"])
+        self.assertEqual(service_names(service), ["discovery", "upstream-connections", "http"])
         self.assertEqual([p.url for p in service.pool], ["http://box:11435"])
 
     def test_client_mode_without_discovery(self) -> None:
         service = self.make("--mode", "client", "--no-discovery", "--peer", "box")
-        self.assertEqual(service_names(service), ["http"])
+        self.assertEqual(service_names(service), ["upstream-connections", "http"])
 
     def test_client_mode_listens_on_loopback_11434(self) -> None:
         service = self.make("--mode", "client")
@@ -260,7 +262,9 @@ class ServiceTreeTests(SynchronousTestCase):
         self.assertEqual((service.mode, service_names(service)), (None, []))
         service.startService()
         self.assertEqual(service.mode, "server")
-        self.assertEqual(service_names(service), ["ollama-monitor", "http", "discovery"])
+        self.assertEqual(
+            service_names(service), ["ollama-monitor", "upstream-connections", "http", "discovery"]
+        )
         self.assertTrue(all(child.running for child in service))
 
     def test_auto_mode_becomes_client_when_nothing_answers(self) -> None:
@@ -269,7 +273,7 @@ class ServiceTreeTests(SynchronousTestCase):
         self.assertIsNone(service.mode)
         self.reactor.pump([0.5] * 4)
         self.assertEqual(service.mode, "client")
-        self.assertEqual(service_names(service), ["discovery", "http"])
+        self.assertEqual(service_names(service), ["discovery", "upstream-connections", "http"])
         self.assertTrue(all(child.running for child in service))
 
     def test_stopping_during_the_choice_cancels_it(self) -> None:

@@ -1,0 +1,344 @@
+"""The streaming proxy in memory: a Site on a StringTransport, upstreams on a MemoryReactor.
+
+Flow control is asserted the way Twisted's own HTTP tests do: through the transports'
+``producerState``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet import error
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from ollana.proxy import NoUpstream, ProxySettings, ProxySite, Upstream, make_agent
+
+CLIENT = IPv4Address("TCP", "198.18.0.50", 40000)
+UPSTREAM = Upstream("http://127.0.0.1:11434", peer="198.18.0.2:11435")
+
+
+class ProxyHarness:
+    """A proxy site with one client connection and the upstream connections it opens."""
+
+    def __init__(self, case: SynchronousTestCase, upstream: Upstream | None = UPSTREAM) -> None:
+        self.reactor = MemoryReactorClock()
+        agent, self.pool = make_agent(self.reactor, connect_timeout=5)
+
+        def choose() -> Upstream:
+            if upstream is None:
+                raise NoUpstream("ollana: no Ollama server found on the LAN yet")
+            return upstream
+
+        self.site = ProxySite(ProxySettings(agent, choose, self.reactor, idle_timeout=600))
+        self.channel = self.site.buildProtocol(CLIENT)
+        self.client = StringTransport(peerAddress=CLIENT)
+        self.channel.makeConnection(self.client)
+        self.upstreams: list[tuple[Any, StringTransport]] = []
+
+    def send(self, data: bytes) -> None:
+        self.channel.dataReceived(data)
+
+    def connect_upstream(self) -> StringTransport:
+        """Accept the proxy's newest upstream connection attempt."""
+        host, port, factory, timeout, _ = self.reactor.tcpClients[len(self.upstreams)]
+        assert (host, port, timeout) == ("127.0.0.1", 11434, 5), (host, port, timeout)
+        protocol: Any = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+        protocol.makeConnection(transport)
+        self.upstreams.append((protocol, transport))
+        return transport
+
+    def answer(self, data: bytes, index: int = -1) -> None:
+        self.upstreams[index][0].dataReceived(data)
+
+    def response(self) -> bytes:
+        return self.client.value()
+
+
+def producer(transport: StringTransport) -> Any:
+    """What a transport would pause when its buffer fills."""
+    assert transport.producer is not None
+    return transport.producer
+
+
+def head(data: bytes) -> tuple[bytes, list[bytes]]:
+    """The first line and header lines of an HTTP message."""
+    lines = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    return lines[0], lines[1:]
+
+
+def header_values(data: bytes, name: bytes) -> list[bytes]:
+    return [
+        line.split(b":", 1)[1].strip()
+        for line in head(data)[1]
+        if line.split(b":", 1)[0].lower() == name.lower()
+    ]
+
+
+class RequestForwardingTests(SynchronousTestCase):
+    def test_method_path_query_and_headers(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(
+            b"DELETE /api/delete?force=1&x=%2F HTTP/1.1\r\n"
+            b"Host: localhost:11434\r\n"
+            b"X-Custom: one\r\nX-Custom: two\r\n"
+            b"Connection: keep-alive, X-Secret\r\nX-Secret: hop\r\n"
+            b"Keep-Alive: 5\r\nProxy-Authorization: Basic eA==\r\nTE: trailers\r\n"
+            b"Upgrade: h2c\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n"
+        )
+        upstream = proxy.connect_upstream()
+        line, headers = head(upstream.value())
+        self.assertEqual(line, b"DELETE /api/delete?force=1&x=%2F HTTP/1.1")
+        sent = upstream.value()
+        self.assertEqual(header_values(sent, b"host"), [b"127.0.0.1:11434"])
+        self.assertEqual(header_values(sent, b"x-custom"), [b"one", b"two"])
+        for hop in (b"x-secret", b"keep-alive", b"proxy-authorization", b"te", b"upgrade"):
+            self.assertEqual(header_values(sent, hop), [], hop)
+        self.assertEqual(header_values(sent, b"x-forwarded-for"), [b"203.0.113.9, 198.18.0.50"])
+        self.assertEqual(header_values(sent, b"x-forwarded-proto"), [b"http"])
+        self.assertEqual(header_values(sent, b"via"), [b"1.1 ollana"])
+
+    def test_absolute_form_target_becomes_a_path(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"GET http://localhost:11434/api/tags?a=b HTTP/1.1\r\nHost: x\r\n\r\n")
+        upstream = proxy.connect_upstream()
+        self.assertEqual(head(upstream.value())[0], b"GET /api/tags?a=b HTTP/1.1")
+
+    def test_unproxyable_target_is_a_400(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        self.assertEqual(proxy.reactor.tcpClients, [])
+        response = proxy.response()
+        self.assertTrue(response.startswith(b"HTTP/1.1 400 "), response)
+        self.assertIn(b'"error": "ollana: cannot proxy the request-target', response)
+
+    def test_options_star_is_answered_here(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(proxy.reactor.tcpClients, [])
+        self.assertTrue(proxy.response().startswith(b"HTTP/1.1 200 OK"))
+
+
+class ResponseRelayTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.proxy = ProxyHarness(self)
+        self.proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.upstream = self.proxy.connect_upstream()
+
+    def test_headers_status_and_body(self) -> None:
+        self.proxy.answer(
+            b"HTTP/1.1 418 I'm a teapot\r\nContent-Type: application/json\r\n"
+            b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nConnection: keep-alive\r\n"
+            b"Keep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\n{}"
+        )
+        response = self.proxy.response()
+        self.assertEqual(head(response)[0], b"HTTP/1.1 418 I'm a teapot")
+        self.assertEqual(header_values(response, b"content-type"), [b"application/json"])
+        self.assertEqual(header_values(response, b"set-cookie"), [b"a=1", b"b=2"])
+        self.assertEqual(header_values(response, b"content-length"), [b"2"])
+        self.assertEqual(header_values(response, b"keep-alive"), [])
+        self.assertEqual(header_values(response, b"via"), [b"1.1 ollana"])
+        self.assertEqual(header_values(response, b"x-ollana-peer"), [b"198.18.0.2:11435"])
+        self.assertTrue(response.endswith(b"\r\n\r\n{}"))
+
+    def test_no_content_type_is_added(self) -> None:
+        self.proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(header_values(self.proxy.response(), b"content-type"), [])
+
+    def test_chunks_are_relayed_as_they_arrive(self) -> None:
+        self.proxy.answer(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        self.proxy.answer(b'6\r\n{"a"}\n\r\n')
+        self.assertTrue(self.proxy.response().endswith(b'6\r\n{"a"}\n\r\n'))
+        self.proxy.client.clear()
+        self.proxy.answer(b'6\r\n{"b"}\n\r\n')
+        self.assertEqual(self.proxy.response(), b'6\r\n{"b"}\n\r\n')
+        self.proxy.answer(b"0\r\n\r\n")
+        self.assertEqual(self.proxy.response(), b'6\r\n{"b"}\n\r\n0\r\n\r\n')
+        self.assertFalse(self.proxy.client.disconnecting, "keep-alive")
+
+    def test_slow_client_pauses_the_upstream(self) -> None:
+        self.proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.assertEqual(self.upstream.producerState, "producing")
+        producer(self.proxy.client).pauseProducing()  # the client's send buffer is full
+        self.assertEqual(self.upstream.producerState, "paused")
+        producer(self.proxy.client).resumeProducing()
+        self.assertEqual(self.upstream.producerState, "producing")
+
+    def test_upstream_dying_mid_stream_aborts_the_client(self) -> None:
+        self.proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        self.proxy.upstreams[-1][0].connectionLost(Failure(error.ConnectionLost()))
+        self.assertTrue(self.proxy.client.disconnecting)
+        self.assertTrue(self.proxy.response().endswith(b"3\r\nabc\r\n"), "no clean end")
+
+    def test_idle_upstream_mid_stream_is_dropped(self) -> None:
+        self.proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        self.proxy.reactor.advance(599)
+        self.proxy.answer(b"3\r\ndef\r\n")
+        self.proxy.reactor.advance(599)
+        self.assertFalse(self.proxy.client.disconnecting)
+        self.proxy.reactor.advance(1)
+        self.assertTrue(self.proxy.client.disconnecting)
+        self.assertEqual(self.upstream.producerState, "stopped")
+
+    def test_client_leaving_mid_stream_closes_the_upstream(self) -> None:
+        self.proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        self.proxy.channel.connectionLost(Failure(error.ConnectionDone()))
+        # Stopping the response's transport is how an Agent response is dropped: a
+        # real TCP transport closes the connection there.
+        self.assertEqual(self.upstream.producerState, "stopped")
+        before = self.proxy.response()
+        self.proxy.answer(b"3\r\ndef\r\n")
+        self.assertEqual(self.proxy.response(), before, "nothing written after the client left")
+
+
+class UploadTests(SynchronousTestCase):
+    def test_body_streams_before_it_is_complete(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"POST /api/blobs/sha256:ab HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        upstream = proxy.connect_upstream()
+        self.assertEqual(header_values(upstream.value(), b"content-length"), [b"10"])
+        proxy.send(b"01234")
+        self.assertTrue(upstream.value().endswith(b"\r\n\r\n01234"))
+        self.assertEqual(proxy.response(), b"", "no answer before the upstream's")
+        proxy.send(b"56789")
+        self.assertTrue(upstream.value().endswith(b"0123456789"))
+        proxy.answer(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(proxy.response().startswith(b"HTTP/1.1 201 Created"))
+
+    def test_chunked_upload_goes_up_chunked(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"POST /api/create HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        upstream = proxy.connect_upstream()
+        self.assertEqual(header_values(upstream.value(), b"transfer-encoding"), [b"chunked"])
+        proxy.send(b"3\r\nabc\r\n")
+        self.assertTrue(upstream.value().endswith(b"3\r\nabc\r\n"))
+        proxy.send(b"0\r\n\r\n")
+        self.assertTrue(upstream.value().endswith(b"0\r\n\r\n"))
+
+    def test_slow_upstream_pauses_the_client(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"POST /api/blobs/sha256:ab HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n")
+        upstream = proxy.connect_upstream()
+        proxy.send(b"aaa")
+        self.assertEqual(proxy.client.producerState, "producing")
+        producer(upstream).pauseProducing()  # the upstream's send buffer is full
+        proxy.send(b"bbb")
+        self.assertEqual(proxy.client.producerState, "paused")
+        self.assertFalse(upstream.value().endswith(b"bbb"))
+        producer(upstream).resumeProducing()
+        self.assertEqual(proxy.client.producerState, "producing")
+        self.assertTrue(upstream.value().endswith(b"aaabbb"))
+        proxy.send(b"ccc")
+        self.assertTrue(upstream.value().endswith(b"aaabbbccc"))
+
+    def test_body_waits_for_the_connection_with_the_client_paused(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabc")
+        self.assertEqual(proxy.client.producerState, "paused")
+        upstream = proxy.connect_upstream()
+        self.assertTrue(upstream.value().endswith(b"\r\n\r\nabc"))
+        self.assertEqual(proxy.client.producerState, "producing")
+
+    def test_expect_100_continue(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(
+            b"PUT /api/blobs/sha256:ab HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        self.assertEqual(proxy.response(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        upstream = proxy.connect_upstream()
+        self.assertEqual(header_values(upstream.value(), b"expect"), [])
+        proxy.send(b"xyz")
+        self.assertTrue(upstream.value().endswith(b"xyz"))
+
+    def test_upload_to_an_unreachable_upstream_is_dropped_not_held(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabc")
+        self.assertEqual(proxy.client.producerState, "paused")
+        _, _, factory, _, _ = proxy.reactor.tcpClients[0]
+        factory.clientConnectionFailed(
+            proxy.reactor.connectors[0], Failure(error.ConnectionRefusedError())
+        )
+        self.assertEqual(proxy.client.producerState, "producing")
+        proxy.send(b"def")
+        self.assertTrue(proxy.response().startswith(b"HTTP/1.1 502 Bad Gateway"))
+
+
+class ErrorTests(SynchronousTestCase):
+    def body(self, response: bytes) -> dict[str, Any]:
+        return json.loads(response.split(b"\r\n\r\n", 1)[1])
+
+    def test_no_server_is_a_503_with_retry_after(self) -> None:
+        proxy = ProxyHarness(self, upstream=None)
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = proxy.response()
+        self.assertEqual(head(response)[0], b"HTTP/1.1 503 Service Unavailable")
+        self.assertEqual(header_values(response, b"retry-after"), [b"5"])
+        self.assertEqual(
+            header_values(response, b"content-type"), [b"application/json; charset=utf-8"]
+        )
+        self.assertEqual(
+            self.body(response), {"error": "ollana: no Ollama server found on the LAN yet"}
+        )
+
+    def test_refused_is_a_502_naming_the_upstream(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        _, _, factory, _, _ = proxy.reactor.tcpClients[0]
+        factory.clientConnectionFailed(
+            proxy.reactor.connectors[0], Failure(error.ConnectionRefusedError())
+        )
+        response = proxy.response()
+        self.assertEqual(head(response)[0], b"HTTP/1.1 502 Bad Gateway")
+        self.assertEqual(
+            self.body(response),
+            {"error": "ollana: no answer from http://127.0.0.1:11434: connection refused"},
+        )
+
+    def test_connect_timeout_is_a_504(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        _, _, factory, _, _ = proxy.reactor.tcpClients[0]
+        factory.clientConnectionFailed(proxy.reactor.connectors[0], Failure(error.TimeoutError()))
+        response = proxy.response()
+        self.assertEqual(head(response)[0], b"HTTP/1.1 504 Gateway Time-out")
+        self.assertEqual(
+            self.body(response),
+            {"error": "ollana: cannot connect to http://127.0.0.1:11434: timed out"},
+        )
+
+    def test_silent_upstream_is_a_504_after_the_idle_timeout(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        upstream = proxy.connect_upstream()
+        proxy.reactor.advance(599)
+        self.assertEqual(proxy.response(), b"")
+        proxy.reactor.advance(1)
+        response = proxy.response()
+        self.assertEqual(head(response)[0], b"HTTP/1.1 504 Gateway Time-out")
+        self.assertEqual(
+            self.body(response), {"error": "ollana: http://127.0.0.1:11434 sent nothing for 600 s"}
+        )
+        self.assertTrue(upstream.disconnecting)
+
+    def test_client_leaving_before_the_connection_cancels_it(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        proxy.channel.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(proxy.reactor.connectors[0].stoppedConnecting)
+
+    def test_client_leaving_before_the_response_closes_the_upstream(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        upstream = proxy.connect_upstream()
+        proxy.channel.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(upstream.disconnecting)
+        proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertEqual(proxy.response(), b"")
