@@ -499,7 +499,7 @@ class ProxySite(Site):
     """A Site whose requests stream through to an upstream."""
 
     def __init__(self, proxy: ProxySettings) -> None:
-        super().__init__(ProxyResource(), requestFactory=ProxyRequest)
+        super().__init__(ProxyResource(), requestFactory=ProxyRequest, reactor=proxy.clock)
         self.proxy = proxy
         self.displayTracebacks = False
 

@@ -149,7 +149,7 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     from twisted.web.client import Agent, HTTPConnectionPool
 
     from ollana.netif import default_broadcast_addresses
-    from ollana.node import HEALTH_TIMEOUT, OllanaService
+    from ollana.node import HEALTH_TIMEOUT, ConnectionPoolService, OllanaService
 
     exit_code_from_failure = reactor is None
     if reactor is None:
@@ -162,6 +162,9 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     service = OllanaService(
         options.settings(), reactor, HTTPClient(agent), default_broadcast_addresses
     )
+    health_connections = ConnectionPoolService(pool)
+    health_connections.setName("health-connections")
+    health_connections.setServiceParent(service)
     if exit_code_from_failure:
         atexit.register(_exit_if_failed, service)
     return service

@@ -16,10 +16,10 @@ in Ollama's JSON shapes::
 
 Pacing: with ``fake.pace = seconds`` the stream waits that long (on the given clock)
 before each chunk. With ``fake.gated = True`` it waits for ``fake.release()`` instead,
-so a test decides exactly when each chunk leaves: ``fake.emitted`` counts the chunks
-written so far. Set ``fake.up = False`` to answer 500 everywhere, as an Ollama that is
-starting or broken does. ``fake.requests`` lists (method, path) and
-``fake.headers`` the request headers seen.
+so a test decides exactly when each chunk leaves. ``fake.emitted`` counts the chunks
+written so far and ``fake.abandoned`` the streams whose client went away. Set
+``fake.up = False`` to answer 500 everywhere, as an Ollama that is starting or broken
+does. ``fake.requests`` lists (method, path) and ``fake.headers`` the request headers.
 
 Run it standalone on loopback with ``python -m tests.fake_ollama --port 11434``.
 """
@@ -60,6 +60,7 @@ class FakeOllama:
         self.requests: list[tuple[str, str]] = []
         self.headers: list[Headers] = []
         self.open_streams = 0
+        self.abandoned = 0
 
     def resource(self) -> Resource:
         return _Root(self)
@@ -243,7 +244,12 @@ class _Root(Resource):
         fake = self.fake
         fake.open_streams += 1
         gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def abandoned(_: object) -> None:
+            gone.append(True)
+            fake.abandoned += 1
+
+        request.notifyFinish().addErrback(abandoned)
 
         async def run() -> None:
             try:

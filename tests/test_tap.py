@@ -222,22 +222,31 @@ class ServiceTreeTests(SynchronousTestCase):
         service = self.make("--mode", "server")
         self.assertEqual(service.mode, "server")
         self.assertEqual(
-            service_names(service), ["ollama-monitor", "upstream-connections", "http", "discovery"]
+            service_names(service),
+            ["ollama-monitor", "upstream-connections", "http", "discovery", "health-connections"],
         )
 
     def test_server_mode_without_discovery(self) -> None:
         service = self.make("--mode", "server", "--no-discovery")
-        self.assertEqual(service_names(service), ["ollama-monitor", "upstream-connections", "http"])
+        self.assertEqual(
+            service_names(service),
+            ["ollama-monitor", "upstream-connections", "http", "health-connections"],
+        )
 
     def test_client_mode(self) -> None:
         service = self.make("--mode", "client", "--peer", "box:11435")
         self.assertEqual(service.mode, "client")
-        self.assertEqual(service_names(service), ["discovery", "upstream-connections", "http"])
+        self.assertEqual(
+            service_names(service),
+            ["discovery", "upstream-connections", "http", "health-connections"],
+        )
         self.assertEqual([p.url for p in service.pool], ["http://box:11435"])
 
     def test_client_mode_without_discovery(self) -> None:
         service = self.make("--mode", "client", "--no-discovery", "--peer", "box")
-        self.assertEqual(service_names(service), ["upstream-connections", "http"])
+        self.assertEqual(
+            service_names(service), ["upstream-connections", "http", "health-connections"]
+        )
 
     def test_client_mode_listens_on_loopback_11434(self) -> None:
         service = self.make("--mode", "client")

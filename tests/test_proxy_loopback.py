@@ -1,0 +1,281 @@
+"""The proxy over real loopback sockets: a server-mode and a client-mode Ollana in this
+process, in front of a fake Ollama, wired by the same makeService as twistd uses.
+
+Discovery is off here (the client is given its server with --peer); the discovery tests
+are in test_integration and test_lan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import ollama
+from twisted.internet import defer, protocol, task, tcp, threads
+from twisted.internet import reactor as _reactor
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+
+from ollana.node import OllanaService
+from ollana.tap import Options, makeService
+from tests.fake_ollama import FakeOllama
+
+reactor: Any = _reactor
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+
+
+class PatternFile:
+    """size bytes of a repeated 1 MiB block, read like a file, without holding them all."""
+
+    def __init__(self, size: int) -> None:
+        self.block = hashlib.sha256(b"ollana").digest() * (1 << 15)  # 1 MiB
+        self.size = size
+        self.offset = 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.offset if n < 0 else min(n, self.size - self.offset)
+        start = self.offset % len(self.block)
+        piece = (self.block[start:] + self.block)[:n]
+        self.offset += len(piece)
+        return piece
+
+    def digest(self) -> str:
+        sha = hashlib.sha256()
+        whole, rest = divmod(self.size, len(self.block))
+        for _ in range(whole):
+            sha.update(self.block)
+        sha.update(self.block[:rest])
+        return sha.hexdigest()
+
+    def seek(self, offset: int, whence: int = 0) -> None:
+        self.offset = {0: offset, 1: self.offset + offset, 2: self.size + offset}[whence]
+
+    def tell(self) -> int:
+        return self.offset
+
+    def close(self) -> None:
+        pass
+
+
+class Collector(protocol.Protocol):
+    """Keeps a response body's chunks; tells when the text received contains something."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self._waiting: list[tuple[bytes, defer.Deferred[None]]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        for want, d in list(self._waiting):
+            if want in self.data:
+                self._waiting.remove((want, d))
+                d.callback(None)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(None)
+
+    def received(self, want: bytes, timeout: float = 10) -> defer.Deferred[None]:
+        if want in self.data:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append((want, d))
+        return d.addTimeout(timeout, reactor)
+
+
+class ProxyLoopbackTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.ports: list[int] = []
+
+        async def settle() -> None:  # runs last: after the services have stopped
+            for port in self.ports:
+                await connections_closed(port)
+
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(settle()))
+
+    async def start(self, *args: str) -> tuple[OllanaService, int]:
+        options = Options()
+        options.parseOptions(["--no-discovery", "--listen", LOOPBACK, *args])
+        service = makeService(options, reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = await service.getServiceNamed("http").whenListening()
+        self.ports.append(port)
+        return service, port
+
+    async def setUpChain(self) -> None:
+        self.fake = FakeOllama(models=["llama3.2:latest"], clock=reactor)
+        ollama_port = reactor.listenTCP(0, self.fake.site(), interface="127.0.0.1")
+        self.addCleanup(ollama_port.stopListening)
+        ollama_url = f"http://127.0.0.1:{ollama_port.getHost().port}"
+        self.ports.append(ollama_port.getHost().port)
+        _, self.server_port = await self.start("--mode", "server", "--ollama", ollama_url)
+        _, self.client_port = await self.start(
+            "--mode", "client", "--peer", f"127.0.0.1:{self.server_port}"
+        )
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.agent = Agent(reactor, pool=self.pool)
+
+    def url(self, path: str, via: str = "client") -> bytes:
+        port = self.client_port if via == "client" else self.server_port
+        return f"http://127.0.0.1:{port}{path}".encode()
+
+    async def post(self, path: str, body: Any, via: str = "client") -> Any:
+        producer = FileBodyProducer(_bytes_file(json.dumps(body).encode()))
+        return await self.agent.request(b"POST", self.url(path, via), Headers(), producer)
+
+    async def test_ndjson_chunks_pass_one_by_one(self) -> None:
+        await self.setUpChain()
+        self.fake.gated = True
+        requested = defer.Deferred.fromCoroutine(
+            self.post("/api/generate", {"model": "llama3.2", "prompt": "a b c d"})
+        )
+        self.fake.release()  # the headers leave with the first chunk, as Ollama's do
+        response = await requested
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/x-ndjson"])
+        self.assertEqual(
+            response.headers.getRawHeaders(b"x-ollana-peer"),
+            [f"127.0.0.1:{self.server_port}".encode()],
+        )
+        collector = Collector()
+        response.deliverBody(collector)
+        for n, word in enumerate("abcd"):
+            if n:
+                self.fake.release()
+            await collector.received(f'"response": "{word} "'.encode())
+            # Chunk n reached the client while the fake has not yet written chunk n + 1.
+            self.assertEqual(self.fake.emitted, n + 1)
+        self.fake.release()
+        await collector.done
+        lines = [json.loads(line) for line in collector.data.splitlines()]
+        self.assertEqual([line["done"] for line in lines], [False] * 4 + [True])
+
+    async def test_client_leaving_stops_the_generation_upstream(self) -> None:
+        await self.setUpChain()
+        self.fake.gated = True
+        requested = defer.Deferred.fromCoroutine(
+            self.post("/api/chat", {"model": "x", "messages": [{"content": "a b c d e"}]})
+        )
+        self.fake.release()
+        response = await requested
+        collector = Collector()
+        response.deliverBody(collector)
+        await collector.received(b'"content": "a "')
+        transport: Any = collector.transport
+        transport.stopProducing()
+        # Both hops drop their upstream connection, so the fake sees its client go.
+        for _ in range(250):
+            if self.fake.abandoned:
+                break
+            await task.deferLater(reactor, 0.02)
+        self.assertEqual(self.fake.abandoned, 1)
+        self.assertEqual(self.fake.emitted, 1)
+
+    async def test_sse_stream(self) -> None:
+        await self.setUpChain()
+        response = await self.post(
+            "/v1/chat/completions",
+            {
+                "model": "llama3.2",
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi there"}],
+            },
+        )
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/event-stream"])
+        body = await readBody(response)
+        events = [e for e in body.split(b"\n\n") if e]
+        self.assertEqual(len(events), 3)
+        self.assertEqual(events[-1], b"data: [DONE]")
+        self.assertEqual(json.loads(events[0][6:])["choices"][0]["delta"]["content"], "hi ")
+
+    async def test_blob_upload_of_256_mib(self) -> None:
+        await self.setUpChain()
+        body = PatternFile(256 << 20)
+        digest = body.digest()
+        producer = FileBodyProducer(body, readSize=1 << 16)
+        response = await self.agent.request(
+            b"POST", self.url(f"/api/blobs/sha256:{digest}"), Headers(), producer
+        )
+        self.assertEqual(response.code, 201, await readBody(response))
+        self.assertIn(digest, self.fake.blobs)
+        head = await self.agent.request(b"HEAD", self.url(f"/api/blobs/sha256:{digest}"))
+        self.assertEqual(head.code, 200)
+
+    async def test_head_and_options(self) -> None:
+        await self.setUpChain()
+        head = await self.agent.request(b"HEAD", self.url("/api/version", via="server"))
+        self.assertEqual(head.code, 200)
+        length = int(head.headers.getRawHeaders(b"content-length")[0])
+        get = await self.agent.request(b"GET", self.url("/api/version", via="server"))
+        self.assertEqual(len(await readBody(get)), length)
+        self.assertEqual(await readBody(head), b"")
+        options = await self.agent.request(b"OPTIONS", self.url("/api/tags"))
+        self.assertEqual(options.code, 204)
+        self.assertEqual(
+            options.headers.getRawHeaders(b"allow"), [b"GET, HEAD, POST, DELETE, OPTIONS"]
+        )
+        self.assertEqual(self.fake.requests[-1], ("OPTIONS", "/api/tags"))
+
+    async def test_upstream_headers_seen_by_ollama(self) -> None:
+        await self.setUpChain()
+        await readBody(await self.agent.request(b"GET", self.url("/api/tags?x=1")))
+        headers = self.fake.headers[-1]
+        self.assertEqual(headers.getRawHeaders(b"via"), [b"1.1 ollana", b"1.1 ollana"])
+        self.assertEqual(headers.getRawHeaders(b"x-forwarded-for"), [b"127.0.0.1, 127.0.0.1"])
+        self.assertEqual(self.fake.requests[-1], ("GET", "/api/tags"))
+
+    async def test_no_server_is_503(self) -> None:
+        _, port = await self.start("--mode", "client", "--peer", "127.0.0.1:9")
+        self.agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        response = await self.agent.request(b"GET", f"http://127.0.0.1:{port}/api/tags".encode())
+        self.assertEqual(response.code, 502)
+        self.assertIn(b"connection refused", await readBody(response))
+
+    async def test_official_ollama_client(self) -> None:
+        await self.setUpChain()
+        host = f"http://127.0.0.1:{self.client_port}"
+
+        def use_client() -> dict[str, Any]:
+            client = ollama.Client(host=host, headers={"Connection": "close"})
+            messages = [{"role": "user", "content": "why is the sky blue"}]
+            streamed = "".join(
+                part["message"]["content"]
+                for part in client.chat(model="llama3.2", messages=messages, stream=True)
+            )
+            return {
+                "chat": client.chat(model="llama3.2", messages=messages)["message"]["content"],
+                "streamed": streamed,
+                "generate": client.generate(model="llama3.2", prompt="hello world")["response"],
+                "list": [m.model for m in client.list().models],
+                "embed": client.embed(model="llama3.2", input=["a", "bb"])["embeddings"],
+            }
+
+        results = await threads.deferToThread(use_client)
+        await connections_closed(self.client_port)
+        self.assertEqual(results["chat"], "why is the sky blue ")
+        self.assertEqual(results["streamed"], "why is the sky blue ")
+        self.assertEqual(results["generate"], "hello world ")
+        self.assertEqual(results["list"], ["llama3.2:latest"])
+        self.assertEqual(results["embed"], [[1.0, 0.5, -0.5], [2.0, 0.5, -0.5]])
+
+
+async def connections_closed(port: int, deadline: float = 5) -> None:
+    """Wait until the reactor has seen every connection accepted on port go (clients in
+    threads close theirs on their own schedule)."""
+    for _ in range(int(deadline / 0.02)):
+        accepted = [r for r in reactor.getReaders() if isinstance(r, tcp.Server)]
+        if not any(r.getHost().port == port for r in accepted):
+            return
+        await task.deferLater(reactor, 0.02)
+    raise AssertionError("server-side connections still open")
+
+
+def _bytes_file(data: bytes) -> Any:
+    import io
+
+    return io.BytesIO(data)
