@@ -342,3 +342,29 @@ class ErrorTests(SynchronousTestCase):
         self.assertTrue(upstream.disconnecting)
         proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
         self.assertEqual(proxy.response(), b"")
+
+
+class ConnectionReuseTests(SynchronousTestCase):
+    def test_every_method_and_one_kept_alive_upstream_connection(self) -> None:
+        proxy = ProxyHarness(self)
+        methods = [b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"]
+        for n, method in enumerate(methods):
+            proxy.send(method + b" /api/x?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % n)
+            if n == 0:
+                upstream = proxy.connect_upstream()
+            self.assertEqual(len(proxy.reactor.tcpClients), 1, "the connection is reused")
+            self.assertTrue(
+                upstream.value().startswith(method + b" /api/x?n=%d HTTP/1.1\r\n" % n),
+                upstream.value(),
+            )
+            upstream.clear()
+            proxy.client.clear()
+            proxy.answer(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+                + (b"" if method == b"HEAD" else b"ok")
+            )
+            response = proxy.response()
+            self.assertTrue(response.startswith(b"HTTP/1.1 200 OK"), (method, response))
+            self.assertEqual(response.endswith(b"\r\n\r\nok"), method != b"HEAD")
+            self.assertEqual(header_values(response, b"content-length"), [b"2"])
+        self.assertFalse(proxy.client.disconnecting)
