@@ -66,7 +66,10 @@ class FakeOllama:
         return _Root(self)
 
     def site(self) -> Site:
-        return Site(self.resource())
+        """A Site for the fake, timing out idle connections on its clock, if it has one."""
+        if self.clock is None:
+            return Site(self.resource())
+        return Site(self.resource(), reactor=self.clock)
 
     def release(self, chunks: int = 1) -> None:
         """With gated streams: let this many more chunks go."""

@@ -41,7 +41,7 @@ class FakeOllamaTests(SynchronousTestCase):
         self.assertTrue(transport.value().endswith(b"0\r\n\r\n"))
 
     def test_gated_stream(self) -> None:
-        fake = FakeOllama()
+        fake = FakeOllama(clock=Clock())
         fake.gated = True
         transport = request(fake, post(b"/api/chat", b'{"messages": [{"content": "x y"}]}'))
         self.assertEqual(fake.emitted, 0)
@@ -52,7 +52,7 @@ class FakeOllamaTests(SynchronousTestCase):
         self.assertIn(b'"done": true', transport.value())
 
     def test_blob_digest_is_checked(self) -> None:
-        fake = FakeOllama()
+        fake = FakeOllama(clock=Clock())
         good = hashlib.sha256(b"blob").hexdigest().encode()
         self.assertIn(b" 201 ", request(fake, post(b"/api/blobs/sha256:" + good, b"blob")).value())
         self.assertIn(b" 400 ", request(fake, post(b"/api/blobs/sha256:" + good, b"blub")).value())
@@ -60,7 +60,7 @@ class FakeOllamaTests(SynchronousTestCase):
         self.assertIn(b" 200 ", head.value())
 
     def test_non_streaming_chat(self) -> None:
-        fake = FakeOllama()
+        fake = FakeOllama(clock=Clock())
         transport = request(
             fake, post(b"/api/chat", b'{"stream": false, "messages": [{"content": "hi you"}]}')
         )
