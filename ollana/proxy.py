@@ -29,6 +29,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
+    IPushProducer,
     IReactorTime,
     IStreamClientEndpoint,
 )
@@ -37,7 +38,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client
-from twisted.web.http import PotentialDataLoss
+from twisted.web.http import NO_BODY_CODES, HTTPChannel, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
     UNKNOWN_LENGTH,
@@ -108,28 +109,37 @@ class RequestBody:
     """The client's request body, passed to the upstream as it arrives.
 
     While the upstream is not ready or cannot take more, incoming chunks wait here and
-    the client's transport is paused, so at most a read or two is ever held.
+    the client is held (not read from), so at most a read or two is ever kept.
+    ``upstream_owes`` tells the exchange whether it is the upstream that keeps the body
+    from moving on, which is when the idle timeout counts.
     """
 
-    def __init__(self, length: int | None, client_transport: Any) -> None:
+    def __init__(
+        self, length: int | None, client: ProxyRequest, upstream_owes: Callable[[bool], None]
+    ) -> None:
         self.length = UNKNOWN_LENGTH if length is None else length
-        self._client = client_transport
+        self._client = client
+        self._upstream_owes = upstream_owes
         self._consumer: IConsumer | None = None
         self._waiting: list[bytes] = []
         self._paused = False
-        self._client_paused = False
         self._complete = False
         self._discarding = False
         self._done: defer.Deferred[None] | None = None
 
-    # From the client side (ProxyRequest).
+    @property
+    def unfinished(self) -> bool:
+        """Whether the upstream still expects more of the body than it got."""
+        return not self._discarding and (self._waiting != [] or not self._complete)
+
+    # From the client side (the Exchange).
 
     def received(self, data: bytes) -> None:
         if self._discarding:
             return
         if self._consumer is None or self._paused or self._waiting:
             self._waiting.append(data)
-            self._pause_client()
+            self._client.hold()
         else:
             self._consumer.write(data)
 
@@ -138,10 +148,14 @@ class RequestBody:
         self._maybe_done()
 
     def discard(self) -> None:
-        """The upstream will not read the body: drop it instead of holding it."""
+        """The upstream will not read (more of) the body: drop it instead of holding it.
+
+        The body is then never reported as written: the upstream connection, short of
+        its body, is closed rather than reused."""
         self._discarding = True
+        self._done = None
         self._waiting = []
-        self._resume_client()
+        self._client.release()
 
     # IBodyProducer, driven by the upstream connection.
 
@@ -154,10 +168,13 @@ class RequestBody:
 
     def pauseProducing(self) -> None:
         self._paused = True
-        self._pause_client()
+        self._upstream_owes(True)
+        if self._waiting:
+            self._client.hold()
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._upstream_owes(False)
         self._flush()
 
     def stopProducing(self) -> None:
@@ -167,27 +184,23 @@ class RequestBody:
         while self._waiting and not self._paused and self._consumer is not None:
             self._consumer.write(self._waiting.pop(0))
         if not self._waiting and not self._paused:
-            self._resume_client()
+            self._client.release()
         self._maybe_done()
 
     def _maybe_done(self) -> None:
         if self._complete and not self._waiting and self._done is not None:
             done, self._done = self._done, None
+            self._upstream_owes(True)  # now the answer is the upstream's to give
             done.callback(None)
 
-    def _pause_client(self) -> None:
-        if not self._client_paused and not self._complete:
-            self._client_paused = True
-            self._client.pauseProducing()
 
-    def _resume_client(self) -> None:
-        if self._client_paused:
-            self._client_paused = False
-            self._client.resumeProducing()
-
-
+@implementer(IPushProducer)
 class ResponseRelay(Protocol):
-    """Writes the upstream's response body to the client as it arrives."""
+    """Writes the upstream's response body to the client as it arrives.
+
+    It is also the client response's push producer: the client's backpressure pauses
+    the upstream connection, and the exchange learns that the wait is not the upstream's.
+    """
 
     def __init__(self, exchange: Exchange) -> None:
         self.exchange = exchange
@@ -203,10 +216,25 @@ class ResponseRelay(Protocol):
         self.finished = True
         self.exchange.upstream_ended(reason)
 
-    def stop(self) -> None:
+    def pauseProducing(self) -> None:
+        if not self.finished:
+            self.connection.pauseProducing()
+            self.exchange.upstream_owes(False)
+
+    def resumeProducing(self) -> None:
+        if not self.finished:
+            self.connection.resumeProducing()
+            self.exchange.upstream_owes(True)
+
+    def stopProducing(self) -> None:
         """Drop the upstream connection (the client left, or the upstream went idle)."""
         if not self.finished and self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
+            self.connection.stopProducing()
+
+    @property
+    def connection(self) -> IPushProducer:
+        """The upstream connection (a push producer, as every TCP transport is)."""
+        return self.transport  # type: ignore[return-value]
 
 
 class Exchange:
@@ -231,16 +259,21 @@ class Exchange:
         except (NoUpstream, BadTarget) as e:
             self.response: defer.Deferred[IResponse] = defer.fail(e)
             return
+        except Exception:
+            log.failure("Choosing an upstream failed")
+            self.response = defer.fail(NoUpstream("ollana: internal error choosing a server"))
+            return
         if length != 0:
-            self.body = RequestBody(length, request.transport)
+            self.body = RequestBody(length, request, self.upstream_owes)
+        else:
+            self.upstream_owes(True)
         self.response = proxy.agent.request(
             method,
             self.upstream.url.encode("ascii") + uri,
             self._upstream_headers(),
             self.body,
         )
-        self.response.addErrback(self._no_response)
-        self._reset_idle()
+        self.response.addBoth(self._answered)
 
     def _upstream_headers(self) -> Headers:
         request = self.request
@@ -255,10 +288,13 @@ class Exchange:
         headers.addRawHeader(b"via", VIA)
         return headers
 
-    def _no_response(self, failure: Failure) -> Failure:
-        if self.body is not None:
+    def _answered(self, result: Any) -> Any:
+        """The upstream answered or failed: whatever of the body it has not read, it never
+        will, so the client may send the rest (dropped) and get its answer."""
+        if self.body is not None and self.body.unfinished:
             self.body.discard()
-        return failure
+            self.upstream_owes(False)  # until the client has sent the rest
+        return result
 
     # Called by ProxyRequest.
 
@@ -286,34 +322,34 @@ class Exchange:
         request.setResponseCode(response.code, response.phrase)
         # twisted.web.client keeps the response's Connection header to itself, so
         # custom headers that it names pass (Ollama sends none).
-        headers = Headers(dict(end_to_end(response.headers)))
+        for name, values in end_to_end(response.headers):
+            request.responseHeaders.setRawHeaders(name, values)
         if request.method == b"HEAD":  # the length of what a GET would give
             length = response.headers.getRawHeaders(b"content-length")
             if length:
-                headers.setRawHeaders(b"content-length", length[-1:])
-        elif response.length is not UNKNOWN_LENGTH:
-            headers.setRawHeaders(b"content-length", [str(response.length).encode("ascii")])
-        headers.addRawHeader(b"via", VIA)
+                request.setHeader(b"content-length", length[-1])
+        elif response.length is not UNKNOWN_LENGTH and response.code not in NO_BODY_CODES:
+            request.setHeader(b"content-length", str(response.length).encode("ascii"))
+        request.responseHeaders.addRawHeader(b"via", VIA)
         if self.upstream is not None and self.upstream.peer:
-            headers.setRawHeaders(b"x-ollana-peer", [self.upstream.peer.encode("utf-8")])
-        request.responseHeaders = headers
-        self._reset_idle()
+            request.setHeader(b"x-ollana-peer", self.upstream.peer.encode("utf-8"))
+        self.upstream_owes(True)
         response.deliverBody(ResponseRelay(self))
 
     def relaying(self, relay: ResponseRelay) -> None:
         self.relay = relay
         if self.client_gone:
-            relay.stop()
+            relay.stopProducing()
         else:
-            self.request.registerProducer(relay.transport, True)
+            self.request.registerProducer(relay, True)
 
     def chunk(self, data: bytes) -> None:
         if not self.client_gone:
-            self._reset_idle()
+            self.upstream_owes(True)
             self.request.write(data)
 
     def upstream_ended(self, reason: Failure) -> None:
-        self._cancel_idle()
+        self.upstream_owes(False)
         if self.client_gone:
             return
         self.request.unregisterProducer()
@@ -328,7 +364,7 @@ class Exchange:
             self._abort_client()
 
     def _failed(self, failure: Failure) -> None:
-        self._cancel_idle()
+        self.upstream_owes(False)
         if self.client_gone:
             return
         code, message, headers = self._describe(failure)
@@ -336,7 +372,6 @@ class Exchange:
                  method=self.request.method, path=self.request.path)  # fmt: skip
         request = self.request
         request.setResponseCode(code)
-        request.responseHeaders = Headers()
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
         for name, value in headers.items():
             request.setHeader(name, value)
@@ -365,17 +400,18 @@ class Exchange:
     # Ends.
 
     def _request_done(self, ignored: None) -> None:
+        self.upstream_owes(False)
         if not self.responding:  # answered without us (OPTIONS *, say): drop the upstream
             self.response.addErrback(lambda _: None)
             self.response.cancel()
 
     def _client_left(self, failure: Failure) -> None:
         self.client_gone = True
-        self._cancel_idle()
+        self.upstream_owes(False)
         if self.body is not None:
             self.body.discard()
         if self.relay is not None:
-            self.relay.stop()
+            self.relay.stopProducing()
         else:
             # Fired Deferreds ignore this; one still waiting for the upstream (even when
             # "called", chained to the connection's) cancels it and drops the connection.
@@ -393,20 +429,21 @@ class Exchange:
     def _url(self) -> str:
         return self.upstream.url if self.upstream is not None else "(no upstream)"
 
-    def _reset_idle(self) -> None:
-        self._cancel_idle()
-        self._idle = self.proxy.clock.callLater(self.proxy.idle_timeout, self._went_idle)
+    # The idle timeout counts only while the upstream is the one to move next.
 
-    def _cancel_idle(self) -> None:
+    def upstream_owes(self, owes: bool) -> None:
+        """Start the idle timeout afresh (the upstream is to move next) or stop it."""
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
+        if owes and not self.client_gone:
+            self._idle = self.proxy.clock.callLater(self.proxy.idle_timeout, self._went_idle)
 
     def _went_idle(self) -> None:
         self._idle = None
         if self.relay is not None:
             log.warn("Upstream {url} went idle mid-response", url=self._url())
-            self.relay.stop()
+            self.relay.stopProducing()
             self._abort_client()
         else:
             self.timed_out = True
@@ -460,6 +497,9 @@ class ProxyRequest(Request):
 
     defaultContentType = None  # Content-Type comes from the upstream, or not at all
     exchange: Exchange | None = None
+    _held = False
+    _body_complete = False
+    _saved_timeout: tuple[float | None] | None = None
 
     def gotLength(self, length: int | None) -> None:
         self.content = io.BytesIO()  # stays empty: the body goes upstream instead
@@ -471,14 +511,57 @@ class ProxyRequest(Request):
         if self.exchange is not None:
             self.exchange.received(data)
 
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+    def body_complete(self) -> None:
+        """The whole body is in (ProxyChannel calls this before requestReceived)."""
+        self._body_complete = True
+        self._restore_timeout()
         if self.exchange is not None:
             self.exchange.completed()
-        super().requestReceived(command, path, version)
+
+    def hold(self) -> None:
+        """Stop reading from the client while the upstream cannot take more.
+
+        The channel's idle timeout stops with it: the client is not the one idling.
+        Pausing again is harmless, and needed when the channel itself resumed reading.
+        """
+        if self._disconnected:
+            return
+        self.client_connection.pauseProducing()
+        self._held = True
+        if not self._body_complete and self._saved_timeout is None:
+            self._saved_timeout = (self.channel.setTimeout(None),)
+
+    def release(self) -> None:
+        """Read from the client again."""
+        if self._held and not self._disconnected:
+            self._held = False
+            self._restore_timeout()
+            self.client_connection.resumeProducing()
+
+    @property
+    def client_connection(self) -> IPushProducer:
+        return self.transport  # type: ignore[return-value]
+
+    def _restore_timeout(self) -> None:
+        if self._saved_timeout is not None and not self._disconnected:
+            (timeout,), self._saved_timeout = self._saved_timeout, None
+            self.channel.setTimeout(timeout)
 
     def write(self, data: bytes) -> None:
         if not self.finished and not self._disconnected:
             super().write(data)
+
+
+class ProxyChannel(HTTPChannel):
+    """An HTTP channel that tells its request that the body is complete before it turns
+    its own idle timeout off for the response (and restores it after), so the timeout a
+    held upload suspended is the one restored."""
+
+    def allContentReceived(self) -> None:
+        request = self.requests[-1]
+        if isinstance(request, ProxyRequest):
+            request.body_complete()
+        super().allContentReceived()
 
 
 class ProxyResource(Resource):
@@ -497,6 +580,8 @@ class ProxyResource(Resource):
 
 class ProxySite(Site):
     """A Site whose requests stream through to an upstream."""
+
+    protocol = ProxyChannel  # type: ignore[assignment]  # HTTP/1.1 only: no HTTP/2 here
 
     def __init__(self, proxy: ProxySettings) -> None:
         super().__init__(ProxyResource(), requestFactory=ProxyRequest, reactor=proxy.clock)

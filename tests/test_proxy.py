@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from ollana.proxy import NoUpstream, ProxySettings, ProxySite, Upstream, make_agent
+from tests.support import capture_logs
 
 CLIENT = IPv4Address("TCP", "198.18.0.50", 40000)
 UPSTREAM = Upstream("http://127.0.0.1:11434", peer="198.18.0.2:11435")
@@ -24,13 +25,17 @@ UPSTREAM = Upstream("http://127.0.0.1:11434", peer="198.18.0.2:11435")
 class ProxyHarness:
     """A proxy site with one client connection and the upstream connections it opens."""
 
-    def __init__(self, case: SynchronousTestCase, upstream: Upstream | None = UPSTREAM) -> None:
+    def __init__(
+        self, case: SynchronousTestCase, upstream: Upstream | Exception | None = UPSTREAM
+    ) -> None:
         self.reactor = MemoryReactorClock()
         agent, self.pool = make_agent(self.reactor, connect_timeout=5)
 
         def choose() -> Upstream:
             if upstream is None:
                 raise NoUpstream("ollana: no Ollama server found on the LAN yet")
+            if isinstance(upstream, Exception):
+                raise upstream
             return upstream
 
         self.site = ProxySite(ProxySettings(agent, choose, self.reactor, idle_timeout=600))
@@ -54,6 +59,10 @@ class ProxyHarness:
 
     def answer(self, data: bytes, index: int = -1) -> None:
         self.upstreams[index][0].dataReceived(data)
+
+    def lose_upstream(self, index: int = -1) -> None:
+        """The upstream connection breaks (a real transport reports it like this)."""
+        self.upstreams[index][0].connectionLost(Failure(error.ConnectionLost()))
 
     def response(self) -> bytes:
         return self.client.value()
@@ -173,7 +182,7 @@ class ResponseRelayTests(SynchronousTestCase):
 
     def test_upstream_dying_mid_stream_aborts_the_client(self) -> None:
         self.proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
-        self.proxy.upstreams[-1][0].connectionLost(Failure(error.ConnectionLost()))
+        self.proxy.lose_upstream()
         self.assertTrue(self.proxy.client.disconnecting)
         self.assertTrue(self.proxy.response().endswith(b"3\r\nabc\r\n"), "no clean end")
 
@@ -186,6 +195,37 @@ class ResponseRelayTests(SynchronousTestCase):
         self.proxy.reactor.advance(1)
         self.assertTrue(self.proxy.client.disconnecting)
         self.assertEqual(self.upstream.producerState, "stopped")
+
+    def test_a_slow_reader_is_not_an_idle_upstream(self) -> None:
+        self.proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        producer(self.proxy.client).pauseProducing()  # the client stops reading for long
+        self.proxy.reactor.advance(3600)
+        self.assertFalse(self.proxy.client.disconnecting)
+        producer(self.proxy.client).resumeProducing()
+        self.proxy.reactor.advance(599)  # the upstream's turn again: the timeout counts
+        self.assertFalse(self.proxy.client.disconnecting)
+        self.proxy.reactor.advance(1)
+        self.assertTrue(self.proxy.client.disconnecting)
+
+    def test_no_length_is_made_up_for_204(self) -> None:
+        self.proxy.answer(b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n")
+        response = self.proxy.response()
+        self.assertTrue(response.startswith(b"HTTP/1.1 204 No Content\r\n"), response)
+        self.assertEqual(header_values(response, b"content-length"), [])
+        self.assertEqual(header_values(response, b"transfer-encoding"), [])
+        self.assertEqual(header_values(response, b"x-a"), [b"1"])
+        self.assertTrue(response.endswith(b"\r\n\r\n"))
+
+    def test_304_has_no_body(self) -> None:
+        # twisted.web.client keeps a 304's Content-Length to itself; it is optional there.
+        self.proxy.answer(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 42\r\nETag: x\r\n\r\n")
+        response = self.proxy.response()
+        self.assertTrue(response.startswith(b"HTTP/1.1 304 Not Modified\r\n"), response)
+        self.assertEqual(header_values(response, b"content-length"), [])
+        self.assertEqual(header_values(response, b"transfer-encoding"), [])
+        self.assertEqual(header_values(response, b"etag"), [b"x"])
+        self.assertTrue(response.endswith(b"\r\n\r\n"))
+        self.assertFalse(self.proxy.client.disconnecting, "the next request may come")
 
     def test_client_leaving_mid_stream_closes_the_upstream(self) -> None:
         self.proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
@@ -271,6 +311,97 @@ class UploadTests(SynchronousTestCase):
         self.assertTrue(proxy.response().startswith(b"HTTP/1.1 502 Bad Gateway"))
 
 
+class UploadTimeoutTests(SynchronousTestCase):
+    """Who is waiting on whom during an upload decides which timeout counts."""
+
+    def setUp(self) -> None:
+        self.proxy = ProxyHarness(self)
+        self.proxy.send(
+            b"POST /api/blobs/sha256:ab HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n"
+        )
+        self.upstream = self.proxy.connect_upstream()
+
+    def test_a_slow_uploader_is_not_an_idle_upstream(self) -> None:
+        for _ in range(15):  # 750 s in all, the client never quiet for a minute
+            self.proxy.send(b"ab")
+            self.proxy.reactor.advance(50)
+        self.assertEqual(self.proxy.response(), b"")
+        self.assertTrue(self.upstream.value().endswith(b"ab" * 15))
+        self.proxy.answer(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(self.proxy.response().startswith(b"HTTP/1.1 201 Created"))
+
+    def test_a_quiet_uploader_times_out_like_any_client(self) -> None:
+        self.proxy.send(b"ab")
+        self.proxy.reactor.advance(60)
+        self.assertTrue(self.proxy.client.disconnecting)
+
+    def test_an_upload_held_by_the_upstream_is_not_timed_out_as_a_client(self) -> None:
+        producer(self.upstream).pauseProducing()  # the upstream stops reading for a while
+        self.proxy.send(b"a" * 10)
+        self.assertEqual(self.proxy.client.producerState, "paused")
+        self.proxy.reactor.advance(300)
+        self.assertFalse(self.proxy.client.disconnecting)
+        producer(self.upstream).resumeProducing()
+        self.assertEqual(self.proxy.client.producerState, "producing")
+        self.proxy.send(b"b" * 20)
+        self.proxy.answer(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(self.proxy.response().startswith(b"HTTP/1.1 201 Created"))
+        # The keep-alive connection has its own timeout back once the request is done.
+        self.proxy.reactor.advance(59)
+        self.assertFalse(self.proxy.client.disconnecting)
+        self.proxy.reactor.advance(1)
+        self.assertTrue(self.proxy.client.disconnecting)
+
+    def test_the_last_bytes_held_do_not_leave_the_timeout_off(self) -> None:
+        producer(self.upstream).pauseProducing()
+        self.proxy.send(b"c" * 30)  # the whole body, held here
+        self.proxy.reactor.advance(300)
+        producer(self.upstream).resumeProducing()
+        self.assertTrue(self.upstream.value().endswith(b"c" * 30))
+        self.proxy.answer(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(self.proxy.response().startswith(b"HTTP/1.1 201 Created"))
+        self.proxy.reactor.advance(60)
+        self.assertTrue(self.proxy.client.disconnecting)
+
+    def test_an_upstream_that_stops_reading_is_idle(self) -> None:
+        producer(self.upstream).pauseProducing()
+        self.proxy.send(b"a" * 10)
+        self.proxy.reactor.advance(599)
+        self.assertFalse(self.upstream.disconnecting)
+        self.proxy.reactor.advance(1)
+        self.assertTrue(self.upstream.disconnecting)
+        self.proxy.lose_upstream()
+        self.assertEqual(self.proxy.client.producerState, "producing", "the rest is dropped")
+        self.proxy.send(b"b" * 20)
+        response = self.proxy.response()
+        self.assertEqual(head(response)[0], b"HTTP/1.1 504 Gateway Time-out")
+        self.assertNotIn(b"b" * 20, self.upstream.value())
+
+    def test_an_early_answer_drops_the_rest_of_the_body(self) -> None:
+        producer(self.upstream).pauseProducing()  # the upstream reads no more...
+        self.proxy.send(b"a" * 10)
+        self.assertEqual(self.proxy.client.producerState, "paused")
+        self.proxy.answer(  # ...and answers at once
+            b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Length: 2\r\n\r\nno"
+        )
+        self.assertEqual(self.proxy.client.producerState, "producing")
+        self.proxy.send(b"b" * 20)
+        response = self.proxy.response()
+        self.assertTrue(response.startswith(b"HTTP/1.1 413 Request Entity Too Large"), response)
+        self.assertTrue(response.endswith(b"\r\n\r\nno"))
+        self.assertNotIn(b"b" * 20, self.upstream.value())
+
+    def test_upstream_lost_mid_upload(self) -> None:
+        logged = capture_logs(self)
+        self.proxy.send(b"a" * 10)
+        self.proxy.lose_upstream()
+        self.proxy.send(b"b" * 20)  # the client goes on; its body has nowhere to go
+        response = self.proxy.response()
+        self.assertEqual(head(response)[0], b"HTTP/1.1 502 Bad Gateway")
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual([e for e in logged if e.get("log_failure")], [])
+
+
 class ErrorTests(SynchronousTestCase):
     def body(self, response: bytes) -> dict[str, Any]:
         return json.loads(response.split(b"\r\n\r\n", 1)[1])
@@ -287,6 +418,12 @@ class ErrorTests(SynchronousTestCase):
         self.assertEqual(
             self.body(response), {"error": "ollana: no Ollama server found on the LAN yet"}
         )
+
+    def test_a_failing_chooser_is_logged_and_answered(self) -> None:
+        proxy = ProxyHarness(self, upstream=ZeroDivisionError("bug"))
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(head(proxy.response())[0], b"HTTP/1.1 503 Service Unavailable")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_refused_is_a_502_naming_the_upstream(self) -> None:
         proxy = ProxyHarness(self)
@@ -368,3 +505,14 @@ class ConnectionReuseTests(SynchronousTestCase):
             self.assertEqual(response.endswith(b"\r\n\r\nok"), method != b"HEAD")
             self.assertEqual(header_values(response, b"content-length"), [b"2"])
         self.assertFalse(proxy.client.disconnecting)
+
+    def test_client_asking_to_close(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        upstream = proxy.connect_upstream()
+        self.assertEqual(header_values(upstream.value(), b"connection"), [], "a hop-by-hop header")
+        proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        response = proxy.response()
+        self.assertEqual(header_values(response, b"connection"), [b"close"])
+        self.assertTrue(proxy.client.disconnecting)
+        self.assertFalse(upstream.disconnecting, "the upstream connection is kept for others")
