@@ -42,6 +42,11 @@ class Settings:
     peers: tuple[tuple[str, int], ...] = ()
     connect_timeout: float = 5.0
     idle_timeout: float = 600.0
+    strategy: str = "fastest"
+    unhealthy_after: int = 2
+    models_interval: float = 30.0
+    scan_limit: int = 8 << 20
+    attempts: int = 3
     node_id: bytes = field(default_factory=lambda: os.urandom(16))
 
     def listen_for(self, mode: str) -> str:
@@ -69,6 +74,32 @@ def parse_seconds(text: str, option: str) -> float:
     if not (math.isfinite(seconds) and 0.1 <= seconds <= 86400):
         raise UsageError(f"{option}: must be between 0.1 and 86400 seconds, not {text}")
     return seconds
+
+
+def parse_count(text: str, option: str, most: int = 100) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise UsageError(f"{option}: not a whole number: {text!r}") from None
+    if not 1 <= count <= most:
+        raise UsageError(f"{option}: must be between 1 and {most}, not {count}")
+    return count
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str, option: str) -> int:
+    """A number of bytes, with an optional K, M or G (binary) suffix: 8M, 512K, 1048576."""
+    clean = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (clean[:-1], clean[-1]) if clean[-1:] in _UNITS else (clean, "")
+    try:
+        size = int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise UsageError(f"{option}: not a size in bytes (like 8M or 512K): {text!r}") from None
+    if not 0 <= size <= 1 << 30:
+        raise UsageError(f"{option}: must be between 0 and 1G, not {text}")
+    return size
 
 
 def parse_ipv4(text: str, option: str) -> str:

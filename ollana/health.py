@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+
+from ollana.peers import Peer, PeerPool, Source, model_key
+
+T = TypeVar("T")
 
 
 class HTTPGetter(Protocol):
@@ -33,7 +37,7 @@ def _describe(failure_value: BaseException) -> str:
 
 
 class OllamaProbe:
-    """Asks an Ollama at base_url for its version with GET /api/version."""
+    """Asks an Ollama API at base_url (an Ollama, or an Ollana proxy in front of one)."""
 
     def __init__(self, http: HTTPGetter, clock: IReactorTime, base_url: str) -> None:
         self._http = http
@@ -41,24 +45,33 @@ class OllamaProbe:
         self.base_url = base_url.rstrip("/")
 
     def version(self, timeout: float) -> defer.Deferred[str]:
-        """The version string, or OllamaUnavailable after at most timeout seconds.
+        """The version string from GET /api/version, or OllamaUnavailable after at most
+        timeout seconds. Cancelling the result cancels the request (CancelledError)."""
+        return self._ask("/api/version", _version_of, timeout)
 
-        Cancelling the result cancels the request and fails with CancelledError.
-        """
-        fetching = defer.Deferred.fromCoroutine(self._fetch())
+    def models(self, timeout: float) -> defer.Deferred[list[str]]:
+        """The names of the models from GET /api/tags, like version() otherwise."""
+        return self._ask("/api/tags", _names_of, timeout)
 
-        def cancel(result: defer.Deferred[str]) -> None:
+    def json(self, path: str, timeout: float) -> defer.Deferred[Any]:
+        """The JSON answer to GET path, like version() otherwise."""
+        return self._ask(path, lambda answer: answer, timeout)
+
+    def _ask(self, path: str, parse: Callable[[Any], T], timeout: float) -> defer.Deferred[T]:
+        fetching = defer.Deferred.fromCoroutine(self._fetch(path, parse))
+
+        def cancel(result: defer.Deferred[T]) -> None:
             result.errback(defer.CancelledError())  # first, so the fetch's failure is moot
             fetching.cancel()
 
-        result: defer.Deferred[str] = defer.Deferred(cancel)
+        result: defer.Deferred[T] = defer.Deferred(cancel)
 
         def timed_out(outcome: object, timeout: float) -> None:
             raise OllamaUnavailable(f"no answer within {timeout:g} s")
 
-        def succeeded(version: str) -> None:
+        def succeeded(value: T) -> None:
             if not result.called:
-                result.callback(version)
+                result.callback(value)
 
         def failed(failure: Any) -> None:
             if not result.called:
@@ -68,18 +81,133 @@ class OllamaProbe:
         fetching.addCallbacks(succeeded, failed)
         return result
 
-    async def _fetch(self) -> str:
-        response = await self._http.get(self.base_url + "/api/version")
+    async def _fetch(self, path: str, parse: Callable[[Any], T]) -> T:
+        response = await self._http.get(self.base_url + path)
         body = await response.content()
         if response.code != 200:
-            raise OllamaUnavailable(f"HTTP {response.code} from /api/version")
+            raise OllamaUnavailable(f"HTTP {response.code} from {path}")
         try:
-            version = json.loads(body)["version"]
+            return parse(json.loads(body))
         except (ValueError, KeyError, TypeError):
-            raise OllamaUnavailable("/api/version gave no version") from None
-        if not isinstance(version, str):
-            raise OllamaUnavailable("/api/version gave no version")
-        return version
+            raise OllamaUnavailable(f"{path} gave no valid answer") from None
+
+
+def _version_of(answer: Any) -> str:
+    version = answer["version"]
+    if not isinstance(version, str):
+        raise TypeError(version)
+    return version
+
+
+def _names_of(answer: Any) -> list[str]:
+    return [str(model["name"]) for model in answer["models"]]
+
+
+class PeerHealthChecker(Service):
+    """Checks every usable server in the pool each interval with GET /api/version through
+    its proxy, keeping its health and latency; refreshes its models from /api/tags every
+    models_interval and when it recovers. Static servers that stay down are checked with
+    backoff; nothing it meets stops the loop."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        pool: PeerPool,
+        http: HTTPGetter,
+        clock: IReactorTime,
+        interval: float,
+        timeout: float,
+        models_interval: float,
+        max_backoff: float = 60.0,
+    ) -> None:
+        self.pool = pool
+        self._http = http
+        self._clock = clock
+        self.interval = interval
+        self.timeout = timeout
+        self.models_interval = models_interval
+        self.max_backoff = max(max_backoff, interval)
+        self._loop: LoopingCall | None = None
+        self._checking: dict[str, defer.Deferred[Any]] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = self._clock
+        self._loop.start(self.interval, now=True).addErrback(
+            lambda f: self.log.failure("Server health checks stopped", f)
+        )
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        for checking in list(self._checking.values()):
+            checking.cancel()
+
+    def tick(self) -> None:
+        """Check each usable server that is due and not being checked already."""
+        try:
+            now = self._clock.seconds()
+            for peer in self.pool:
+                if peer.usable and peer.key not in self._checking and now >= peer.next_check:
+                    self.check(peer)
+        except Exception:
+            self.log.failure("Error in the server health checks")
+
+    def check(self, peer: Peer) -> defer.Deferred[Any]:
+        """Check one server now (its models too, when due); never fails."""
+        probe = OllamaProbe(self._http, self._clock, peer.url)
+        started = self._clock.seconds()
+        d: defer.Deferred[Any] = probe.version(self.timeout)
+        d.addCallbacks(
+            lambda _: self._passed(peer, probe, self._clock.seconds() - started),
+            lambda failure: self._failed(peer, failure),
+        )
+        d.addErrback(lambda f: self.log.failure("Error while checking {url}", f, url=peer.url))
+        self._checking[peer.key] = d
+        d.addBoth(lambda _: self._checking.pop(peer.key, None))
+        return d
+
+    def suspect(self, peer: Peer, reason: str) -> None:
+        """A request could not reach peer: take it out of use and check it at the next tick."""
+        self.pool.suspect(peer, reason)
+
+    def _passed(self, peer: Peer, probe: OllamaProbe, latency: float) -> Any:
+        if not self.running:
+            return None
+        recovered = self.pool.check_succeeded(peer, latency)
+        checked = peer.models_checked
+        if recovered or checked is None or self._clock.seconds() - checked >= self.models_interval:
+            return probe.models(self.timeout).addCallbacks(
+                lambda names: self._got_models(peer, names),
+                lambda failure: self._no_models(peer, failure),
+            )
+        return None
+
+    def _got_models(self, peer: Peer, names: list[str]) -> None:
+        peer.models = frozenset(model_key(name) for name in names)
+        peer.models_checked = self._clock.seconds()
+
+    def _no_models(self, peer: Peer, failure: Any) -> None:
+        if self.running:
+            failure.trap(OllamaUnavailable)
+            self.log.info("No model list from {url}: {reason}", url=peer.url,
+                          reason=str(failure.value))  # fmt: skip
+
+    def _failed(self, peer: Peer, failure: Any) -> None:
+        if not self.running:
+            return  # cancelled by stopService: says nothing about the server
+        failure.trap(OllamaUnavailable)
+        self.pool.check_failed(peer, str(failure.value))
+        if peer.source is Source.STATIC and not peer.healthy:
+            extra = max(0, peer.failures - self.pool.unhealthy_after)
+            backoff = min(self.interval * 2 ** min(extra, 16), self.max_backoff)
+            peer.next_check = self._clock.seconds() + backoff
+
+
+NOT_CHECKED = "not checked yet"
 
 
 class LocalOllamaMonitor(Service):
@@ -104,7 +232,7 @@ class LocalOllamaMonitor(Service):
         self.on_down = on_down
         self.healthy = False
         self.version: str | None = None
-        self.reason = "not checked yet"
+        self.reason = NOT_CHECKED
         self._loop: LoopingCall | None = None
         self._checking: defer.Deferred[None] | None = None
 
@@ -122,6 +250,15 @@ class LocalOllamaMonitor(Service):
             self._loop.stop()
         if self._checking is not None:
             self._checking.cancel()
+
+    @property
+    def url(self) -> str:
+        return self._probe.base_url
+
+    @property
+    def known_down(self) -> bool:
+        """Whether a check has found the Ollama down (and none since found it up)."""
+        return not self.healthy and self.reason != NOT_CHECKED
 
     def check(self) -> defer.Deferred[None]:
         """Check once; the result only changes state and is never an error."""
@@ -155,7 +292,7 @@ class LocalOllamaMonitor(Service):
             return  # cancelled by stopService: says nothing about the Ollama
         failure.trap(OllamaUnavailable)
         reason = str(failure.value)
-        first_check = self.reason == "not checked yet"
+        first_check = self.reason == NOT_CHECKED
         self.reason = reason
         if self.healthy or first_check:
             was_healthy, self.healthy = self.healthy, False

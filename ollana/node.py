@@ -19,13 +19,22 @@ from twisted.logger import Logger
 from ollana import __version__
 from ollana.config import Settings, endpoint_scheme
 from ollana.discovery import AnnouncementListener, ProbeResponder, Seeker, Targets
-from ollana.health import HTTPGetter, LocalOllamaMonitor, OllamaProbe, choose_mode
-from ollana.peers import PeerPool, Source
-from ollana.proxy import NoUpstream, ProxySettings, ProxySite, Upstream, make_agent
+from ollana.health import (
+    HTTPGetter,
+    LocalOllamaMonitor,
+    OllamaProbe,
+    PeerHealthChecker,
+    choose_mode,
+)
+from ollana.listings import MergedListings
+from ollana.peers import PeerPool
+from ollana.proxy import ProxySettings, ProxySite, Router, make_agent
+from ollana.routing import LocalRouter, PoolRouter
 
 log = Logger()
 
 HEALTH_TIMEOUT = 3.0
+LISTING_TIMEOUT = 10.0
 ErrorReporter = Callable[[str], None]
 BroadcastLookup = Callable[[], list[str]]
 
@@ -225,13 +234,13 @@ class ConnectionPoolService(Service):
 
 
 def proxy_services(
-    settings: Settings, reactor: Any, choose: Callable[[], Upstream]
+    settings: Settings, reactor: Any, router: Router
 ) -> tuple[ProxySite, ConnectionPoolService]:
     """The proxying site for the HTTP listener, and the service that owns its connections."""
     agent, pool = make_agent(reactor, settings.connect_timeout)
     proxy = ProxySettings(
         agent=agent,
-        choose=choose,
+        router=router,
         clock=reactor,
         idle_timeout=settings.idle_timeout,
         retry_after=settings.probe_interval,
@@ -239,19 +248,6 @@ def proxy_services(
     connections = ConnectionPoolService(pool)
     connections.setName("upstream-connections")
     return ProxySite(proxy), connections
-
-
-def choose_peer(pool: PeerPool) -> Upstream:
-    """A server from the pool to send a request to (any usable one, for now)."""
-    for peer in pool:
-        if peer.usable:
-            return Upstream(peer.url, f"{peer.host}:{peer.port}")
-    if any(peer.source is Source.LEGACY for peer in pool):
-        raise NoUpstream(
-            "ollana: only original (legacy) Ollana servers were found; they cannot be "
-            "proxied to, upgrade them to this Ollana"
-        )
-    raise NoUpstream("ollana: no Ollama server found on the LAN yet")
 
 
 def build_server(
@@ -266,7 +262,8 @@ def build_server(
     monitor = LocalOllamaMonitor(probe, reactor, settings.health_interval, HEALTH_TIMEOUT)
     monitor.setName("ollama-monitor")
     listen = settings.listen_for("server")
-    site, connections = proxy_services(settings, reactor, lambda: Upstream(settings.ollama_url))
+    router = LocalRouter(settings.ollama_url, monitor)
+    site, connections = proxy_services(settings, reactor, router)
     listener = HTTPListener(reactor, listen, site, on_error)
     listener.setName("http")
     services: list[IService] = [monitor, connections, listener]
@@ -290,10 +287,11 @@ def build_client(
     settings: Settings,
     reactor: Any,
     pool: PeerPool,
+    http: HTTPGetter,
     find_broadcast: BroadcastLookup,
     on_error: ErrorReporter,
 ) -> list[IService]:
-    """The discovery seeker (unless disabled) and the local listener."""
+    """The discovery seeker (unless disabled), the health checker and the local listener."""
     for host, port in settings.peers:
         pool.add_static(host, port)
     services: list[IService] = []
@@ -302,10 +300,16 @@ def build_client(
         seeker = SeekerService(reactor, pool, settings, targets, on_error)
         seeker.setName("discovery")
         services.append(seeker)
-    site, connections = proxy_services(settings, reactor, lambda: choose_peer(pool))
+    checker = PeerHealthChecker(pool, http, reactor, settings.health_interval, HEALTH_TIMEOUT,
+                                settings.models_interval)  # fmt: skip
+    checker.setName("health")
+    listings = MergedListings(pool, http, reactor, LISTING_TIMEOUT)
+    router = PoolRouter(pool, checker, listings, settings.strategy, settings.attempts,
+                        settings.scan_limit)  # fmt: skip
+    site, connections = proxy_services(settings, reactor, router)
     listener = HTTPListener(reactor, settings.listen_for("client"), site, on_error)
     listener.setName("http")
-    services += [connections, listener]
+    services += [checker, connections, listener]
     return services
 
 
@@ -326,7 +330,7 @@ class OllanaService(MultiService):
         self._reactor = reactor
         self._http = http
         self._find_broadcast = find_broadcast
-        self.pool = PeerPool(reactor, ttl=3 * settings.probe_interval)
+        self.pool = PeerPool(reactor, 3 * settings.probe_interval, settings.unhealthy_after)
         self.mode: str | None = None
         self.failure: str | None = None
         self._choosing: defer.Deferred[Any] | None = None
@@ -341,8 +345,9 @@ class OllanaService(MultiService):
             )
         else:
             services = build_client(
-                self.settings, self._reactor, self.pool, self._find_broadcast, self.fail
-            )
+                self.settings, self._reactor, self.pool, self._http, self._find_broadcast,
+                self.fail,
+            )  # fmt: skip
         for service in services:
             service.setServiceParent(self)
 

@@ -1,10 +1,11 @@
-"""The pool of known Ollana servers: discovered, static and legacy ones."""
+"""The pool of known Ollana servers (discovered, static and legacy ones), their health and
+load, and the choice of servers for a request."""
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -12,6 +13,8 @@ from twisted.logger import Logger
 from ollana import wire
 
 LEGACY_PORT = 11435
+STRATEGIES = ("fastest", "least-connections", "round-robin")
+LATENCY_WEIGHT = 0.3  # of the newest check in the moving average
 
 
 class Source(enum.Enum):
@@ -20,9 +23,17 @@ class Source(enum.Enum):
     LEGACY = "legacy"
 
 
-@dataclass
+def model_key(name: str) -> str:
+    """A model name as Ollama matches it: no tag means ``:latest``; case does not matter."""
+    name = name.strip().lower()
+    if ":" not in name.rpartition("/")[2]:
+        name += ":latest"
+    return name
+
+
+@dataclass(eq=False)
 class Peer:
-    """One Ollana server's proxy, as last heard of."""
+    """One Ollana server's proxy, as last heard of, with its health and load."""
 
     key: str
     host: str
@@ -31,6 +42,15 @@ class Peer:
     version: str
     source: Source
     last_seen: float
+    healthy: bool = True  # until checks say otherwise: servers announce only when healthy
+    failures: int = 0  # consecutive failed checks
+    reason: str = ""  # why it is unhealthy
+    latency: float | None = None  # moving average of check round trips, in seconds
+    last_ok: float | None = None  # when a check last succeeded
+    next_check: float = 0.0  # not checked again before this (backoff)
+    active: int = 0  # requests being proxied to it, streams included
+    models: frozenset[str] = field(default_factory=frozenset)  # model_key()s
+    models_checked: float | None = None
 
     @property
     def node_id(self) -> str | None:
@@ -53,10 +73,12 @@ class PeerPool:
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime, ttl: float) -> None:
+    def __init__(self, clock: IReactorTime, ttl: float, unhealthy_after: int = 2) -> None:
         self._clock = clock
         self.ttl = ttl
+        self.unhealthy_after = unhealthy_after
         self._peers: dict[str, Peer] = {}
+        self._turn = -1
 
     def __iter__(self) -> Iterator[Peer]:
         return iter(list(self._peers.values()))
@@ -70,42 +92,43 @@ class PeerPool:
     def announced(self, message: wire.Announce, host: str) -> Peer:
         """Add or refresh the server that sent this announcement from host."""
         key = message.node_id.hex()
-        peer = Peer(
-            key,
-            host,
-            message.port,
-            message.scheme,
-            message.version,
-            Source.DISCOVERED,
-            self._clock.seconds(),
+        peer = self._peers.get(key)
+        if peer is None:
+            peer = Peer(key, host, message.port, message.scheme, message.version,
+                        Source.DISCOVERED, self._clock.seconds())  # fmt: skip
+            self._peers[key] = peer
+        else:
+            peer.last_seen = self._clock.seconds()
+            peer.version = message.version
+            if (peer.host, peer.port, peer.scheme) == (host, message.port, message.scheme):
+                return peer
+            peer.host, peer.port, peer.scheme = host, message.port, message.scheme
+        peer.version = message.version
+        self.log.info(
+            "Found server {node} at {url} (Ollana {version})",
+            node=key,
+            url=peer.url,
+            version=peer.version,
         )
-        old = self._peers.get(key)
-        self._peers[key] = peer
-        if old is None or old.url != peer.url:
-            self.log.info(
-                "Found server {node} at {url} (Ollana {version})",
-                node=key,
-                url=peer.url,
-                version=peer.version,
-            )
         return peer
 
     def legacy_replied(self, host: str) -> Peer:
         """Record an original-Ollana server that answered a probe from host."""
         key = f"legacy:{host}"
-        is_new = key not in self._peers
+        peer = self._peers.get(key)
+        if peer is not None:
+            peer.last_seen = self._clock.seconds()
+            return peer
         peer = Peer(key, host, LEGACY_PORT, "http", "legacy", Source.LEGACY, self._clock.seconds())
         self._peers[key] = peer
-        if is_new:
-            self.log.info("Found legacy Ollana server at {url}", url=peer.url)
+        self.log.info("Found legacy Ollana server at {url}", url=peer.url)
         return peer
 
     def add_static(self, host: str, port: int) -> Peer:
         """A server given on the command line: kept however long it stays silent."""
         key = f"static:{host}:{port}"
         peer = Peer(key, host, port, "http", "", Source.STATIC, self._clock.seconds())
-        self._peers[key] = peer
-        return peer
+        return self._peers.setdefault(key, peer)
 
     def said_bye(self, node_id: bytes) -> Peer | None:
         """Forget a discovered server that announced it is going away."""
@@ -115,12 +138,15 @@ class PeerPool:
         return peer
 
     def expire(self) -> list[Peer]:
-        """Drop discovered and legacy servers not heard from for ttl seconds."""
+        """Drop discovered and legacy servers not heard from for ttl seconds, unless health
+        checks still reach them (their announcements may be what gets lost)."""
         deadline = self._clock.seconds() - self.ttl
         gone = [
             peer
             for peer in self._peers.values()
-            if peer.source is not Source.STATIC and peer.last_seen < deadline
+            if peer.source is not Source.STATIC
+            and peer.last_seen < deadline
+            and not (peer.healthy and peer.last_ok is not None and peer.last_ok >= deadline)
         ]
         for peer in gone:
             del self._peers[peer.key]
@@ -131,3 +157,78 @@ class PeerPool:
                 ttl=self.ttl,
             )
         return gone
+
+    # Health, as the checker and the proxy find it.
+
+    def check_succeeded(self, peer: Peer, latency: float) -> bool:
+        """Record a good check; True when the peer has just recovered."""
+        peer.last_ok = self._clock.seconds()
+        peer.failures = 0
+        peer.next_check = 0.0
+        if peer.latency is None:
+            peer.latency = latency
+        else:
+            peer.latency += LATENCY_WEIGHT * (latency - peer.latency)
+        if peer.healthy:
+            return False
+        peer.healthy = True
+        peer.reason = ""
+        self.log.info("Server {url} is healthy again", url=peer.url)
+        return True
+
+    def check_failed(self, peer: Peer, reason: str) -> None:
+        """Record a failed check: unhealthy after unhealthy_after of them in a row."""
+        peer.failures += 1
+        peer.reason = reason
+        if peer.healthy and peer.failures >= self.unhealthy_after:
+            self._mark_down(peer, reason)
+
+    def suspect(self, peer: Peer, reason: str) -> None:
+        """A request could not reach the peer: no more requests until a check succeeds."""
+        peer.failures = max(peer.failures, self.unhealthy_after)
+        peer.reason = reason
+        peer.next_check = 0.0
+        if peer.healthy:
+            self._mark_down(peer, reason)
+
+    def _mark_down(self, peer: Peer, reason: str) -> None:
+        peer.healthy = False
+        self.log.warn("Server {url} is unhealthy: {reason}", url=peer.url, reason=reason)
+
+    # Choosing.
+
+    def why_none(self) -> str:
+        """Why no server can be offered, in the words of an error for the user."""
+        if any(peer.source is Source.LEGACY for peer in self._peers.values()):
+            return (
+                "ollana: only original (legacy) Ollana servers were found; they cannot be "
+                "proxied to, upgrade them to this Ollana"
+            )
+        return "ollana: no Ollama server found on the LAN yet"
+
+    def candidates(self, strategy: str, model: str | None = None) -> list[Peer]:
+        """Usable peers in the order to try them for a request.
+
+        Healthy ones, ordered by the strategy; when a model is named and some of them have
+        it, only those. With no healthy peer, the unhealthy ones, last good first: a try
+        may still succeed where a refusal would certainly fail.
+        """
+        usable = [peer for peer in self._peers.values() if peer.usable]
+        healthy = [peer for peer in usable if peer.healthy]
+        if not healthy:
+            return sorted(usable, key=lambda p: -(p.last_ok or float("-inf")))
+        if model is not None:
+            wanted = model_key(model)
+            having = [peer for peer in healthy if wanted in peer.models]
+            healthy = having or healthy
+        if strategy == "least-connections":
+            return sorted(healthy, key=lambda p: (p.active, _latency(p), p.key))
+        if strategy == "round-robin":
+            ordered = sorted(healthy, key=lambda p: p.key)
+            self._turn = (self._turn + 1) % len(ordered)
+            return ordered[self._turn :] + ordered[: self._turn]
+        return sorted(healthy, key=lambda p: (_latency(p), p.active, p.key))
+
+
+def _latency(peer: Peer) -> float:
+    return float("inf") if peer.latency is None else peer.latency

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, error
@@ -51,6 +51,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
+from ollana.modelscan import ModelScanner
+
 log = Logger()
 
 # Hop-by-hop headers (RFC 9110 7.6.1), plus the framing that each side sets itself and
@@ -69,6 +71,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 VIA = b"1.1 ollana"
+IDLE_CONNECTION_TIMEOUT = 50  # seconds a kept-alive upstream connection may stay unused
 
 
 def error_body(message: str) -> bytes:
@@ -78,17 +81,65 @@ def error_body(message: str) -> bytes:
 
 @dataclass(frozen=True)
 class Upstream:
-    """Where one request goes: a base URL, and the name shown in X-Ollana-Peer."""
+    """Where one request goes: a base URL, the name shown in X-Ollana-Peer, and (in client
+    mode) the pool's server it is, for the router's bookkeeping."""
 
     url: str
     peer: str | None = None
+    server: Any = field(default=None, compare=False, repr=False)
 
 
 class NoUpstream(Exception):
-    """No server to send the request to; the message says why."""
+    """No server to send the request to (a 503); the message says why."""
 
 
-Chooser = Callable[[], Upstream]
+class UpstreamsFailed(Exception):
+    """No server could answer (a 502); the message says what each attempt met."""
+
+
+@dataclass(frozen=True)
+class LocalAnswer:
+    """A response made here rather than relayed (a listing merged from several servers)."""
+
+    code: int
+    headers: Sequence[tuple[bytes, bytes]]
+    body: bytes
+
+
+Listing = Callable[[], defer.Deferred[LocalAnswer]]  # an answer made here, when asked
+
+
+class Router:
+    """Where a listener's requests go. This one sends all to one upstream; client mode's
+    (ollana.routing) chooses among servers and learns from failures."""
+
+    scan_limit = 0  # bytes of a request body to scan for a "model" (and to keep for retries)
+
+    def __init__(self, upstream: Upstream | None = None) -> None:
+        self.upstream = upstream
+
+    def wants_model(self, method: bytes, path: bytes) -> bool:
+        """Whether the request's body may name the model that decides where it goes."""
+        return False
+
+    def listing(self, method: bytes, path: bytes) -> Listing | None:
+        """What answers this request here instead of an upstream, if anything does."""
+        return None
+
+    def candidates(self, model: str | None) -> list[Upstream]:
+        """The upstreams to try, in order (at least one), or NoUpstream."""
+        if self.upstream is None:
+            raise NoUpstream("ollana: no upstream configured")
+        return [self.upstream]
+
+    def started(self, upstream: Upstream) -> None:
+        """A request to upstream begins."""
+
+    def ended(self, upstream: Upstream) -> None:
+        """That request has ended, however it ended."""
+
+    def failed(self, upstream: Upstream, reason: str) -> None:
+        """A request could not reach upstream (refused, reset, timed out)."""
 
 
 def end_to_end(headers: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
@@ -115,15 +166,20 @@ class RequestBody:
     """
 
     def __init__(
-        self, length: int | None, client: ProxyRequest, upstream_owes: Callable[[bool], None]
+        self,
+        length: int | None,
+        client: ProxyRequest,
+        upstream_owes: Callable[[bool], None],
+        received: Sequence[bytes] = (),
+        complete: bool = False,
     ) -> None:
         self.length = UNKNOWN_LENGTH if length is None else length
         self._client = client
         self._upstream_owes = upstream_owes
         self._consumer: IConsumer | None = None
-        self._waiting: list[bytes] = []
+        self._waiting: list[bytes] = list(received)  # what came before this attempt
         self._paused = False
-        self._complete = False
+        self._complete = complete
         self._discarding = False
         self._done: defer.Deferred[None] | None = None
 
@@ -157,6 +213,14 @@ class RequestBody:
         self._waiting = []
         self._client.release()
 
+    def abandon(self) -> None:
+        """The upstream answered before it read the whole body: drop the rest, and the
+        connection, which twisted.web.client would otherwise keep open for the body."""
+        self.discard()
+        connection = _connection_of(self._consumer)
+        if connection is not None:
+            connection.abortConnection()
+
     # IBodyProducer, driven by the upstream connection.
 
     def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
@@ -168,12 +232,16 @@ class RequestBody:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        if self._discarding:
+            return
         self._upstream_owes(True)
         if self._waiting:
             self._client.hold()
 
     def resumeProducing(self) -> None:
         self._paused = False
+        if self._discarding:
+            return
         self._upstream_owes(False)
         self._flush()
 
@@ -205,6 +273,7 @@ class ResponseRelay(Protocol):
     def __init__(self, exchange: Exchange) -> None:
         self.exchange = exchange
         self.finished = False
+        self.paused = False
 
     def connectionMade(self) -> None:
         self.exchange.relaying(self)
@@ -217,11 +286,13 @@ class ResponseRelay(Protocol):
         self.exchange.upstream_ended(reason)
 
     def pauseProducing(self) -> None:
+        self.paused = True
         if not self.finished:
             self.connection.pauseProducing()
             self.exchange.upstream_owes(False)
 
     def resumeProducing(self) -> None:
+        self.paused = False
         if not self.finished:
             self.connection.resumeProducing()
             self.exchange.upstream_owes(True)
@@ -238,42 +309,153 @@ class ResponseRelay(Protocol):
 
 
 class Exchange:
-    """One proxied request, from the client's headers to the end of the upstream's body."""
+    """One proxied request, from the client's headers to the end of the upstream's body.
+
+    The upstream is chosen once the request says enough: at once, or, for a body that may
+    name a model, once a bounded prefix has shown it. While the body sent so far fits that
+    prefix, an upstream that fails before answering is replaced by the next candidate.
+    """
 
     def __init__(self, proxy: ProxySettings, request: ProxyRequest, length: int | None) -> None:
         self.proxy = proxy
+        self.router = proxy.router
         self.request = request
+        self.length = length
         self.client_gone = False
+        self.client_complete = length == 0
         self.timed_out = False
         self.responding = False
         self.relay: ResponseRelay | None = None
         self._idle: IDelayedCall | None = None
         self.upstream: Upstream | None = None
         self.body: RequestBody | None = None
+        self.scanner: ModelScanner | None = None
+        self.candidates: list[Upstream] = []
+        self.reasons: list[str] = []
+        self._received: list[bytes] | None = []  # the body so far, while it can be resent
+        self._received_size = 0
+        self._active: Upstream | None = None
+        self._pending: defer.Deferred[Any] | None = None
+        self._answer: IResponse | None = None
+        self._cancelled = False
+        self.response: defer.Deferred[IResponse | LocalAnswer] = defer.Deferred(self._cancel)
         request.notifyFinish().addCallbacks(self._request_done, self._client_left)
         channel = request.channel
-        method, uri = channel._command, channel._path  # see the module docstring
+        self.method, target = channel._command, channel._path  # see the module docstring
         try:
-            uri = origin_form(uri)
-            self.upstream = proxy.choose()
-        except (NoUpstream, BadTarget) as e:
-            self.response: defer.Deferred[IResponse] = defer.fail(e)
+            self.uri = origin_form(target)
+        except BadTarget as e:
+            self.response.errback(e)
+            return
+        listing = self.router.listing(self.method, self.uri)
+        if listing is not None:
+            self._pending = listing()
+            self._pending.addCallbacks(self._settle, self._settle_failed)
+        elif length != 0 and self.router.wants_model(self.method, self.uri):
+            self.scanner = ModelScanner(self.router.scan_limit)
+        else:
+            self._choose(None)
+
+    # Choosing and trying upstreams.
+
+    def _choose(self, model: str | None) -> None:
+        self.scanner = None
+        try:
+            self.candidates = self.router.candidates(model)
+        except NoUpstream as e:
+            self.response.errback(e)
             return
         except Exception:
             log.failure("Choosing an upstream failed")
-            self.response = defer.fail(NoUpstream("ollana: internal error choosing a server"))
+            self.response.errback(NoUpstream("ollana: internal error choosing a server"))
             return
-        if length != 0:
-            self.body = RequestBody(length, request, self.upstream_owes)
-        else:
+        self._attempt()
+
+    def _attempt(self) -> None:
+        upstream = self.candidates.pop(0)
+        self.upstream = upstream
+        self.timed_out = False
+        self._active = upstream
+        self.router.started(upstream)
+        if self.length == 0:
+            self.body = None
             self.upstream_owes(True)
-        self.response = proxy.agent.request(
-            method,
-            self.upstream.url.encode("ascii") + uri,
-            self._upstream_headers(),
-            self.body,
-        )
-        self.response.addBoth(self._answered)
+        else:
+            self.body = RequestBody(self.length, self.request, self.upstream_owes,
+                                    self._received or (), self.client_complete)  # fmt: skip
+            if self._received_size > self.router.scan_limit:
+                self._received = None  # too much to keep for another attempt
+        try:
+            url = upstream.url.encode("ascii") + self.uri
+            attempt = self.proxy.agent.request(self.method, url, self._upstream_headers(),
+                                               self.body)  # fmt: skip
+        except Exception:
+            attempt = defer.fail()
+        self._pending = attempt
+        attempt.addCallbacks(self._answered, self._attempt_failed)
+
+    def _answered(self, response: IResponse) -> None:
+        """The upstream answered: whatever of the body it has not read, it never will, so
+        the client may send the rest (dropped) and get its answer."""
+        self._pending = None
+        if self.body is not None and self.body.unfinished:
+            self.body.abandon()
+            self.upstream_owes(False)  # until the client has sent the rest
+        if self.response.called:  # the client left meanwhile
+            response.deliverBody(_Drop())
+            return
+        self._answer = response
+        self.response.callback(response)
+
+    def _attempt_failed(self, failure: Failure) -> None:
+        self._pending = None
+        self.upstream_owes(False)
+        if self.body is not None:
+            self.body.discard()
+        upstream = self.upstream
+        self._end_active()
+        if self._cancelled or self.response.called or upstream is None:
+            return  # the client left: says nothing about the upstream
+        reason = self._attempt_reason(failure)
+        self.reasons.append(f"{upstream.url}: {reason}")
+        self.router.failed(upstream, reason)
+        if self.candidates and self._received is not None and not self.client_gone:
+            log.info("Retrying {path} elsewhere: {url}: {reason}",
+                     path=self.uri, url=upstream.url, reason=reason)  # fmt: skip
+            self._attempt()
+            return
+        if len(self.reasons) > 1:
+            failure = Failure(UpstreamsFailed("ollana: no server could answer: "
+                                              + "; ".join(self.reasons)))  # fmt: skip
+        self.response.errback(failure)
+
+    def _attempt_reason(self, failure: Failure) -> str:
+        if self.timed_out:
+            return f"sent nothing for {self.proxy.idle_timeout:g} s"
+        if failure.check(error.TimeoutError):
+            return "cannot connect: timed out"
+        return _reason(failure)
+
+    def _settle(self, answer: LocalAnswer) -> None:
+        self._pending = None
+        if not self.response.called:
+            self.response.callback(answer)
+
+    def _settle_failed(self, failure: Failure) -> None:
+        self._pending = None
+        if not self.response.called:
+            self.response.errback(failure)
+
+    def _cancel(self, response: defer.Deferred[Any]) -> None:
+        self._cancelled = True
+        self.candidates = []
+        if self._pending is not None:
+            self._pending.cancel()
+
+    def _end_active(self) -> None:
+        active, self._active = self._active, None
+        if active is not None:
+            self.router.ended(active)
 
     def _upstream_headers(self) -> Headers:
         request = self.request
@@ -288,22 +470,26 @@ class Exchange:
         headers.addRawHeader(b"via", VIA)
         return headers
 
-    def _answered(self, result: Any) -> Any:
-        """The upstream answered or failed: whatever of the body it has not read, it never
-        will, so the client may send the rest (dropped) and get its answer."""
-        if self.body is not None and self.body.unfinished:
-            self.body.discard()
-            self.upstream_owes(False)  # until the client has sent the rest
-        return result
-
     # Called by ProxyRequest.
 
     def received(self, data: bytes) -> None:
-        if self.body is not None:
+        if self._received is not None:
+            self._received.append(data)
+            self._received_size += len(data)
+        if self.scanner is not None:
+            if self.scanner.feed(data):
+                self._choose(self.scanner.model)
+        elif self.body is not None:
             self.body.received(data)
+            if self._received is not None and self._received_size > self.router.scan_limit:
+                self._received = None  # past the replay limit: no other attempt now
 
     def completed(self) -> None:
-        if self.body is not None:
+        self.client_complete = True
+        if self.scanner is not None:
+            self.scanner.end()
+            self._choose(self.scanner.model)
+        elif self.body is not None:
             self.body.completed()
 
     def respond(self) -> None:
@@ -314,12 +500,16 @@ class Exchange:
 
     # The upstream's side.
 
-    def _got_response(self, response: IResponse) -> None:
+    def _got_response(self, response: IResponse | LocalAnswer) -> None:
+        if isinstance(response, LocalAnswer):
+            self._answer_here(response)
+            return
         if self.client_gone:
-            response.deliverBody(_Discard())
+            response.deliverBody(_Drop())
             return
         request = self.request
         request.setResponseCode(response.code, response.phrase)
+        request.responseHeaders.removeHeader(b"server")  # twisted.web's own, not the upstream's
         # twisted.web.client keeps the response's Connection header to itself, so
         # custom headers that it names pass (Ollama sends none).
         for name, values in end_to_end(response.headers):
@@ -336,6 +526,17 @@ class Exchange:
         self.upstream_owes(True)
         response.deliverBody(ResponseRelay(self))
 
+    def _answer_here(self, answer: LocalAnswer) -> None:
+        if self.client_gone:
+            return
+        request = self.request
+        request.setResponseCode(answer.code)
+        for name, value in answer.headers:
+            request.responseHeaders.addRawHeader(name, value)
+        request.setHeader(b"content-length", str(len(answer.body)).encode("ascii"))
+        request.write(answer.body)
+        request.finish()
+
     def relaying(self, relay: ResponseRelay) -> None:
         self.relay = relay
         if self.client_gone:
@@ -345,11 +546,14 @@ class Exchange:
 
     def chunk(self, data: bytes) -> None:
         if not self.client_gone:
-            self.upstream_owes(True)
+            # More chunks of one read arrive after the client paused the relay: the wait
+            # that follows is the client's.
+            self.upstream_owes(self.relay is None or not self.relay.paused)
             self.request.write(data)
 
     def upstream_ended(self, reason: Failure) -> None:
         self.upstream_owes(False)
+        self._end_active()
         if self.client_gone:
             return
         self.request.unregisterProducer()
@@ -365,6 +569,7 @@ class Exchange:
 
     def _failed(self, failure: Failure) -> None:
         self.upstream_owes(False)
+        self._end_active()
         if self.client_gone:
             return
         code, message, headers = self._describe(failure)
@@ -386,6 +591,8 @@ class Exchange:
             return 503, str(failure.value), {b"retry-after": retry}
         if failure.check(BadTarget):
             return 400, str(failure.value), {}
+        if failure.check(UpstreamsFailed):
+            return 502, str(failure.value), {}
         url = self._url()
         if self.timed_out:
             return 504, f"ollana: {url} sent nothing for {self.proxy.idle_timeout:g} s", {}
@@ -401,6 +608,7 @@ class Exchange:
 
     def _request_done(self, ignored: None) -> None:
         self.upstream_owes(False)
+        self._end_active()
         if not self.responding:  # answered without us (OPTIONS *, say): drop the upstream
             self.response.addErrback(lambda _: None)
             self.response.cancel()
@@ -408,20 +616,23 @@ class Exchange:
     def _client_left(self, failure: Failure) -> None:
         self.client_gone = True
         self.upstream_owes(False)
+        self.scanner = None
         if self.body is not None:
             self.body.discard()
         if self.relay is not None:
             self.relay.stopProducing()
+        elif self._answer is not None:  # answered, but not relayed yet
+            self._answer.deliverBody(_Drop())
         else:
-            # Fired Deferreds ignore this; one still waiting for the upstream (even when
-            # "called", chained to the connection's) cancels it and drops the connection.
-            self.response.cancel()
+            self.response.cancel()  # stops the attempt under way, and any other
         if not self.responding:  # render never came: nobody else will look at the result
             self.response.addErrback(lambda _: None)
+        self._end_active()
 
     def _abort_client(self) -> None:
         """End the client's connection abruptly: a truncated response must not look whole."""
         self.client_gone = True
+        self._end_active()
         transport: Any = self.request.channel.transport if self.request.channel else None
         if transport is not None:
             transport.abortConnection()
@@ -445,9 +656,9 @@ class Exchange:
             log.warn("Upstream {url} went idle mid-response", url=self._url())
             self.relay.stopProducing()
             self._abort_client()
-        else:
+        elif self._pending is not None:
             self.timed_out = True
-            self.response.cancel()
+            self._pending.cancel()
 
 
 class BadTarget(Exception):
@@ -460,14 +671,29 @@ def origin_form(target: bytes) -> bytes:
         return target
     for scheme in (b"http://", b"https://"):
         if target.lower().startswith(scheme):
-            path = target[len(scheme) :].partition(b"/")
-            return b"/" + path[2]
+            rest = target[len(scheme) :]
+            start = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=-1)
+            if start < 0:
+                return b"/"
+            return rest[start:] if rest[start : start + 1] == b"/" else b"/" + rest[start:]
     raise BadTarget(f"ollana: cannot proxy the request-target {target[:100]!r}")
 
 
-class _Discard(Protocol):
-    def dataReceived(self, data: bytes) -> None:
-        pass
+def _connection_of(consumer: Any) -> Any:
+    """The TCP transport under twisted.web.client's body consumer (private to Twisted: its
+    length-checking consumer keeps it as _consumer, its chunked encoder as transport)."""
+    for name in ("_consumer", "transport"):
+        connection = getattr(consumer, name, None)
+        if hasattr(connection, "abortConnection"):
+            return connection
+    return None
+
+
+class _Drop(Protocol):
+    """Takes a response nobody wants and drops its connection."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()  # type: ignore[union-attr]
 
 
 def _reason(failure: Failure) -> str:
@@ -486,7 +712,7 @@ class ProxySettings:
     """What every exchange of one listener shares."""
 
     agent: IAgent
-    choose: Chooser
+    router: Router
     clock: IReactorTime
     idle_timeout: float = 600.0
     retry_after: float = 5.0
@@ -615,5 +841,7 @@ def make_agent(reactor: Any, connect_timeout: float) -> tuple[IAgent, client.HTT
     """An HTTP/1.1 agent with kept-alive connections, enough for many streams per peer."""
     pool = client.HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 64
+    # Closed before an Ollana server's channel (60 s) would close it under a new request.
+    pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
     endpoints = UpstreamEndpoints(reactor, connect_timeout)
     return client.Agent.usingEndpointFactory(reactor, endpoints, pool=pool), pool

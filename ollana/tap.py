@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from ollana import config
 from ollana.config import Settings
+from ollana.peers import STRATEGIES
 
 
 class DiscoveryOptions(usage.Options):
@@ -82,9 +83,29 @@ class Options(DiscoveryOptions):
             "idle-timeout",
             None,
             "600",
-            "Seconds an upstream may stay silent (before or within a response) before the "
-            "request is given up.",
+            "Seconds an upstream may keep a request waiting (not reading its body, not "
+            "answering, silent within the response) before the request is given up.",
         ],
+        [
+            "strategy",
+            None,
+            "fastest",
+            "How client mode picks a server: fastest, least-connections or round-robin.",
+        ],
+        [
+            "unhealthy-after",
+            None,
+            "2",
+            "Failed health checks in a row after which a server is no longer used.",
+        ],
+        ["models-interval", None, "30", "Seconds between refreshes of each server's models."],
+        [
+            "scan-limit",
+            None,
+            "8M",
+            "How much of a request body is read for its model (and kept to retry elsewhere).",
+        ],
+        ["attempts", None, "3", "Servers tried for one request before giving up (client mode)."],
     ]
 
     def __init__(self) -> None:
@@ -119,8 +140,18 @@ class Options(DiscoveryOptions):
             self["discovery-interface"] = config.parse_ipv4(
                 self["discovery-interface"], "--discovery-interface"
             )
-        for name in ("probe-interval", "health-interval", "connect-timeout", "idle-timeout"):
+        seconds = ("probe-interval", "health-interval", "connect-timeout", "idle-timeout",
+                   "models-interval")  # fmt: skip
+        for name in seconds:
             self[name] = config.parse_seconds(str(self[name]), "--" + name)
+        if self["strategy"] not in STRATEGIES:
+            raise usage.UsageError(
+                f"--strategy: must be one of {', '.join(STRATEGIES)}, not {self['strategy']!r}"
+            )
+        self["unhealthy-after"] = config.parse_count(str(self["unhealthy-after"]),
+                                                     "--unhealthy-after")  # fmt: skip
+        self["attempts"] = config.parse_count(str(self["attempts"]), "--attempts", most=10)
+        self["scan-limit"] = config.parse_size(str(self["scan-limit"]), "--scan-limit")
         if self["mode"] == "client" and self["no-discovery"] and not self["peer"]:
             raise usage.UsageError("--no-discovery in client mode needs at least one --peer")
 
@@ -140,6 +171,11 @@ class Options(DiscoveryOptions):
             peers=tuple(self["peer"]),
             connect_timeout=self["connect-timeout"],
             idle_timeout=self["idle-timeout"],
+            strategy=self["strategy"],
+            unhealthy_after=self["unhealthy-after"],
+            models_interval=self["models-interval"],
+            scan_limit=self["scan-limit"],
+            attempts=self["attempts"],
         )
 
 

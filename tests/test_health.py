@@ -86,14 +86,14 @@ class OllamaProbeTests(SynchronousTestCase):
         root.putChild(b"api", api)
         api.putChild(b"version", _Static(b'{"name": "something else"}'))
         d = self.probe(StubTreq(root)).version(2)
-        self.assertEqual(self.reason(d), "/api/version gave no version")
+        self.assertEqual(self.reason(d), "/api/version gave no valid answer")
         api.putChild(b"version", _Static(b"<html>"))
         self.assertEqual(
-            self.reason(self.probe(StubTreq(root)).version(2)), "/api/version gave no version"
+            self.reason(self.probe(StubTreq(root)).version(2)), "/api/version gave no valid answer"
         )
         api.putChild(b"version", _Static(b'{"version": 3}'))
         self.assertEqual(
-            self.reason(self.probe(StubTreq(root)).version(2)), "/api/version gave no version"
+            self.reason(self.probe(StubTreq(root)).version(2)), "/api/version gave no valid answer"
         )
 
     def test_timeout_cancels_the_request(self) -> None:

@@ -15,11 +15,26 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from ollana.proxy import NoUpstream, ProxySettings, ProxySite, Upstream, make_agent
+from ollana.proxy import NoUpstream, ProxySettings, ProxySite, Router, Upstream, make_agent
 from tests.support import capture_logs
 
 CLIENT = IPv4Address("TCP", "198.18.0.50", 40000)
 UPSTREAM = Upstream("http://127.0.0.1:11434", peer="198.18.0.2:11435")
+
+
+class Scripted(Router):
+    """One upstream; or NoUpstream when there is none; or a chooser that breaks."""
+
+    def __init__(self, upstream: Upstream | Exception | None) -> None:
+        super().__init__()
+        self.outcome = upstream
+
+    def candidates(self, model: str | None) -> list[Upstream]:
+        if self.outcome is None:
+            raise NoUpstream("ollana: no Ollama server found on the LAN yet")
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return [self.outcome]
 
 
 class ProxyHarness:
@@ -31,14 +46,7 @@ class ProxyHarness:
         self.reactor = MemoryReactorClock()
         agent, self.pool = make_agent(self.reactor, connect_timeout=5)
 
-        def choose() -> Upstream:
-            if upstream is None:
-                raise NoUpstream("ollana: no Ollama server found on the LAN yet")
-            if isinstance(upstream, Exception):
-                raise upstream
-            return upstream
-
-        self.site = ProxySite(ProxySettings(agent, choose, self.reactor, idle_timeout=600))
+        self.site = ProxySite(ProxySettings(agent, Scripted(upstream), self.reactor))
         self.channel = self.site.buildProtocol(CLIENT)
         self.client = StringTransport(peerAddress=CLIENT)
         self.channel.makeConnection(self.client)
@@ -116,6 +124,12 @@ class RequestForwardingTests(SynchronousTestCase):
         proxy.send(b"GET http://localhost:11434/api/tags?a=b HTTP/1.1\r\nHost: x\r\n\r\n")
         upstream = proxy.connect_upstream()
         self.assertEqual(head(upstream.value())[0], b"GET /api/tags?a=b HTTP/1.1")
+
+    def test_absolute_form_without_a_path(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"GET http://localhost:11434?a=b HTTP/1.1\r\nHost: x\r\n\r\n")
+        upstream = proxy.connect_upstream()
+        self.assertEqual(head(upstream.value())[0], b"GET /?a=b HTTP/1.1")
 
     def test_unproxyable_target_is_a_400(self) -> None:
         proxy = ProxyHarness(self)
@@ -206,6 +220,26 @@ class ResponseRelayTests(SynchronousTestCase):
         self.assertFalse(self.proxy.client.disconnecting)
         self.proxy.reactor.advance(1)
         self.assertTrue(self.proxy.client.disconnecting)
+
+    def test_chunks_of_one_read_after_a_pause_are_the_clients_wait(self) -> None:
+        self.proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        client = self.proxy.client
+        write = client.writeSequence
+
+        def fill_up(data: Any) -> None:  # the client's buffer fills at the first chunk
+            write(data)
+            if b"abc" in b"".join(data) and client.producerState == "producing":
+                producer(client).pauseProducing()
+
+        client.writeSequence = fill_up  # type: ignore[method-assign]
+        self.proxy.answer(b"3\r\nabc\r\n3\r\ndef\r\n")  # two chunks in one read
+        self.proxy.reactor.advance(3600)
+        self.assertFalse(client.disconnecting)
+        self.assertTrue(client.value().endswith(b"3\r\ndef\r\n"))
+
+    def test_no_server_header_of_our_own(self) -> None:
+        self.proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(header_values(self.proxy.response(), b"server"), [])
 
     def test_no_length_is_made_up_for_204(self) -> None:
         self.proxy.answer(b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n")

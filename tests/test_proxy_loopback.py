@@ -177,10 +177,10 @@ class ProxyLoopbackTests(TestCase):
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.agent = Agent(reactor, pool=self.pool)
 
-    def agent_request(self, url: str, producer: Any) -> defer.Deferred[Any]:
-        """A POST of producer's body, the response ignored (errors and all)."""
+    def agent_request(self, url: str, producer: Any, method: bytes = b"POST") -> Any:
+        """A request with producer's body; None instead of any error."""
         agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
-        requested = agent.request(b"POST", url.encode(), Headers(), producer)
+        requested = agent.request(method, url.encode(), Headers(), producer)
         return requested.addErrback(lambda _: None)
 
     def url(self, path: str, via: str = "client") -> bytes:
@@ -292,11 +292,11 @@ class ProxyLoopbackTests(TestCase):
 
     async def test_upstream_headers_seen_by_ollama(self) -> None:
         await self.setUpChain()
-        await readBody(await self.agent.request(b"GET", self.url("/api/tags?x=1")))
-        headers = self.fake.headers[-1]
+        await readBody(await self.agent.request(b"GET", self.url("/api/nothing?x=1")))
+        [headers] = [h for (_, path), h in zip(self.fake.requests, self.fake.headers, strict=True)
+                     if path == "/api/nothing"]  # fmt: skip
         self.assertEqual(headers.getRawHeaders(b"via"), [b"1.1 ollana", b"1.1 ollana"])
         self.assertEqual(headers.getRawHeaders(b"x-forwarded-for"), [b"127.0.0.1, 127.0.0.1"])
-        self.assertEqual(self.fake.requests[-1], ("GET", "/api/tags"))
 
     async def test_refused_peer_is_502(self) -> None:
         _, port = await self.start("--mode", "client", "--peer", "127.0.0.1:9")
@@ -376,6 +376,32 @@ class ProxyLoopbackTests(TestCase):
         requested.cancel()  # the uploader gives up: both hops let go of the upstream
         upstream.transport.resumeProducing()
         await upstream.done.addTimeout(10, reactor)
+
+    async def test_an_early_answer_closes_the_upstream_connection(self) -> None:
+        uploads = RawServer(b"PUT ")
+        listening = reactor.listenTCP(0, uploads, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.addCleanup(uploads.close)
+        upstream_url = f"http://127.0.0.1:{listening.getHost().port}"
+        _, server_port = await self.start("--mode", "server", "--ollama", upstream_url)
+        body = PatternFile(64 << 20)
+        requested = self.agent_request(
+            f"http://127.0.0.1:{server_port}/api/blobs/sha256:00",
+            FileBodyProducer(body, readSize=1 << 16),
+            method=b"PUT",
+        )
+        upstream = await uploads.connection.addTimeout(10, reactor)
+        upstream.transport.pauseProducing()  # reads no more of the body...
+        await task.deferLater(reactor, 0.5)  # (the proxy's send buffer fills meanwhile)
+        upstream.transport.write(  # ...and answers
+            b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Length: 2\r\n\r\nno"
+        )
+        response = await requested
+        self.assertEqual(response.code, 413)
+        self.assertEqual(await readBody(response), b"no")
+        self.assertEqual(body.offset, body.size, "the client could send it all (dropped)")
+        upstream.transport.resumeProducing()
+        await upstream.done.addTimeout(10, reactor)  # the proxy let go of that connection
 
     async def test_expect_100_continue(self) -> None:
         await self.setUpChain()

@@ -238,14 +238,15 @@ class ServiceTreeTests(SynchronousTestCase):
         self.assertEqual(service.mode, "client")
         self.assertEqual(
             service_names(service),
-            ["discovery", "upstream-connections", "http", "health-connections"],
+            ["discovery", "health", "upstream-connections", "http", "health-connections"],
         )
         self.assertEqual([p.url for p in service.pool], ["http://box:11435"])
 
     def test_client_mode_without_discovery(self) -> None:
         service = self.make("--mode", "client", "--no-discovery", "--peer", "box")
         self.assertEqual(
-            service_names(service), ["upstream-connections", "http", "health-connections"]
+            service_names(service),
+            ["health", "upstream-connections", "http", "health-connections"],
         )
 
     def test_client_mode_listens_on_loopback_11434(self) -> None:
@@ -282,7 +283,9 @@ class ServiceTreeTests(SynchronousTestCase):
         self.assertIsNone(service.mode)
         self.reactor.pump([0.5] * 4)
         self.assertEqual(service.mode, "client")
-        self.assertEqual(service_names(service), ["discovery", "upstream-connections", "http"])
+        self.assertEqual(
+            service_names(service), ["discovery", "health", "upstream-connections", "http"]
+        )
         self.assertTrue(all(child.running for child in service))
 
     def test_stopping_during_the_choice_cancels_it(self) -> None:

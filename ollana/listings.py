@@ -1,0 +1,87 @@
+"""Client mode's merged listings: GET /api/tags, /api/ps and /v1/models answered with the
+union over the healthy servers, in Ollama's own JSON shapes, each model once."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from ollana.health import HTTPGetter, OllamaProbe
+from ollana.peers import Peer, PeerPool, model_key
+from ollana.proxy import Listing, LocalAnswer, NoUpstream, UpstreamsFailed
+
+# path: (the key of the list in the answer, the key that names an entry)
+MERGED = {
+    "/api/tags": ("models", "name"),
+    "/api/ps": ("models", "name"),
+    "/v1/models": ("data", "id"),
+}
+
+
+class MergedListings:
+    """Asks every healthy server for a listing and merges the answers."""
+
+    def __init__(self, pool: PeerPool, http: HTTPGetter, clock: IReactorTime, timeout: float):
+        self.pool = pool
+        self._http = http
+        self._clock = clock
+        self.timeout = timeout
+
+    def lookup(self, method: bytes, target: bytes) -> Listing | None:
+        """What answers GET target here, when it is a merged listing."""
+        path = target.partition(b"?")[0].decode("ascii", "replace")
+        if method != b"GET" or path not in MERGED:
+            return None
+        return lambda: defer.Deferred.fromCoroutine(self.answer(path))
+
+    async def answer(self, path: str) -> LocalAnswer:
+        """The merged listing, from the servers that answered in time."""
+        peers = self.pool.candidates("fastest")  # the healthy ones, or else the rest
+        if not peers:
+            raise NoUpstream(self.pool.why_none())
+        asked = [OllamaProbe(self._http, self._clock, peer.url).json(path, self.timeout)
+                 for peer in peers]  # fmt: skip
+        results = await defer.DeferredList(asked, consumeErrors=True)
+        list_key, name_key = MERGED[path]
+        merged: list[Any] = []
+        names: set[Any] = set()
+        answered: list[Peer] = []
+        reasons: list[str] = []
+        for peer, (ok, value) in zip(peers, results, strict=True):
+            entries = _entries(value, list_key) if ok else None
+            if entries is None:
+                why = value.getErrorMessage() if isinstance(value, Failure) else "no listing"
+                reasons.append(f"{peer.url}: {why}")
+                continue
+            answered.append(peer)
+            if path == "/api/tags":  # a fresh inventory, as good as the checker's
+                peer.models = frozenset(model_key(str(e.get(name_key))) for e in entries)
+                peer.models_checked = self._clock.seconds()
+            for entry in entries:
+                name = entry.get(name_key)
+                if name not in names:
+                    names.add(name)
+                    merged.append(entry)
+        if not answered:
+            raise UpstreamsFailed("ollana: no server could answer: " + "; ".join(reasons))
+        listing: dict[str, Any] = {list_key: merged}
+        if path == "/v1/models":
+            listing = {"object": "list", **listing}
+        servers = ", ".join(f"{peer.host}:{peer.port}" for peer in answered)
+        headers = [
+            (b"content-type", b"application/json; charset=utf-8"),
+            (b"x-ollana-peer", servers.encode("utf-8")),
+        ]
+        return LocalAnswer(200, headers, json.dumps(listing).encode("utf-8"))
+
+
+def _entries(answer: Any, list_key: str) -> list[dict[str, Any]] | None:
+    """The listing's entries, or None when the answer is not a listing."""
+    entries = answer.get(list_key) if isinstance(answer, dict) else None
+    if not isinstance(entries, list):
+        return None
+    return [entry for entry in entries if isinstance(entry, dict)]
