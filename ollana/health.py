@@ -133,14 +133,21 @@ class PeerHealthChecker(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.pool.on_added = self._added
         self._loop = LoopingCall(self.tick)
         self._loop.clock = self._clock
         self._loop.start(self.interval, now=True).addErrback(
             lambda f: self.log.failure("Server health checks stopped", f)
         )
 
+    def _added(self, peer: Peer) -> None:
+        """A new server: know its health and models before the next tick."""
+        if self.running and peer.usable and peer.key not in self._checking:
+            self.check(peer)
+
     def stopService(self) -> None:
         super().stopService()
+        self.pool.on_added = lambda peer: None
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         for checking in list(self._checking.values()):
@@ -167,7 +174,11 @@ class PeerHealthChecker(Service):
         )
         d.addErrback(lambda f: self.log.failure("Error while checking {url}", f, url=peer.url))
         self._checking[peer.key] = d
-        d.addBoth(lambda _: self._checking.pop(peer.key, None))
+
+        def done(ignored: object) -> None:
+            self._checking.pop(peer.key, None)
+
+        d.addBoth(done)
         return d
 
     def suspect(self, peer: Peer, reason: str) -> None:

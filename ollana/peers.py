@@ -4,7 +4,7 @@ load, and the choice of servers for a request."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IReactorTime
@@ -79,6 +79,7 @@ class PeerPool:
         self.unhealthy_after = unhealthy_after
         self._peers: dict[str, Peer] = {}
         self._turn = -1
+        self.on_added: Callable[[Peer], object] = lambda peer: None  # the health checker's
 
     def __iter__(self) -> Iterator[Peer]:
         return iter(list(self._peers.values()))
@@ -97,6 +98,7 @@ class PeerPool:
             peer = Peer(key, host, message.port, message.scheme, message.version,
                         Source.DISCOVERED, self._clock.seconds())  # fmt: skip
             self._peers[key] = peer
+            self.on_added(peer)
         else:
             peer.last_seen = self._clock.seconds()
             peer.version = message.version
@@ -127,8 +129,11 @@ class PeerPool:
     def add_static(self, host: str, port: int) -> Peer:
         """A server given on the command line: kept however long it stays silent."""
         key = f"static:{host}:{port}"
-        peer = Peer(key, host, port, "http", "", Source.STATIC, self._clock.seconds())
-        return self._peers.setdefault(key, peer)
+        if key not in self._peers:
+            self._peers[key] = Peer(key, host, port, "http", "", Source.STATIC,
+                                    self._clock.seconds())  # fmt: skip
+            self.on_added(self._peers[key])
+        return self._peers[key]
 
     def said_bye(self, node_id: bytes) -> Peer | None:
         """Forget a discovered server that announced it is going away."""

@@ -154,16 +154,30 @@ class ServerProcessTests(TestCase):
         self.assertNotIn("Traceback", server.output())
         self.assertEqual(await bye, wire.Bye(message.node_id))
 
-    async def test_silent_while_ollama_is_down(self) -> None:
+    async def test_silent_and_503_while_ollama_is_down(self) -> None:
         self.fake.up = False
         server = self.start_server()
+        listening = await server.wait_for(r"Listening for HTTP on 127\.0\.0\.1:(\d+)")
         await server.wait_for(r"Local Ollama at .* is down: HTTP 500")
         out, err, code = await self.discover("--timeout", "1")
         self.assertEqual((code, out), (1, b"No Ollana server answered within 1 s.\n"))
+        url = f"http://127.0.0.1:{listening.group(1)}/api/tags"
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = await treq.get(url, pool=pool)
+        self.assertEqual(response.code, 503)
+        ollama = f"http://127.0.0.1:{self.ollama.getHost().port}"
+        self.assertEqual(
+            await response.json(),
+            {"error": f"ollana: the Ollama behind this server ({ollama}) is down: HTTP 500 "
+                      "from /api/version"},
+        )  # fmt: skip
         self.fake.up = True
         announced = self.recorder.next_message(timeout=30)
         await server.wait_for(r"Local Ollama at .* is up \(version 0\.12\.3\)")
         self.assertIsInstance(await announced, wire.Announce)
+        response = await treq.get(url, pool=pool)
+        self.assertEqual(response.code, 200)
+        await response.content()
 
     async def test_port_in_use_is_one_clear_line(self) -> None:
         busy = socket.socket()

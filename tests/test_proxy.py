@@ -9,13 +9,22 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet import error
+from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from ollana.proxy import NoUpstream, ProxySettings, ProxySite, Router, Upstream, make_agent
+from ollana.proxy import (
+    LocalAnswer,
+    NoUpstream,
+    ProxySettings,
+    ProxySite,
+    Router,
+    Upstream,
+    UpstreamsFailed,
+    make_agent,
+)
 from tests.support import capture_logs
 
 CLIENT = IPv4Address("TCP", "198.18.0.50", 40000)
@@ -41,12 +50,13 @@ class ProxyHarness:
     """A proxy site with one client connection and the upstream connections it opens."""
 
     def __init__(
-        self, case: SynchronousTestCase, upstream: Upstream | Exception | None = UPSTREAM
+        self, case: SynchronousTestCase, upstream: Upstream | Exception | Router | None = UPSTREAM
     ) -> None:
         self.reactor = MemoryReactorClock()
         agent, self.pool = make_agent(self.reactor, connect_timeout=5)
-
-        self.site = ProxySite(ProxySettings(agent, Scripted(upstream), self.reactor))
+        router = upstream if isinstance(upstream, Router) else Scripted(upstream)
+        self.site = ProxySite(ProxySettings(agent, router, self.reactor))
+        self.handled = 0  # connection attempts accepted or refused so far
         self.channel = self.site.buildProtocol(CLIENT)
         self.client = StringTransport(peerAddress=CLIENT)
         self.channel.makeConnection(self.client)
@@ -55,10 +65,11 @@ class ProxyHarness:
     def send(self, data: bytes) -> None:
         self.channel.dataReceived(data)
 
-    def connect_upstream(self) -> StringTransport:
-        """Accept the proxy's newest upstream connection attempt."""
-        host, port, factory, timeout, _ = self.reactor.tcpClients[len(self.upstreams)]
-        assert (host, port, timeout) == ("127.0.0.1", 11434, 5), (host, port, timeout)
+    def connect_upstream(self, port: int = 11434) -> StringTransport:
+        """Accept the proxy's next upstream connection attempt, which must go to port."""
+        host, to, factory, timeout, _ = self.reactor.tcpClients[self.handled]
+        self.handled += 1
+        assert (host, to, timeout) == ("127.0.0.1", port, 5), (host, to, timeout)
         protocol: Any = factory.buildProtocol(IPv4Address("TCP", host, port))
         transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
         protocol.makeConnection(transport)
@@ -67,6 +78,14 @@ class ProxyHarness:
 
     def answer(self, data: bytes, index: int = -1) -> None:
         self.upstreams[index][0].dataReceived(data)
+
+    def refuse_upstream(self, port: int = 11434, reason: Exception | None = None) -> None:
+        """Fail the proxy's next upstream connection attempt (refused, unless told)."""
+        host, to, factory, _, _ = self.reactor.tcpClients[self.handled]
+        assert (host, to) == ("127.0.0.1", port), (host, to)
+        connector = self.reactor.connectors[self.handled]
+        self.handled += 1
+        factory.clientConnectionFailed(connector, Failure(reason or error.ConnectionRefusedError()))
 
     def lose_upstream(self, index: int = -1) -> None:
         """The upstream connection breaks (a real transport reports it like this)."""
@@ -336,10 +355,7 @@ class UploadTests(SynchronousTestCase):
         proxy = ProxyHarness(self)
         proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabc")
         self.assertEqual(proxy.client.producerState, "paused")
-        _, _, factory, _, _ = proxy.reactor.tcpClients[0]
-        factory.clientConnectionFailed(
-            proxy.reactor.connectors[0], Failure(error.ConnectionRefusedError())
-        )
+        proxy.refuse_upstream()
         self.assertEqual(proxy.client.producerState, "producing")
         proxy.send(b"def")
         self.assertTrue(proxy.response().startswith(b"HTTP/1.1 502 Bad Gateway"))
@@ -462,10 +478,7 @@ class ErrorTests(SynchronousTestCase):
     def test_refused_is_a_502_naming_the_upstream(self) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
-        _, _, factory, _, _ = proxy.reactor.tcpClients[0]
-        factory.clientConnectionFailed(
-            proxy.reactor.connectors[0], Failure(error.ConnectionRefusedError())
-        )
+        proxy.refuse_upstream()
         response = proxy.response()
         self.assertEqual(head(response)[0], b"HTTP/1.1 502 Bad Gateway")
         self.assertEqual(
@@ -476,8 +489,7 @@ class ErrorTests(SynchronousTestCase):
     def test_connect_timeout_is_a_504(self) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
-        _, _, factory, _, _ = proxy.reactor.tcpClients[0]
-        factory.clientConnectionFailed(proxy.reactor.connectors[0], Failure(error.TimeoutError()))
+        proxy.refuse_upstream(reason=error.TimeoutError())
         response = proxy.response()
         self.assertEqual(head(response)[0], b"HTTP/1.1 504 Gateway Time-out")
         self.assertEqual(
@@ -550,3 +562,194 @@ class ConnectionReuseTests(SynchronousTestCase):
         self.assertEqual(header_values(response, b"connection"), [b"close"])
         self.assertTrue(proxy.client.disconnecting)
         self.assertFalse(upstream.disconnecting, "the upstream connection is kept for others")
+
+
+A = Upstream("http://127.0.0.1:1001", peer="198.18.0.2:11435")
+B = Upstream("http://127.0.0.1:1002", peer="198.18.0.3:11435")
+C = Upstream("http://127.0.0.1:1003", peer="198.18.0.4:11435")
+
+
+class Recording(Router):
+    """Candidates in a fixed order; records what the proxy tells its router."""
+
+    def __init__(self, *upstreams: Upstream, scan_limit: int = 1024, model_aware: bool = False):
+        super().__init__()
+        self.upstreams = list(upstreams)
+        self.scan_limit = scan_limit
+        self.model_aware = model_aware
+        self.asked: list[str | None] = []
+        self.events: list[tuple[str, str | None]] = []
+
+    def wants_model(self, method: bytes, path: bytes) -> bool:
+        return self.model_aware
+
+    def candidates(self, model: str | None) -> list[Upstream]:
+        self.asked.append(model)
+        return list(self.upstreams)
+
+    def started(self, upstream: Upstream) -> None:
+        self.events.append(("started", upstream.peer))
+
+    def ended(self, upstream: Upstream) -> None:
+        self.events.append(("ended", upstream.peer))
+
+    def failed(self, upstream: Upstream, reason: str) -> None:
+        self.events.append(("failed " + reason, upstream.peer))
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class RetryTests(SynchronousTestCase):
+    def test_refused_goes_to_the_next_server_with_the_whole_body(self) -> None:
+        router = Recording(A, B)
+        proxy = ProxyHarness(self, router)
+        proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabcdef")
+        proxy.refuse_upstream(1001)
+        upstream = proxy.connect_upstream(1002)
+        self.assertTrue(upstream.value().endswith(b"\r\n\r\nabcdef"))
+        proxy.answer(OK)
+        response = proxy.response()
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 OK"), response)
+        self.assertEqual(header_values(response, b"x-ollana-peer"), [b"198.18.0.3:11435"])
+        self.assertEqual(
+            router.events,
+            [("started", A.peer), ("ended", A.peer), ("failed connection refused", A.peer),
+             ("started", B.peer), ("ended", B.peer)],
+        )  # fmt: skip
+
+    def test_a_body_still_arriving_follows_to_the_next_server(self) -> None:
+        proxy = ProxyHarness(self, Recording(A, B))
+        proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabc")
+        first = proxy.connect_upstream(1001)
+        self.assertTrue(first.value().endswith(b"abc"))
+        proxy.lose_upstream()  # reset before any answer
+        second = proxy.connect_upstream(1002)
+        self.assertTrue(second.value().endswith(b"\r\n\r\nabc"))
+        proxy.send(b"def")
+        self.assertTrue(second.value().endswith(b"\r\n\r\nabcdef"))
+        proxy.answer(OK)
+        self.assertTrue(proxy.response().startswith(b"HTTP/1.1 200 OK"))
+
+    def test_no_retry_once_the_response_has_started(self) -> None:
+        router = Recording(A, B)
+        proxy = ProxyHarness(self, router)
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        proxy.connect_upstream(1001)
+        proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        proxy.lose_upstream()
+        self.assertEqual(len(proxy.reactor.tcpClients), 1, "no second attempt")
+        self.assertTrue(proxy.client.disconnecting)
+        self.assertEqual(router.events, [("started", A.peer), ("ended", A.peer)])
+
+    def test_no_retry_when_the_body_outgrew_the_replay_buffer(self) -> None:
+        proxy = ProxyHarness(self, Recording(A, B, scan_limit=4))
+        proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabc")
+        proxy.connect_upstream(1001)
+        proxy.send(b"de")  # 5 bytes sent: more than can be replayed
+        proxy.lose_upstream()
+        proxy.send(b"f")
+        self.assertEqual(len(proxy.reactor.tcpClients), 1, "no second attempt")
+        response = proxy.response()
+        self.assertEqual(head(response)[0], b"HTTP/1.1 502 Bad Gateway")
+        self.assertIn(b"no answer from http://127.0.0.1:1001", response)
+
+    def test_attempts_are_bounded_and_all_reasons_reported(self) -> None:
+        proxy = ProxyHarness(self, Recording(A, B, C))
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        proxy.refuse_upstream(1001)
+        proxy.refuse_upstream(1002, error.TimeoutError())
+        proxy.refuse_upstream(1003)
+        self.assertEqual(len(proxy.reactor.tcpClients), 3)
+        response = proxy.response()
+        self.assertEqual(head(response)[0], b"HTTP/1.1 502 Bad Gateway")
+        self.assertEqual(
+            json.loads(response.split(b"\r\n\r\n", 1)[1]),
+            {"error": "ollana: no server could answer: "
+                      "http://127.0.0.1:1001: connection refused; "
+                      "http://127.0.0.1:1002: cannot connect: timed out; "
+                      "http://127.0.0.1:1003: connection refused"},
+        )  # fmt: skip
+
+    def test_a_silent_server_is_replaced_after_the_idle_timeout(self) -> None:
+        router = Recording(A, B)
+        proxy = ProxyHarness(self, router)
+        proxy.send(b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = proxy.connect_upstream(1001)
+        proxy.reactor.advance(600)
+        self.assertTrue(first.disconnecting)
+        proxy.lose_upstream()
+        proxy.connect_upstream(1002)
+        proxy.answer(OK)
+        self.assertTrue(proxy.response().startswith(b"HTTP/1.1 200 OK"))
+        self.assertIn(("failed sent nothing for 600 s", A.peer), router.events)
+
+    def test_a_client_leaving_does_not_count_against_the_server(self) -> None:
+        router = Recording(A, B)
+        proxy = ProxyHarness(self, router)
+        proxy.send(b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n")
+        proxy.connect_upstream(1001)
+        proxy.channel.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(router.events, [("started", A.peer), ("ended", A.peer)])
+        self.assertEqual(len(proxy.reactor.tcpClients), 1)
+
+
+class ModelRoutingTests(SynchronousTestCase):
+    def test_the_server_is_chosen_once_the_model_is_known(self) -> None:
+        router = Recording(A, model_aware=True)
+        proxy = ProxyHarness(self, router)
+        proxy.send(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 42\r\n\r\n")
+        proxy.send(b'{"prompt": "hi", "mod')
+        self.assertEqual(proxy.reactor.tcpClients, [], "not before the model is known")
+        self.assertEqual(proxy.client.producerState, "producing")
+        proxy.send(b'el": "llava", "x": 1}')
+        self.assertEqual(router.asked, ["llava"])
+        upstream = proxy.connect_upstream(1001)
+        self.assertTrue(
+            upstream.value().endswith(b'\r\n\r\n{"prompt": "hi", "model": "llava", "x": 1}')
+        )
+
+    def test_no_model_is_decided_at_the_end_of_the_body(self) -> None:
+        router = Recording(A, model_aware=True)
+        proxy = ProxyHarness(self, router)
+        proxy.send(b"POST /api/pull HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertEqual(router.asked, [None])
+        self.assertTrue(proxy.connect_upstream(1001).value().endswith(b"\r\n\r\n{}"))
+
+    def test_a_body_past_the_scan_limit_goes_to_the_normal_choice(self) -> None:
+        router = Recording(A, model_aware=True, scan_limit=8)
+        proxy = ProxyHarness(self, router)
+        proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 38\r\n\r\n")
+        proxy.send(b'{"images": ["AAAAAAAA')
+        self.assertEqual(router.asked, [None])
+        upstream = proxy.connect_upstream(1001)
+        proxy.send(b'"], "model": "x"}')
+        self.assertTrue(upstream.value().endswith(b'{"images": ["AAAAAAAA"], "model": "x"}'))
+
+
+class LocalAnswerTests(SynchronousTestCase):
+    def test_a_listing_is_answered_here(self) -> None:
+        answer = LocalAnswer(200, [(b"content-type", b"application/json")], b'{"models": []}')
+
+        class Listing(Recording):
+            def listing(self, method: bytes, path: bytes) -> Any:
+                return lambda: defer.succeed(answer) if path == b"/api/tags" else None
+
+        proxy = ProxyHarness(self, Listing(A))
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(proxy.reactor.tcpClients, [])
+        response = proxy.response()
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 OK"))
+        self.assertEqual(header_values(response, b"content-length"), [b"14"])
+        self.assertTrue(response.endswith(b'\r\n\r\n{"models": []}'))
+
+    def test_a_listing_that_fails_is_a_502(self) -> None:
+        class Listing(Recording):
+            def listing(self, method: bytes, path: bytes) -> Any:
+                return lambda: defer.fail(UpstreamsFailed("ollana: no server could answer: x"))
+
+        proxy = ProxyHarness(self, Listing(A))
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = proxy.response()
+        self.assertEqual(head(response)[0], b"HTTP/1.1 502 Bad Gateway")
+        self.assertIn(b"no server could answer: x", response)
