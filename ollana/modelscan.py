@@ -28,6 +28,7 @@ The most verbose spelling of one character is a surrogate pair of \\u escapes: 1
 
 _BOM = b"\xef\xbb\xbf"
 _QUOTE = ord('"')
+_BRACE = ord("{")
 _COLON = ord(":")
 _COMMA = ord(",")
 _OPEN = frozenset(b"{[")
@@ -142,7 +143,7 @@ class ModelScanner:
         pos = match.start()
         byte = data[pos]
         state = self._state
-        if state == _LEADING and byte == ord("{"):
+        if state == _LEADING and byte == _BRACE:
             self._depth = 1
             self._expect_key = True
             self._state = _STRUCTURE
@@ -187,13 +188,13 @@ class ModelScanner:
             pos = skipped.end() if skipped else pos
             if pos == stop:
                 break
-            if data[pos] == _QUOTE:
+            byte = data[pos]
+            pos += 1
+            if byte == _QUOTE:
                 self._state = _STRING
                 self._kind = _SKIP
-                pos += 1
                 break
-            quote = data.find(b'"', pos, stop)
-            pos, depth = _brackets(data, pos, stop if quote < 0 else quote, depth)
+            depth += 1 if byte in _OPEN else -1
         self._depth = depth
         return pos
 
@@ -246,30 +247,6 @@ class ModelScanner:
             self._decide(_usable(_decode(raw)))
         else:
             self._state = _STRUCTURE
-
-
-def _brackets(data: bytes, start: int, end: int, depth: int) -> tuple[int, int]:
-    """Follow the nesting depth through bytes that hold no strings, stopping at depth 1.
-
-    Where the depth cannot fall to 1 the brackets are counted rather than visited, halving
-    the span until it can, so deeply nested arrays of numbers do not cost a loop per bracket.
-    """
-    closes = data.count(b"]", start, end) + data.count(b"}", start, end)
-    if depth - closes > 1:
-        return end, depth + data.count(b"[", start, end) + data.count(b"{", start, end) - closes
-    if end - start > 64:
-        middle = (start + end) // 2
-        pos, depth = _brackets(data, start, middle, depth)
-        return (pos, depth) if depth == 1 else _brackets(data, middle, end, depth)
-    for pos in range(start, end):
-        byte = data[pos]
-        if byte in _OPEN:
-            depth += 1
-        elif byte in _CLOSE:
-            depth -= 1
-            if depth == 1:
-                return pos + 1, depth
-    return end, depth
 
 
 def _usable(model: str | None) -> str | None:

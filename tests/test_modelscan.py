@@ -107,6 +107,14 @@ class FoundTests(ScanTestCase):
         self.assertFound(body, "yes")
         self.assertNothing(b'{"prompt": "model", "x": "\\"model\\": \\"no\\""}')
 
+    def test_nested_strings_short_long_and_escaped(self) -> None:
+        plain = '{"model": "no"} [model] '
+        texts = [plain, "x" * 256, "x" * 257, plain * 20, plain + '\\"\\', '\\"' * 200 + "]}"]
+        messages = [{"content": text} for text in texts]
+        nested = json.dumps({"options": {"stop": texts}, "messages": messages})
+        self.assertFound(nested[:-1].encode() + b', "model": "yes"}', "yes")
+        self.assertNothing(nested.encode())
+
     def test_model_as_a_value_is_not_a_key(self) -> None:
         self.assertNothing(b'{"name": "model", "x": ["model", "m"]}')
         self.assertFound(b'{"name": "model", "model": "m"}', "m")
@@ -270,7 +278,8 @@ json_values = st.recursive(
         st.booleans(),
         st.integers(),
         st.text(max_size=20),
-        st.sampled_from(["model", '"model": "no"', "\\", '\\"', "{[", "]}"]),
+        st.sampled_from(["model", '"model": "no"', "\\", '\\"', "{[", "]}", "x" * 257]),
+        st.builds(lambda text, n: (text + '"\\') * n, st.text(max_size=4), st.integers(40, 90)),
     ),
     lambda children: st.one_of(
         st.lists(children, max_size=4), st.dictionaries(json_keys, children, max_size=4)
