@@ -48,7 +48,7 @@ class MergedListings:
         results = await defer.DeferredList(asked, consumeErrors=True)
         list_key, name_key = MERGED[path]
         merged: list[Any] = []
-        names: set[Any] = set()
+        names: set[str] = set()
         answered: list[Peer] = []
         reasons: list[str] = []
         for peer, (ok, value) in zip(peers, results, strict=True):
@@ -58,12 +58,14 @@ class MergedListings:
                 reasons.append(f"{peer.url}: {why}")
                 continue
             answered.append(peer)
+            named = [(entry.get(name_key), entry) for entry in entries]
             if path == "/api/tags":  # a fresh inventory, as good as the checker's
-                peer.models = frozenset(model_key(str(e.get(name_key))) for e in entries)
+                peer.models = frozenset(model_key(n) for n, _ in named if isinstance(n, str))
                 peer.models_checked = self._clock.seconds()
-            for entry in entries:
-                name = entry.get(name_key)
-                if name not in names:
+            for name, entry in named:
+                if not isinstance(name, str):  # odd, but not ours to drop
+                    merged.append(entry)
+                elif name not in names:
                     names.add(name)
                     merged.append(entry)
         if not answered:
@@ -71,7 +73,7 @@ class MergedListings:
         listing: dict[str, Any] = {list_key: merged}
         if path == "/v1/models":
             listing = {"object": "list", **listing}
-        servers = ", ".join(f"{peer.host}:{peer.port}" for peer in answered)
+        servers = ", ".join(peer.address for peer in answered)
         headers = [
             (b"content-type", b"application/json; charset=utf-8"),
             (b"x-ollana-peer", servers.encode("utf-8")),

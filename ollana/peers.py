@@ -58,9 +58,14 @@ class Peer:
         return self.key if self.source is Source.DISCOVERED else None
 
     @property
-    def url(self) -> str:
+    def address(self) -> str:
+        """host:port, with an IPv6 host in brackets (as X-Ollana-Peer shows it)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
+        return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.address}"
 
     @property
     def usable(self) -> bool:
@@ -169,6 +174,7 @@ class PeerPool:
         """Record a good check; True when the peer has just recovered."""
         peer.last_ok = self._clock.seconds()
         peer.failures = 0
+        peer.reason = ""
         peer.next_check = 0.0
         if peer.latency is None:
             peer.latency = latency
@@ -177,7 +183,6 @@ class PeerPool:
         if peer.healthy:
             return False
         peer.healthy = True
-        peer.reason = ""
         self.log.info("Server {url} is healthy again", url=peer.url)
         return True
 

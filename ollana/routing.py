@@ -62,7 +62,7 @@ class PoolRouter(Router):
         peers = self.pool.candidates(self.strategy, model)[: self.attempts]
         if not peers:
             raise NoUpstream(self.pool.why_none())
-        return [Upstream(peer.url, f"{peer.host}:{peer.port}", peer) for peer in peers]
+        return [Upstream(peer.url, peer.address, peer) for peer in peers]
 
     def started(self, upstream: Upstream) -> None:
         peer: Peer = upstream.server

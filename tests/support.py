@@ -9,6 +9,7 @@ protocol sent from ``port.written`` and feeds it datagrams with
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -17,13 +18,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from twisted.internet import defer, error
+from treq.testing import StubTreq
+from twisted.internet import defer, error, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+
+from tests.fake_ollama import FakeOllama
 
 
 def capture_logs(case: SynchronousTestCase) -> EventLoggingObserver:
@@ -226,3 +231,84 @@ class ChildProcess(ProcessProtocol):
             if kill.active():
                 kill.cancel()
         return self.exit_code
+
+    async def kill(self) -> int | None:
+        """SIGKILL, as a crash would; returns once it has ended."""
+        self.signal("KILL")
+        return await self.when_ended()
+
+    def send(self, line: str) -> None:
+        """Write a line to the child's standard input."""
+        if not self.has_ended and self.transport is not None:
+            self.transport.write(line.encode("utf-8") + b"\n")
+
+
+class FakeResponse:
+    """What OllamaProbe reads of a treq response: the status and the body."""
+
+    def __init__(self, code: int, body: bytes) -> None:
+        self.code = code
+        self._body = body
+
+    def content(self) -> defer.Deferred[bytes]:
+        return defer.succeed(self._body)
+
+
+class FakeServers:
+    """An HTTP getter (what OllamaProbe needs) over several fake Ollamas, by base URL.
+
+    A base URL (``http://host:port``) answers from the FakeOllama added for it, unless
+    ``answers`` holds a (status, JSON) for its (base, path). Base URLs in ``refusing``
+    refuse connections, those in ``raising`` make ``get`` itself raise, those in
+    ``hanging`` (URLs too) never answer; ``cancelled`` lists the URLs whose request was
+    cancelled. ``delays`` makes a base URL answer that many seconds later on the clock.
+    ``asked`` lists (clock time, URL) of every GET.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.ollamas: dict[str, FakeOllama] = {}
+        self.answers: dict[tuple[str, str], tuple[int, Any]] = {}
+        self.refusing: set[str] = set()
+        self.raising: dict[str, Exception] = {}
+        self.hanging: set[str] = set()
+        self.delays: dict[str, float] = {}
+        self.asked: list[tuple[float, str]] = []
+        self.cancelled: list[str] = []
+
+    def add(
+        self, base: str, models: list[str] | None = None, version: str = "0.12.3"
+    ) -> FakeOllama:
+        """A FakeOllama answering at base."""
+        fake = FakeOllama(version=version, models=models)
+        self.ollamas[base] = fake
+        return fake
+
+    def times(self, path: str = "/api/version", base: str = "") -> list[float]:
+        """When GETs of path (to base, or to any server) were made."""
+        return [when for when, url in self.asked if url.startswith(base) and url.endswith(path)]
+
+    def get(self, url: str, /) -> defer.Deferred[Any]:
+        parts = urlsplit(url)
+        base = f"{parts.scheme}://{parts.netloc}"
+        self.asked.append((self.clock.seconds(), url))
+        if base in self.raising:
+            raise self.raising[base]
+        if base in self.refusing:
+            return defer.fail(error.ConnectionRefusedError())
+        if base in self.hanging or url in self.hanging:
+            return defer.Deferred(lambda _: self.cancelled.append(url))
+        delay = self.delays.get(base, 0.0)
+        if delay:
+            later: Any = task.deferLater(self.clock, delay, self._answer, base, parts.path, url)
+            return later
+        return self._answer(base, parts.path, url)
+
+    def _answer(self, base: str, path: str, url: str) -> defer.Deferred[Any]:
+        if (base, path) in self.answers:
+            code, body = self.answers[base, path]
+            return defer.succeed(FakeResponse(code, json.dumps(body).encode("utf-8")))
+        if base not in self.ollamas:
+            return defer.fail(error.ConnectionRefusedError())
+        stub: Any = StubTreq(self.ollamas[base].resource())
+        return stub.get(url)

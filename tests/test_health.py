@@ -7,15 +7,27 @@ from typing import Any
 from treq.testing import StubTreq
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ollana.health import LocalOllamaMonitor, OllamaProbe, OllamaUnavailable, choose_mode
+from ollana import wire
+from ollana.health import (
+    LocalOllamaMonitor,
+    OllamaProbe,
+    OllamaUnavailable,
+    PeerHealthChecker,
+    choose_mode,
+)
+from ollana.peers import Peer, PeerPool
 from tests.fake_ollama import FakeOllama
-from tests.support import capture_logs
+from tests.support import FakeServers, capture_logs
 
 URL = "http://127.0.0.1:11434"
+START = 1000.0  # the checker tests' clock starts here
+A = "http://a.example:11435"
+B = "http://198.18.0.2:11435"
 
 
 class Silent(Resource):
@@ -69,7 +81,7 @@ class OllamaProbeTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), "0.12.3")
         self.assertEqual(self.fake.requests, [("GET", "/api/version")])
 
-    def reason(self, d: defer.Deferred[str]) -> str:
+    def reason(self, d: defer.Deferred[Any]) -> str:
         return str(self.failureResultOf(d, OllamaUnavailable).value)
 
     def test_refused(self) -> None:
@@ -104,6 +116,75 @@ class OllamaProbeTests(SynchronousTestCase):
         self.assertNoResult(d)
         self.clock.advance(0.1)
         self.assertEqual(self.reason(d), "no answer within 2 s")
+
+    def test_models(self) -> None:
+        self.fake.models = ["llama3.2:latest", "qwen3:8b"]
+        d = self.probe(StubTreq(self.fake.resource())).models(2)
+        self.assertEqual(self.successResultOf(d), ["llama3.2:latest", "qwen3:8b"])
+        self.assertEqual(self.fake.requests, [("GET", "/api/tags")])
+
+    def test_no_models(self) -> None:
+        self.fake.models = []
+        d = self.probe(StubTreq(self.fake.resource())).models(2)
+        self.assertEqual(self.successResultOf(d), [])
+
+    def test_models_from_something_else(self) -> None:
+        servers = FakeServers(self.clock)
+        probe = OllamaProbe(servers, self.clock, URL)
+        for answer in ({"models": 3}, {"models": [{"nom": "x"}]}, ["llama3.2"], {}):
+            servers.answers[URL, "/api/tags"] = (200, answer)
+            self.assertEqual(self.reason(probe.models(2)), "/api/tags gave no valid answer")
+        servers.answers[URL, "/api/tags"] = (404, {"error": "not found"})
+        self.assertEqual(self.reason(probe.models(2)), "HTTP 404 from /api/tags")
+        self.fake.up = False
+        d = self.probe(StubTreq(self.fake.resource())).models(2)
+        self.assertEqual(self.reason(d), "HTTP 500 from /api/tags")
+
+    def test_models_time_out(self) -> None:
+        silent = Silent()
+        d = self.probe(StubTreq(silent)).models(3)
+        self.clock.advance(2.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        self.assertEqual(self.reason(d), "no answer within 3 s")
+
+    def test_json(self) -> None:
+        self.fake.models = ["qwen3:8b"]
+        probe = self.probe(StubTreq(self.fake.resource()))
+        self.assertEqual(self.successResultOf(probe.json("/api/ps", 2)), {"models": []})
+        listing = self.successResultOf(probe.json("/v1/models", 2))
+        self.assertEqual(listing["object"], "list")
+        self.assertEqual([m["id"] for m in listing["data"]], ["qwen3:8b"])
+        self.assertEqual(self.fake.requests, [("GET", "/api/ps"), ("GET", "/v1/models")])
+
+    def test_json_of_any_shape(self) -> None:
+        servers = FakeServers(self.clock)
+        servers.answers[URL, "/anything"] = (200, [1, "two", None])
+        probe = OllamaProbe(servers, self.clock, URL)
+        self.assertEqual(self.successResultOf(probe.json("/anything", 2)), [1, "two", None])
+
+    def test_json_errors(self) -> None:
+        probe = self.probe(StubTreq(self.fake.resource()))
+        self.assertEqual(self.reason(probe.json("/nope", 2)), "HTTP 404 from /nope")
+        root = Resource()
+        root.putChild(b"page", _Static(b"<html>"))
+        d = self.probe(StubTreq(root)).json("/page", 2)
+        self.assertEqual(self.reason(d), "/page gave no valid answer")
+        self.assertEqual(
+            self.reason(self.probe(Refusing()).json("/api/ps", 2)), "connection refused"
+        )
+        d = self.probe(StubTreq(Silent())).json("/api/ps", 1.5)
+        self.clock.advance(1.5)
+        self.assertEqual(self.reason(d), "no answer within 1.5 s")
+
+    def test_cancelling_cancels_the_request(self) -> None:
+        servers = FakeServers(self.clock)
+        servers.hanging.add(URL)
+        d = OllamaProbe(servers, self.clock, URL).models(2)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(servers.cancelled, [URL + "/api/tags"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class _Static(Resource):
@@ -244,3 +325,361 @@ class ChooseModeTests(SynchronousTestCase):
         d = self.choose(StubTreq(fake.resource()))
         self.clock.pump([0.5] * 3)
         self.assertEqual(self.successResultOf(d)[0], "client")
+
+
+class BrokenPool(PeerPool):
+    """A pool whose iteration, or recording of a good check, raises while told to."""
+
+    broken_iteration = False
+    broken_success = False
+
+    def __iter__(self) -> Any:
+        if self.broken_iteration:
+            raise RuntimeError("the pool broke")
+        return super().__iter__()
+
+    def check_succeeded(self, peer: Peer, latency: float) -> bool:
+        if self.broken_success:
+            raise RuntimeError("recording broke")
+        return super().check_succeeded(peer, latency)
+
+
+class PeerHealthCheckerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.pool = BrokenPool(self.clock, ttl=30)
+        self.servers = FakeServers(self.clock)
+        self.fake = self.servers.add(A, models=["llama3.2:latest", "Qwen3:8b"])
+        self.checker = self.make(max_backoff=40)
+        self.events = capture_logs(self)
+
+    def make(self, **kwargs: Any) -> PeerHealthChecker:
+        options: dict[str, Any] = {"interval": 5, "timeout": 2, "models_interval": 60}
+        options.update(kwargs)
+        checker = PeerHealthChecker(self.pool, self.servers, self.clock, **options)
+
+        def stop() -> None:
+            if checker.running:
+                checker.stopService()
+
+        self.addCleanup(stop)
+        return checker
+
+    def static(self) -> Peer:
+        return self.pool.add_static("a.example", 11435)
+
+    def discovered(self) -> Peer:
+        self.servers.add(B)
+        return self.pool.announced(wire.Announce(bytes(16), 11435, "http", "0.1.0"), "198.18.0.2")
+
+    def checks(self, base: str = A) -> list[float]:
+        """When base was checked, in seconds since the start."""
+        return [when - START for when in self.servers.times("/api/version", base)]
+
+    def tags(self, base: str = A) -> list[float]:
+        return [when - START for when in self.servers.times("/api/tags", base)]
+
+    def run_for(self, seconds: int) -> None:
+        self.clock.pump([1] * seconds)
+
+    def test_checks_every_usable_server_at_start_and_every_interval(self) -> None:
+        static = self.static()
+        discovered = self.discovered()
+        self.pool.legacy_replied("198.18.0.9")
+        self.checker.startService()
+        self.clock.advance(4.9)
+        self.assertEqual((self.checks(A), self.checks(B)), ([0], [0]))
+        self.clock.advance(0.1)
+        self.run_for(10)
+        self.assertEqual((self.checks(A), self.checks(B)), ([0, 5, 10, 15], [0, 5, 10, 15]))
+        self.assertEqual([url for _, url in self.servers.asked if "198.18.0.9" in url], [])
+        self.assertTrue(static.healthy and discovered.healthy)
+        self.assertEqual((static.last_ok, discovered.last_ok), (START + 15, START + 15))
+
+    def test_a_new_server_is_checked_at_once(self) -> None:
+        self.checker.startService()
+        self.clock.advance(1)
+        static = self.static()
+        self.assertEqual((self.checks(A), self.tags(A)), ([1], [1]))
+        self.assertEqual(static.models, frozenset({"llama3.2:latest", "qwen3:8b"}))
+        self.clock.advance(2)
+        discovered = self.discovered()
+        self.assertEqual(self.checks(B), [3])
+        self.assertEqual(discovered.last_ok, START + 3)
+        self.clock.advance(2)
+        self.assertEqual((self.checks(A), self.checks(B)), ([1, 5], [3, 5]))
+
+    def test_known_servers_are_not_checked_again_when_heard_from(self) -> None:
+        self.checker.startService()
+        self.static()
+        self.discovered()
+        self.clock.advance(1)
+        self.static()
+        self.pool.announced(wire.Announce(bytes(16), 11435, "http", "0.1.0"), "198.18.0.2")
+        self.assertEqual((self.checks(A), self.checks(B)), ([0], [0]))
+
+    def test_a_new_server_is_not_checked_twice_at_once(self) -> None:
+        self.servers.hanging.add(A)
+        self.checker.startService()
+        self.static()
+        self.clock.advance(1.9)
+        self.assertEqual(self.checks(), [0])
+
+    def test_no_check_of_new_servers_while_stopped(self) -> None:
+        self.static()
+        self.checker.startService()
+        self.checker.stopService()
+        self.discovered()
+        self.pool.legacy_replied("198.18.0.9")
+        self.clock.advance(30)
+        self.assertEqual((self.checks(A), self.checks(B)), ([0], []))
+
+    def test_a_new_legacy_server_is_not_checked(self) -> None:
+        self.checker.startService()
+        self.pool.legacy_replied("198.18.0.9")
+        self.assertEqual(self.servers.asked, [])
+
+    def test_unhealthy_after_two_failures_and_healthy_after_one_success(self) -> None:
+        peer = self.discovered()
+        self.servers.refusing.add(B)
+        self.checker.startService()
+        self.assertEqual((peer.healthy, peer.failures), (True, 1))
+        self.clock.advance(5)
+        self.assertFalse(peer.healthy)
+        self.assertEqual(peer.reason, "connection refused")
+        self.clock.advance(5)
+        self.assertFalse(peer.healthy)
+        self.servers.refusing.discard(B)
+        self.clock.advance(5)
+        self.assertTrue(peer.healthy)
+        self.assertEqual((peer.failures, peer.reason), (0, ""))
+        warned = [e for e in self.events if e.get("log_format", "").endswith("unhealthy: {reason}")]
+        self.assertEqual([e["reason"] for e in warned], ["connection refused"])
+
+    def test_an_error_status_is_a_failure(self) -> None:
+        peer = self.static()
+        self.fake.up = False
+        self.checker.startService()
+        self.clock.advance(5)
+        self.assertFalse(peer.healthy)
+        self.assertEqual(peer.reason, "HTTP 500 from /api/version")
+
+    def test_a_check_that_hangs_fails_after_the_timeout(self) -> None:
+        peer = self.static()
+        self.servers.hanging.add(A)
+        self.checker.startService()
+        self.clock.advance(1.9)
+        self.assertEqual(peer.failures, 0)
+        self.clock.advance(0.1)
+        self.assertEqual((peer.failures, peer.reason), (1, "no answer within 2 s"))
+        self.assertEqual(self.servers.cancelled, [A + "/api/version"])
+
+    def test_no_second_check_while_one_is_in_flight(self) -> None:
+        peer = self.discovered()
+        self.servers.hanging.add(B)
+        checker = self.make(timeout=8)
+        checker.startService()
+        self.run_for(20)
+        self.assertEqual(self.checks(B), [0, 10, 20])
+        self.assertEqual(peer.failures, 2)
+        self.assertEqual(len(self.servers.cancelled), 2, "each timed out")
+
+    def test_latency_comes_from_the_clock(self) -> None:
+        peer = self.static()
+        self.servers.delays[A] = 0.25
+        self.checker.startService()
+        self.clock.advance(0.2)
+        self.assertIsNone(peer.latency)
+        self.clock.advance(0.05)
+        self.assertAlmostEqual(peer.latency, 0.25)
+        self.assertEqual(peer.last_ok, START + 0.25)
+        self.servers.delays[A] = 0.5
+        self.clock.advance(4.75)
+        self.clock.advance(0.5)
+        self.assertAlmostEqual(peer.latency, 0.25 + 0.3 * 0.25)
+
+    def test_models_are_fetched_on_the_first_success(self) -> None:
+        peer = self.static()
+        self.checker.startService()
+        self.assertEqual(peer.models, frozenset({"llama3.2:latest", "qwen3:8b"}))
+        self.assertEqual(peer.models_checked, START)
+        self.assertEqual(self.tags(), [0])
+
+    def test_models_are_refreshed_after_models_interval(self) -> None:
+        peer = self.static()
+        self.checker.startService()
+        self.run_for(55)
+        self.assertEqual(self.tags(), [0])
+        self.assertEqual(len(self.checks()), 12)
+        self.fake.models = ["gemma3:1b"]
+        self.run_for(5)
+        self.assertEqual(self.tags(), [0, 60])
+        self.assertEqual(peer.models, frozenset({"gemma3:1b"}))
+        self.assertEqual(peer.models_checked, START + 60)
+        self.run_for(60)
+        self.assertEqual(self.tags(), [0, 60, 120])
+
+    def test_models_are_fetched_again_on_recovery(self) -> None:
+        peer = self.static()
+        self.checker.startService()
+        self.fake.up = False
+        self.run_for(10)
+        self.assertFalse(peer.healthy)
+        self.fake.up = True
+        self.fake.models = ["gemma3:1b"]
+        self.run_for(5)
+        self.assertTrue(peer.healthy)
+        self.assertEqual(peer.models, frozenset({"gemma3:1b"}))
+        self.assertEqual(self.tags(), [0, 15])
+
+    def test_models_are_kept_when_the_listing_fails(self) -> None:
+        peer = self.static()
+        self.checker.startService()
+        self.servers.answers[A, "/api/tags"] = (500, {"error": "broken"})
+        self.run_for(60)
+        self.assertTrue(peer.healthy)
+        self.assertEqual(peer.models, frozenset({"llama3.2:latest", "qwen3:8b"}))
+        self.assertEqual(peer.models_checked, START)
+        self.assertIn("No model list from {url}: {reason}", [e["log_format"] for e in self.events])
+
+    def test_static_servers_that_stay_down_are_checked_with_doubling_backoff(self) -> None:
+        peer = self.static()
+        self.servers.refusing.add(A)
+        self.checker.startService()
+        self.run_for(200)
+        # Down after the second; then 5 s later, 10, 20, 40 and no more than max_backoff.
+        self.assertEqual(self.checks(), [0, 5, 10, 20, 40, 80, 120, 160, 200])
+        self.servers.refusing.discard(A)
+        self.run_for(50)
+        self.assertEqual(self.checks()[9:], [240, 245, 250])
+        self.assertTrue(peer.healthy)
+        self.assertEqual(peer.next_check, 0.0)
+
+    def test_the_default_backoff_cap_is_60_seconds(self) -> None:
+        self.static()
+        self.servers.refusing.add(A)
+        self.make().startService()
+        self.run_for(260)
+        self.assertEqual(self.checks(), [0, 5, 10, 20, 40, 80, 140, 200, 260])
+
+    def test_the_backoff_cap_is_never_below_the_interval(self) -> None:
+        self.assertEqual(self.make(max_backoff=1).max_backoff, 5)
+
+    def test_a_discovered_server_is_not_backed_off(self) -> None:
+        peer = self.discovered()
+        self.servers.refusing.add(B)
+        self.checker.startService()
+        self.run_for(60)
+        self.assertEqual(self.checks(B), list(range(0, 61, 5)))
+        self.assertEqual((peer.healthy, peer.next_check), (False, 0.0))
+
+    def test_suspect_checks_at_the_next_tick_despite_the_backoff(self) -> None:
+        peer = self.static()
+        self.servers.refusing.add(A)
+        self.checker.startService()
+        self.run_for(21)  # checked at 20, next at 40
+        self.checker.suspect(peer, "connection reset")
+        self.assertEqual(peer.reason, "connection reset")
+        self.run_for(4)
+        self.assertEqual(self.checks(), [0, 5, 10, 20, 25])
+
+    def test_suspect_takes_a_server_out_until_a_check_succeeds(self) -> None:
+        peer = self.static()
+        self.checker.startService()
+        self.clock.advance(1)
+        self.checker.suspect(peer, "connection reset")
+        self.assertFalse(peer.healthy)
+        self.assertEqual(self.pool.candidates("fastest"), [peer], "the last resort")
+        self.clock.advance(4)
+        self.assertTrue(peer.healthy)
+        self.assertEqual(self.tags(), [0, 5], "models fetched again on recovery")
+
+    def test_a_getter_that_raises_is_a_failed_check_and_the_loop_goes_on(self) -> None:
+        peer = self.static()
+        self.servers.raising[A] = RuntimeError("boom")
+        self.checker.startService()
+        self.clock.advance(5)
+        self.assertFalse(peer.healthy)
+        self.assertEqual(peer.reason, "boom")
+        warned = [e for e in self.events if e.get("log_format", "").endswith("unhealthy: {reason}")]
+        self.assertEqual([e["reason"] for e in warned], ["boom"])
+        del self.servers.raising[A]
+        self.run_for(5)
+        self.assertTrue(peer.healthy)
+        self.assertEqual(self.checks(), [0, 5, 10])
+
+    def test_the_loop_survives_a_pool_that_raises(self) -> None:
+        peer = self.static()
+        self.pool.broken_iteration = True
+        self.checker.startService()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIn("Error in the server health checks", [e["log_format"] for e in self.events])
+        self.assertEqual(self.checks(), [])
+        self.pool.broken_iteration = False
+        self.clock.advance(5)
+        self.assertEqual(self.checks(), [5])
+        self.assertEqual(peer.last_ok, START + 5)
+
+    def test_the_loop_survives_an_error_while_recording_a_check(self) -> None:
+        peer = self.static()
+        self.pool.broken_success = True
+        self.checker.startService()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIn("Error while checking {url}", [e["log_format"] for e in self.events])
+        self.pool.broken_success = False
+        self.clock.advance(5)
+        self.assertEqual(self.checks(), [0, 5])
+        self.assertEqual(peer.last_ok, START + 5)
+
+    def test_stop_cancels_the_check_in_flight_and_changes_nothing(self) -> None:
+        peer = self.static()
+        self.servers.hanging.add(A)
+        self.checker.startService()
+        self.checker.stopService()
+        self.assertEqual(self.servers.cancelled, [A + "/api/version"])
+        self.assertEqual((peer.healthy, peer.failures, peer.reason), (True, 0, ""))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(60)
+        self.assertEqual(self.checks(), [0])
+        self.assertEqual([e for e in self.events if e.get("log_level") == LogLevel.warn], [])
+
+    def test_stop_cancels_a_model_listing_in_flight(self) -> None:
+        peer = self.static()
+        self.servers.hanging.add(A + "/api/tags")
+        self.checker.startService()
+        self.assertEqual(peer.last_ok, START)
+        self.checker.stopService()
+        self.assertEqual(self.servers.cancelled, [A + "/api/tags"])
+        self.assertEqual((peer.models, peer.models_checked), (frozenset(), None))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertNotIn(
+            "No model list from {url}: {reason}", [e["log_format"] for e in self.events]
+        )
+
+    def test_a_check_after_stop_records_nothing(self) -> None:
+        peer = self.static()
+        self.servers.delays[A] = 1
+        self.checker.startService()
+        self.checker.stopService()
+        self.clock.advance(10)
+        self.assertEqual((peer.last_ok, peer.latency), (None, None))
+
+    def test_legacy_servers_are_never_checked(self) -> None:
+        peer = self.pool.legacy_replied("198.18.0.9")
+        self.checker.startService()
+        self.run_for(30)
+        self.assertEqual(self.servers.asked, [])
+        self.assertEqual((peer.last_ok, peer.failures), (None, 0))
+
+    def test_the_result_of_check_fires(self) -> None:
+        peer = self.static()
+        self.checker.startService()
+        self.clock.advance(1)
+        self.fake.up = False
+        self.assertIsNone(self.successResultOf(self.checker.check(peer)))
+        self.assertEqual(peer.failures, 1)
+        self.fake.up = True
+        self.assertIsNone(self.successResultOf(self.checker.check(peer)))
+        self.assertEqual((peer.failures, peer.last_ok), (0, START + 1))
+        self.assertEqual(self.flushWarnings(), [], "no callback returns its own Deferred")

@@ -1,0 +1,234 @@
+"""Where requests go: the pool's servers in client mode, the local Ollama in server mode."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from ollana.health import LocalOllamaMonitor, OllamaProbe, PeerHealthChecker
+from ollana.listings import MergedListings
+from ollana.peers import Peer, PeerPool, model_key
+from ollana.proxy import LocalAnswer, NoUpstream, Router, Upstream
+from ollana.routing import LocalRouter, PoolRouter
+from tests.support import FakeServers, capture_logs
+
+START = 1000.0
+OLLAMA = "http://127.0.0.1:11434"
+NO_SERVER = "ollana: no Ollama server found on the LAN yet"
+ONLY_LEGACY = (
+    "ollana: only original (legacy) Ollana servers were found; they cannot be "
+    "proxied to, upgrade them to this Ollana"
+)
+
+
+class PoolRouterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.pool = PeerPool(self.clock, ttl=15)
+        self.servers = FakeServers(self.clock)
+        self.checker = PeerHealthChecker(
+            self.pool, self.servers, self.clock, interval=5, timeout=2, models_interval=60
+        )
+        self.listings = MergedListings(self.pool, self.servers, self.clock, timeout=3)
+        self.router = self.make()
+        capture_logs(self)
+
+    def make(self, strategy: str = "fastest", attempts: int = 2) -> PoolRouter:
+        return PoolRouter(self.pool, self.checker, self.listings, strategy, attempts)
+
+    def peer(self, name: str, latency: float, *models: str) -> Peer:
+        peer = self.pool.add_static(f"{name}.example", 11435)
+        self.servers.add(peer.url, models=list(models))
+        self.pool.check_succeeded(peer, latency)
+        peer.models = frozenset(model_key(m) for m in models)
+        return peer
+
+    def test_candidates_are_the_pools_best_first_up_to_attempts(self) -> None:
+        slow = self.peer("a", 0.5)
+        fast = self.peer("b", 0.01)
+        self.peer("c", 0.9)
+        upstreams = self.router.candidates(None)
+        self.assertEqual(
+            upstreams,
+            [
+                Upstream("http://b.example:11435", "b.example:11435"),
+                Upstream("http://a.example:11435", "a.example:11435"),
+            ],
+        )
+        self.assertEqual([u.server for u in upstreams], [fast, slow])
+        self.assertEqual(len(self.make(attempts=1).candidates(None)), 1)
+        self.assertEqual(len(self.make(attempts=5).candidates(None)), 3)
+
+    def test_candidates_are_those_having_the_model(self) -> None:
+        self.peer("a", 0.01, "llama3.2:latest")
+        having = self.peer("b", 0.5, "qwen3:8b")
+        self.assertEqual([u.server for u in self.router.candidates("Qwen3:8b")], [having])
+        self.assertEqual(len(self.router.candidates("gemma3")), 2, "no one has it")
+
+    def test_candidates_follow_the_strategy(self) -> None:
+        a = self.peer("a", 0.5)
+        b = self.peer("b", 0.01)
+        router = self.make("round-robin", attempts=1)
+        firsts = [router.candidates(None)[0].server for _ in range(3)]
+        self.assertEqual(firsts, [a, b, a])
+        a.active = 0
+        b.active = 3
+        self.assertEqual(self.make("least-connections", 1).candidates(None)[0].server, a)
+        self.assertEqual(self.make("fastest", 1).candidates(None)[0].server, b)
+
+    def test_unhealthy_servers_as_a_last_resort(self) -> None:
+        a = self.peer("a", 0.5)
+        self.pool.suspect(a, "connection refused")
+        self.assertEqual([u.server for u in self.router.candidates(None)], [a])
+
+    def test_no_server_is_no_upstream(self) -> None:
+        e = self.assertRaises(NoUpstream, self.router.candidates, None)
+        self.assertEqual(str(e), NO_SERVER)
+        self.pool.legacy_replied("198.18.0.9")
+        e = self.assertRaises(NoUpstream, self.router.candidates, "llama3.2")
+        self.assertEqual(str(e), ONLY_LEGACY)
+
+    def test_started_and_ended_count_the_requests_of_a_server(self) -> None:
+        a = self.peer("a", 0.01)
+        b = self.peer("b", 0.5)
+        router = self.make("least-connections", attempts=1)
+        [first] = router.candidates(None)
+        self.assertIs(first.server, a)
+        router.started(first)
+        router.started(first)
+        self.assertEqual((a.active, b.active), (2, 0))
+        [second] = router.candidates(None)
+        self.assertIs(second.server, b)
+        router.started(second)
+        router.ended(first)
+        router.ended(first)
+        self.assertEqual((a.active, b.active), (0, 1))
+        self.assertIs(router.candidates(None)[0].server, a)
+
+    def test_failed_suspects_the_server(self) -> None:
+        a = self.peer("a", 0.01)
+        b = self.peer("b", 0.5)
+        a.next_check = START + 60
+        [upstream, _] = self.router.candidates(None)
+        self.router.failed(upstream, "connection reset")
+        self.assertFalse(a.healthy)
+        self.assertEqual((a.reason, a.next_check), ("connection reset", 0.0))
+        self.assertEqual([u.server for u in self.router.candidates(None)], [b])
+
+    def test_wants_the_model_of_requests_with_a_body(self) -> None:
+        for method in (b"POST", b"PUT", b"PATCH", b"DELETE"):
+            self.assertTrue(self.router.wants_model(method, b"/api/chat"), method)
+        self.assertTrue(self.router.wants_model(b"DELETE", b"/api/delete"))
+        self.assertTrue(self.router.wants_model(b"POST", b"/v1/chat/completions"))
+        for method in (b"GET", b"HEAD", b"OPTIONS"):
+            self.assertFalse(self.router.wants_model(method, b"/api/tags"), method)
+        self.assertFalse(self.router.wants_model(b"POST", b"/api/blobs/sha256:" + b"0" * 64))
+        self.assertFalse(self.router.wants_model(b"HEAD", b"/api/blobs/sha256:" + b"0" * 64))
+
+    def test_scan_limit(self) -> None:
+        self.assertEqual(self.router.scan_limit, 8 << 20)
+        router = PoolRouter(self.pool, self.checker, self.listings, scan_limit=1024)
+        self.assertEqual(
+            (router.scan_limit, router.strategy, router.attempts), (1024, "fastest", 3)
+        )
+
+    def test_listings_are_merged_for_get_of_the_three_paths(self) -> None:
+        self.peer("a", 0.01, "llama3.2:latest")
+        self.peer("b", 0.5, "qwen3:8b")
+        for path, key in (
+            (b"/api/tags", "models"),
+            (b"/api/ps", "models"),
+            (b"/v1/models", "data"),
+        ):
+            listing = self.router.listing(b"GET", path)
+            assert listing is not None, path
+            answer = self.successResultOf(listing())
+            self.assertIsInstance(answer, LocalAnswer)
+            self.assertEqual(answer.code, 200)
+            self.assertIn(key, json.loads(answer.body))
+        names = [e["name"] for e in json.loads(self.successResultOf(self.tags()).body)["models"]]
+        self.assertEqual(names, ["llama3.2:latest", "qwen3:8b"])
+        self.assertEqual(len(self.servers.asked), 8, "each server asked for each listing")
+
+    def tags(self) -> defer.Deferred[LocalAnswer]:
+        listing = self.router.listing(b"GET", b"/api/tags?x=1")
+        assert listing is not None
+        return listing()
+
+    def test_other_requests_are_no_listing(self) -> None:
+        self.peer("a", 0.01, "llama3.2:latest")
+        for method, path in [
+            (b"POST", b"/api/tags"),
+            (b"HEAD", b"/api/tags"),
+            (b"DELETE", b"/v1/models"),
+            (b"GET", b"/api/version"),
+            (b"GET", b"/api/show"),
+            (b"GET", b"/api/tags/extra"),
+            (b"GET", b"/"),
+        ]:
+            self.assertIsNone(self.router.listing(method, path), (method, path))
+        self.assertEqual(self.servers.asked, [])
+
+
+class LocalRouterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.servers = FakeServers(self.clock)
+        self.servers.add(OLLAMA)
+        self.monitor = LocalOllamaMonitor(
+            OllamaProbe(self.servers, self.clock, OLLAMA), self.clock, interval=5, timeout=2
+        )
+        self.addCleanup(self.stop)
+        self.router = LocalRouter(OLLAMA, self.monitor)
+        capture_logs(self)
+
+    def stop(self) -> None:
+        if self.monitor.running:
+            self.monitor.stopService()
+
+    def down(self, reason: str) -> str:
+        return f"ollana: the Ollama behind this server ({OLLAMA}) is down: {reason}"
+
+    def test_the_local_ollama_before_any_check(self) -> None:
+        self.assertEqual(self.router.candidates(None), [Upstream(OLLAMA)])
+        self.assertEqual(self.router.candidates("llama3.2"), [Upstream(OLLAMA)])
+
+    def test_the_local_ollama_while_it_answers(self) -> None:
+        self.monitor.startService()
+        self.assertTrue(self.monitor.healthy)
+        self.assertEqual(self.router.candidates(None), [Upstream(OLLAMA)])
+
+    def test_no_upstream_when_found_down_at_the_first_check(self) -> None:
+        self.servers.refusing.add(OLLAMA)
+        self.monitor.startService()
+        e = self.assertRaises(NoUpstream, self.router.candidates, None)
+        self.assertEqual(str(e), self.down("connection refused"))
+
+    def test_no_upstream_while_down_and_back_when_it_answers(self) -> None:
+        self.monitor.startService()
+        self.servers.hanging.add(OLLAMA)
+        self.clock.advance(5)
+        self.assertEqual(self.router.candidates(None), [Upstream(OLLAMA)], "still checking")
+        self.clock.advance(2)
+        e = self.assertRaises(NoUpstream, self.router.candidates, "qwen3")
+        self.assertEqual(str(e), self.down("no answer within 2 s"))
+        self.servers.hanging.clear()
+        self.servers.ollamas[OLLAMA].up = False
+        self.clock.advance(3)
+        e = self.assertRaises(NoUpstream, self.router.candidates, None)
+        self.assertEqual(str(e), self.down("HTTP 500 from /api/version"))
+        self.servers.ollamas[OLLAMA].up = True
+        self.clock.advance(5)
+        self.assertEqual(self.router.candidates(None), [Upstream(OLLAMA)])
+
+    def test_like_the_base_router_otherwise(self) -> None:
+        base = Router(Upstream(OLLAMA))
+        for router in (base, self.router):
+            self.assertFalse(router.wants_model(b"POST", b"/api/chat"))
+            self.assertIsNone(router.listing(b"GET", b"/api/tags"))
+        self.assertEqual(self.router.scan_limit, 0)
