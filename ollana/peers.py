@@ -15,6 +15,8 @@ from ollana import wire
 LEGACY_PORT = 11435
 STRATEGIES = ("fastest", "least-connections", "round-robin")
 LATENCY_WEIGHT = 0.3  # of the newest check in the moving average
+SAME_LATENCY_SHARE = 0.25  # latencies this much above the best, plus
+SAME_LATENCY_SECONDS = 0.005  # this much, are as fast as the best
 
 
 class Source(enum.Enum):
@@ -237,8 +239,23 @@ class PeerPool:
             ordered = sorted(healthy, key=lambda p: p.key)
             self._turn = (self._turn + 1) % len(ordered)
             return ordered[self._turn :] + ordered[: self._turn]
-        return sorted(healthy, key=lambda p: (_latency(p), p.active, p.key))
+        return _fastest(healthy)
 
 
 def _latency(peer: Peer) -> float:
     return float("inf") if peer.latency is None else peer.latency
+
+
+def _fastest(peers: list[Peer]) -> list[Peer]:
+    """Lowest latency first; latencies within noise of the best (a LAN's are all about a
+    millisecond) count as a tie, broken by fewest active requests, so that concurrent
+    streams spread over equally fast servers instead of piling onto one."""
+    best = min(_latency(peer) for peer in peers)
+    band = best * (1 + SAME_LATENCY_SHARE) + SAME_LATENCY_SECONDS
+    tied = sorted(
+        (p for p in peers if _latency(p) <= band), key=lambda p: (p.active, _latency(p), p.key)
+    )
+    rest = sorted(
+        (p for p in peers if _latency(p) > band), key=lambda p: (_latency(p), p.active, p.key)
+    )
+    return tied + rest

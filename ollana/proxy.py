@@ -341,9 +341,9 @@ class Exchange:
         self.response: defer.Deferred[IResponse | LocalAnswer] = defer.Deferred(self._cancel)
         request.notifyFinish().addCallbacks(self._request_done, self._client_left)
         channel = request.channel
-        self.method, target = channel._command, channel._path  # see the module docstring
+        self.method, self.uri = channel._command, channel._path  # see the module docstring
         try:
-            self.uri = origin_form(target)
+            self.uri = origin_form(self.uri)
         except BadTarget as e:
             self.response.errback(e)
             return
@@ -421,7 +421,7 @@ class Exchange:
         self.router.failed(upstream, reason)
         if self.candidates and self._received is not None and not self.client_gone:
             log.info("Retrying {path} elsewhere: {url}: {reason}",
-                     path=self.uri, url=upstream.url, reason=reason)  # fmt: skip
+                     path=_text(self.uri), url=upstream.url, reason=reason)  # fmt: skip
             self._attempt()
             return
         if len(self.reasons) > 1:
@@ -574,7 +574,7 @@ class Exchange:
             return
         code, message, headers = self._describe(failure)
         log.warn("{code} for {method} {path}: {message}", code=code, message=message,
-                 method=self.request.method, path=self.request.path)  # fmt: skip
+                 method=_text(self.method), path=_text(self.uri))  # fmt: skip
         request = self.request
         request.setResponseCode(code)
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
@@ -694,6 +694,11 @@ class _Drop(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.stopProducing()  # type: ignore[union-attr]
+
+
+def _text(raw: bytes) -> str:
+    """Bytes from the wire, readable in a log line."""
+    return raw.decode("ascii", "backslashreplace")
 
 
 def _reason(failure: Failure) -> str:
@@ -837,9 +842,20 @@ class UpstreamEndpoints:
         return endpoint
 
 
+class _QuietClientFactory(client._HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" line for every upstream connection
+
+
+def quiet_pool(reactor: Any) -> client.HTTPConnectionPool:
+    """A pool of kept-alive connections that does not log each one it opens."""
+    pool = client.HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory  # private to Twisted: see setup.cfg's pin
+    return pool
+
+
 def make_agent(reactor: Any, connect_timeout: float) -> tuple[IAgent, client.HTTPConnectionPool]:
     """An HTTP/1.1 agent with kept-alive connections, enough for many streams per peer."""
-    pool = client.HTTPConnectionPool(reactor, persistent=True)
+    pool = quiet_pool(reactor)
     pool.maxPersistentPerHost = 64
     # Closed before an Ollana server's channel (60 s) would close it under a new request.
     pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT

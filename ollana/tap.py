@@ -182,17 +182,18 @@ class Options(DiscoveryOptions):
 def makeService(options: Options, reactor: Any = None) -> Any:
     """The Ollana service for twistd, on the global reactor unless given another."""
     from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.client import Agent
 
     from ollana.netif import default_broadcast_addresses
     from ollana.node import HEALTH_TIMEOUT, ConnectionPoolService, OllanaService
+    from ollana.proxy import quiet_pool
 
     exit_code_from_failure = reactor is None
     if reactor is None:
         from twisted.internet import reactor
     # One kept-alive connection for the health checks, not a new one (and two log
     # lines) every few seconds.
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = quiet_pool(reactor)
     pool.maxPersistentPerHost = 1
     agent = Agent(reactor, connectTimeout=HEALTH_TIMEOUT, pool=pool)
     service = OllanaService(

@@ -56,8 +56,12 @@ class Lan:
         self.hosts: list[Host] = []
         self._namespaces: list[str] = []
         self._add_namespace(self.switch)
-        _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
-        _ip("-n", self.switch, "link", "set", "br0", "up")
+        try:
+            _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+            _ip("-n", self.switch, "link", "set", "br0", "up")
+        except BaseException:
+            self.remove()  # nobody else can: the caller never gets this Lan
+            raise
 
     def _add_namespace(self, namespace: str) -> None:
         _ip("netns", "add", namespace)

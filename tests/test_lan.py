@@ -9,39 +9,58 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests import netns
 from tests.support import REPO, ChildProcess, python_env
 
 reactor: Any = _reactor
+log = Logger()
 TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
+OLLANA = [*TWISTD, "-n", "--pidfile=", "ollana"]
+# Short intervals for the client, for speed; every other option keeps its default.
+CLIENT_OPTIONS = ["--probe-interval", "1", "--health-interval", "0.5", "--models-interval", "1"]
+PACE = "0.1"  # seconds between the fake Ollamas' chunks: a 20-word stream lasts about 2 s
+
+
+def require_netns(case: TestCase) -> None:
+    """Skip without namespaces, or fail when OLLANA_REQUIRE_NETNS says they must run."""
+    reason = netns.unavailable()
+    if reason is not None:
+        if os.environ.get(netns.REQUIRE_ENV):
+            case.fail(f"{netns.REQUIRE_ENV} is set but {reason}")
+        raise SkipTest(reason)
+
+
+def spawn(case: TestCase, host: netns.Host, args: list[str]) -> ChildProcess:
+    """A Python child in host's namespace, stopped when the test ends."""
+    child = ChildProcess.spawn(reactor, args, prefix=host.command())
+    case.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
+    return child
 
 
 class LanDiscoveryTests(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        reason = netns.unavailable()
-        if reason is not None:
-            if os.environ.get(netns.REQUIRE_ENV):
-                self.fail(f"{netns.REQUIRE_ENV} is set but {reason}")
-            raise SkipTest(reason)
+        require_netns(self)
         self.lan = netns.Lan("olt")
         self.addCleanup(self.lan.remove)
         self.server_host = self.lan.add_host()
         self.client_host = self.lan.add_host()
 
     def spawn(self, host: netns.Host, args: list[str]) -> ChildProcess:
-        child = ChildProcess.spawn(reactor, args, prefix=host.command())
-        self.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
-        return child
+        return spawn(self, host, args)
 
     async def test_zero_configuration_discovery(self) -> None:
         ollama = self.spawn(self.server_host, ["-m", "tests.fake_ollama", "--port", "11434"])
@@ -70,3 +89,159 @@ class LanDiscoveryTests(TestCase):
         bye = client.wait_for(rf"Server {found['node_id']} at \S+ said bye")
         await server.stop()
         await bye
+
+
+@dataclass
+class Server:
+    """A server host: a fake Ollama with its models, and Ollana in auto mode in front."""
+
+    host: netns.Host
+    models: list[str]
+    ollana: ChildProcess | None = None
+    node: str = ""
+
+    @property
+    def peer(self) -> str:
+        """How the client's X-Ollana-Peer names this server."""
+        return f"{self.host.address}:11435"
+
+    @property
+    def url(self) -> str:
+        return f"http://{re.escape(self.host.address)}:11435"
+
+
+class LanProxyTests(TestCase):
+    """Two server hosts and a client host, all with Ollana in auto mode and no address given:
+    the client's proxy finds both, routes by model, merges listings and survives losing one."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        require_netns(self)
+        self.lan = netns.Lan("olp")
+        self.addCleanup(self.lan.remove)
+        self.a = Server(self.lan.add_host(), ["alpha:latest", "shared:latest"])
+        self.b = Server(self.lan.add_host(), ["beta:latest", "shared:latest"])
+        self.client_host = self.lan.add_host()
+
+    async def start(self) -> None:
+        """Fake Ollamas, then Ollana on every host; done once the client has found both."""
+        fakes = []
+        for server in (self.a, self.b):
+            models = [arg for model in server.models for arg in ("--model", model)]
+            fakes.append(spawn(self, server.host, ["-m", "tests.fake_ollama", "--port", "11434",
+                                                   "--pace", PACE, *models]))  # fmt: skip
+        for fake in fakes:
+            await fake.wait_for(r"fake Ollama on http://127\.0\.0\.1:11434")
+        for server in (self.a, self.b):
+            self.start_ollana(server)
+        self.client = spawn(self, self.client_host, [*OLLANA, *CLIENT_OPTIONS])
+        for server in (self.a, self.b):
+            assert server.ollana is not None
+            await server.ollana.wait_for(r"Auto mode: server mode")
+            await server.ollana.wait_for(r"Listening for HTTP on 0\.0\.0\.0:11435")
+        await self.client.wait_for(r"Auto mode: client mode")
+        await self.client.wait_for(r"Listening for HTTP on 127\.0\.0\.1:11434")
+        for server in (self.a, self.b):
+            found = await self.client.wait_for(rf"Found server (\w+) at {server.url} ")
+            server.node = found.group(1)
+
+    def start_ollana(self, server: Server) -> ChildProcess:
+        server.ollana = spawn(self, server.host, OLLANA)
+        return server.ollana
+
+    async def drive(self, *args: str) -> Any:
+        """Run tests.lan_driver in the client's namespace; its JSON answer."""
+        out, err, code = await getProcessOutputAndValue(
+            "/usr/bin/env",
+            [*self.client_host.command(), sys.executable, "-m", "tests.lan_driver", *args],
+            env=python_env(),
+            path=str(REPO),
+        )
+        self.assertEqual(code, 0, err.decode("utf-8", "replace"))
+        return json.loads(out)
+
+    async def test_routes_by_model_and_merges_listings(self) -> None:
+        """GET /api/tags merges both servers' models; a model goes to the server that has it."""
+        await self.start()
+        tags = await self.drive("get", "/api/tags")
+        self.assertEqual(tags["status"], 200, tags)
+        names = sorted(model["name"] for model in tags["body"]["models"])
+        self.assertEqual(names, ["alpha:latest", "beta:latest", "shared:latest"])
+        self.assertEqual(sorted(tags["peer"].split(", ")), [self.a.peer, self.b.peer])
+        for model, server in (("alpha", self.a), ("beta", self.b), ("alpha", self.a)):
+            answer = await self.drive("generate", model)
+            self.assertEqual((answer["status"], answer["peer"], answer["ok"]),
+                             (200, server.peer, True), answer)  # fmt: skip
+            self.assertEqual(answer["body"]["model"], model)
+
+    async def test_server_killed_mid_load_then_back(self) -> None:
+        """SIGKILL of a server under load: only streams already under way may fail; requests
+        it had not answered go to the other, as do new ones; back, it is used again."""
+        await self.start()
+        load = spawn(self, self.client_host, ["-m", "tests.lan_driver", "load", "shared",
+                                              "--held", "5", "--streams", "40",
+                                              "--every", "0.02", "--after", "30"])  # fmt: skip
+        streaming = json.loads((await load.wait_for(r"^streaming (.*)$")).group(1))
+        streams = streaming["streams"]
+        # The held requests went where the first stream went, nearly all streams with them
+        # (the default strategy, fastest, sends all to one server until its checks slow).
+        victim, survivor = (
+            (self.a, self.b) if streaming["first"] == self.a.peer else (self.b, self.a)
+        )
+        self.assertGreater(streams.get(victim.peer, 0), 0, streaming)
+        assert victim.ollana is not None
+        await victim.ollana.kill()
+        load.send("killed")
+        report = json.loads((await load.wait_for(r"^report (.*)$", timeout=60)).group(1))
+        outcomes = report["outcomes"]
+        failed = [o for o in outcomes if not o["ok"]]
+        cut = [o for o in failed if o["headers"] and o["status"] == 200]
+        self.assertEqual([o for o in failed if o not in cut], [], "failed before streaming")
+        self.assertEqual({o["peer"] for o in cut}, {victim.peer})
+        for phase, count in (("held", 5), ("after", 30)):
+            group = [o for o in outcomes if o["phase"] == phase]
+            self.assertEqual(len(group), count)
+            self.assertEqual([o for o in group if not o["ok"] or o["peer"] != survivor.peer], [])
+        retried = [line for line in self.client.lines if f"elsewhere: http://{victim.peer}" in line]
+        self.assertGreater(len(retried), 0)  # the held ones, unless a check moved them
+        await self.client.wait_for(rf"Server {victim.url} is unhealthy: ")
+        log.info(
+            "Killed {victim} under load: {total} requests, {streaming} streams on it, {cut} cut "
+            "mid-stream, {retried} retried elsewhere (5 held), all 30 started after it fine",
+            victim=victim.peer, total=len(outcomes), streaming=streams[victim.peer],
+            cut=len(cut), retried=len(retried),
+        )  # fmt: skip
+
+        old = victim.node
+        self.start_ollana(victim)
+        found = await self.client.wait_for(rf"Found server (?!{old})(\w+) at {victim.url} ")
+        victim.node = found.group(1)
+        own = victim.models[0].partition(":")[0]
+        back = await self.drive("until", own, victim.peer, "--within", "15")
+        self.assertTrue(back["matched"], back)
+        log.info("Back, {peer} answered {model} at try {tries}", peer=victim.peer, model=own,
+                 tries=back["tries"])  # fmt: skip
+
+    async def test_clean_stop_says_bye(self) -> None:
+        """A server stopped with SIGTERM says bye; the client drops it at once, so its model's
+        requests go to the other server (which answers them, as the fake Ollama does)."""
+        await self.start()
+        tags = await self.drive("get", "/api/tags")
+        self.assertEqual(sorted(tags["peer"].split(", ")), [self.a.peer, self.b.peer])
+        assert self.a.ollana is not None
+        bye = self.client.wait_for(rf"Server {self.a.node} at {self.a.url} said bye")
+        await self.a.ollana.stop()
+        self.assertEqual((self.a.ollana.exit_code, self.a.ollana.exit_signal),
+                         (None, signal.SIGTERM))  # fmt: skip
+        await bye
+        answer = await self.drive("generate", "alpha")
+        self.assertEqual((answer["status"], answer["peer"], answer["ok"]),
+                         (200, self.b.peer, True), answer)  # fmt: skip
+        tags = await self.drive("get", "/api/tags")
+        self.assertEqual(tags["peer"], self.b.peer)
+        names = sorted(model["name"] for model in tags["body"]["models"])
+        self.assertEqual(names, ["beta:latest", "shared:latest"])
+        # Dropped, not found failing: no request tried it, no check found it down.
+        self.assertNotIn(f"elsewhere: http://{self.a.peer}", self.client.output())
+        self.assertNotIn(f"Server http://{self.a.peer} is unhealthy", self.client.output())

@@ -304,6 +304,15 @@ class StrategyTests(PoolTestCase):
         middle = self.static("c", latency=0.1, active=5)
         self.assertEqual(self.pool.candidates("fastest"), [fast, middle, slow])
 
+    def test_fastest_counts_latencies_within_noise_as_a_tie(self) -> None:
+        # 1.0 ms and 1.4 ms are the same on a LAN: the idle one first.
+        busy = self.static("a", latency=0.0010, active=4)
+        idle = self.static("b", latency=0.0014, active=0)
+        far = self.static("c", latency=0.0070, active=0)  # beyond 1.25 x 1 ms + 5 ms
+        self.assertEqual(self.pool.candidates("fastest"), [idle, busy, far])
+        busy.active = 0
+        self.assertEqual(self.pool.candidates("fastest"), [busy, idle, far])
+
     def test_fastest_breaks_ties_by_fewest_active(self) -> None:
         busy = self.static("a", latency=0.1, active=3)
         idle = self.static("b", latency=0.1, active=0)
