@@ -7,6 +7,7 @@ Ollama first and builds the server or client services once it knows.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
@@ -15,6 +16,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web.resource import Resource
 
 from ollana import __version__
 from ollana.config import Settings, endpoint_scheme
@@ -27,9 +29,11 @@ from ollana.health import (
     choose_mode,
 )
 from ollana.listings import MergedListings
+from ollana.metrics import Metrics, discovery_metrics, peer_metrics
 from ollana.peers import PeerPool
 from ollana.proxy import ProxySettings, ProxySite, Router, make_agent
 from ollana.routing import LocalRouter, PoolRouter
+from ollana.status import StatusPages, peer_status
 
 log = Logger()
 
@@ -233,8 +237,16 @@ class ConnectionPoolService(Service):
         return self._pool.closeCachedConnections()
 
 
+@dataclass
+class Observed:
+    """What the proxy reports to, and what it serves under /ollana/."""
+
+    metrics: Metrics = field(default_factory=Metrics)
+    pages: Resource | None = None
+
+
 def proxy_services(
-    settings: Settings, reactor: Any, router: Router
+    settings: Settings, reactor: Any, router: Router, observed: Observed
 ) -> tuple[ProxySite, ConnectionPoolService]:
     """The proxying site for the HTTP listener, and the service that owns its connections."""
     agent, pool = make_agent(reactor, settings.connect_timeout)
@@ -244,10 +256,11 @@ def proxy_services(
         clock=reactor,
         idle_timeout=settings.idle_timeout,
         retry_after=settings.probe_interval,
+        metrics=observed.metrics,
     )
     connections = ConnectionPoolService(pool)
     connections.setName("upstream-connections")
-    return ProxySite(proxy), connections
+    return ProxySite(proxy, observed.pages), connections
 
 
 def build_server(
@@ -256,6 +269,7 @@ def build_server(
     http: HTTPGetter,
     find_broadcast: BroadcastLookup,
     on_error: ErrorReporter,
+    observed: Observed,
 ) -> list[IService]:
     """The local Ollama monitor, the LAN listener and the discovery responder."""
     probe = OllamaProbe(http, reactor, settings.ollama_url)
@@ -263,7 +277,7 @@ def build_server(
     monitor.setName("ollama-monitor")
     listen = settings.listen_for("server")
     router = LocalRouter(settings.ollama_url, monitor)
-    site, connections = proxy_services(settings, reactor, router)
+    site, connections = proxy_services(settings, reactor, router, observed)
     listener = HTTPListener(reactor, listen, site, on_error)
     listener.setName("http")
     services: list[IService] = [monitor, connections, listener]
@@ -290,6 +304,7 @@ def build_client(
     http: HTTPGetter,
     find_broadcast: BroadcastLookup,
     on_error: ErrorReporter,
+    observed: Observed,
 ) -> list[IService]:
     """The discovery seeker (unless disabled), the health checker and the local listener."""
     for host, port in settings.peers:
@@ -306,7 +321,7 @@ def build_client(
     listings = MergedListings(pool, http, reactor, LISTING_TIMEOUT)
     router = PoolRouter(pool, checker, listings, settings.strategy, settings.attempts,
                         settings.scan_limit)  # fmt: skip
-    site, connections = proxy_services(settings, reactor, router)
+    site, connections = proxy_services(settings, reactor, router, observed)
     listener = HTTPListener(reactor, settings.listen_for("client"), site, on_error)
     listener.setName("http")
     services += [checker, connections, listener]
@@ -334,25 +349,70 @@ class OllanaService(MultiService):
         self.mode: str | None = None
         self.failure: str | None = None
         self._choosing: defer.Deferred[Any] | None = None
+        self.started: float | None = None
+        self.observed = Observed()
+        self.observed.pages = StatusPages(self)
+        self.observed.metrics.watch(lambda: peer_metrics(self.pool))
+        self.observed.metrics.watch(lambda: discovery_metrics(self._discovery_protocols()))
         if settings.mode != "auto":
             self._become(settings.mode)
+
+    def _discovery_protocols(self) -> list[Any]:
+        named = {service.name: service for service in self}
+        discovery: Any = named.get("discovery")
+        if isinstance(discovery, ResponderService):
+            return [discovery.responder]
+        if isinstance(discovery, SeekerService):
+            return [discovery.seeker, discovery.listener]
+        return []
+
+    def status(self) -> dict[str, Any]:
+        """What this node is doing, as /ollana/api/status and ollana status show it."""
+        now = self._reactor.seconds()
+        named = {service.name: service for service in self}
+        listener: Any = named.get("http")
+        monitor: Any = named.get("ollama-monitor")
+        port = listener.port if listener is not None else None
+        address = port.getHost() if port is not None else None
+        return {
+            "mode": self.mode or "choosing",
+            "node_id": self.settings.node_id.hex(),
+            "version": __version__,
+            "uptime_s": round(now - self.started, 1) if self.started is not None else 0.0,
+            "listen": (
+                f"{address.host}:{address.port}"
+                if address is not None
+                else self.settings.listen_for(self.mode or "client")
+            ),  # fmt: skip
+            "ollama": None
+            if monitor is None
+            else {
+                "url": monitor.url,
+                "healthy": monitor.healthy,
+                "version": monitor.version,
+                "reason": monitor.reason,
+            },
+            "peers": [peer_status(peer, now) for peer in self.pool if self.mode == "client"],
+        }
 
     def _become(self, mode: str) -> None:
         self.mode = mode
         if mode == "server":
             services = build_server(
-                self.settings, self._reactor, self._http, self._find_broadcast, self.fail
-            )
+                self.settings, self._reactor, self._http, self._find_broadcast, self.fail,
+                self.observed,
+            )  # fmt: skip
         else:
             services = build_client(
                 self.settings, self._reactor, self.pool, self._http, self._find_broadcast,
-                self.fail,
+                self.fail, self.observed,
             )  # fmt: skip
         for service in services:
             service.setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()
+        self.started = self._reactor.seconds()
         if self.mode is None and self._choosing is None:
             probe = OllamaProbe(self._http, self._reactor, self.settings.ollama_url)
             choosing = defer.Deferred.fromCoroutine(choose_mode(probe, self._reactor))

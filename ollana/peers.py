@@ -51,6 +51,7 @@ class Peer:
     last_ok: float | None = None  # when a check last succeeded
     next_check: float = 0.0  # not checked again before this (backoff)
     active: int = 0  # requests being proxied to it, streams included
+    total_requests: int = 0  # requests ever sent to it
     models: frozenset[str] = field(default_factory=frozenset)  # model_key()s
     models_checked: float | None = None
 

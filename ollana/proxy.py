@@ -47,10 +47,11 @@ from twisted.web.iweb import (
     IBodyProducer,
     IResponse,
 )
-from twisted.web.resource import Resource
+from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
+from ollana.metrics import Metrics
 from ollana.modelscan import ModelScanner
 
 log = Logger()
@@ -71,6 +72,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 VIA = b"1.1 ollana"
+CLIENT_CLOSED = 499  # the status logged for a request whose client left before an answer
 IDLE_CONNECTION_TIMEOUT = 50  # seconds a kept-alive upstream connection may stay unused
 
 
@@ -338,6 +340,11 @@ class Exchange:
         self._pending: defer.Deferred[Any] | None = None
         self._answer: IResponse | None = None
         self._cancelled = False
+        self.arrived = proxy.clock.seconds()
+        self.first_byte: float | None = None
+        self.bytes_in = 0
+        self._counted = False
+        proxy.metrics.in_flight.inc()
         self.response: defer.Deferred[IResponse | LocalAnswer] = defer.Deferred(self._cancel)
         request.notifyFinish().addCallbacks(self._request_done, self._client_left)
         channel = request.channel
@@ -473,6 +480,7 @@ class Exchange:
     # Called by ProxyRequest.
 
     def received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         if self._received is not None:
             self._received.append(data)
             self._received_size += len(data)
@@ -509,6 +517,7 @@ class Exchange:
             return
         request = self.request
         request.setResponseCode(response.code, response.phrase)
+        self._answering()
         request.responseHeaders.removeHeader(b"server")  # twisted.web's own, not the upstream's
         # twisted.web.client keeps the response's Connection header to itself, so
         # custom headers that it names pass (Ollama sends none).
@@ -531,6 +540,7 @@ class Exchange:
             return
         request = self.request
         request.setResponseCode(answer.code)
+        self._answering()
         for name, value in answer.headers:
             request.responseHeaders.addRawHeader(name, value)
         request.setHeader(b"content-length", str(len(answer.body)).encode("ascii"))
@@ -577,6 +587,7 @@ class Exchange:
                  method=_text(self.method), path=_text(self.uri))  # fmt: skip
         request = self.request
         request.setResponseCode(code)
+        self._answering()
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
         for name, value in headers.items():
             request.setHeader(name, value)
@@ -606,7 +617,25 @@ class Exchange:
 
     # Ends.
 
+    def _answering(self) -> None:
+        self.first_byte = self.proxy.clock.seconds() - self.arrived
+
+    def _count(self) -> None:
+        """The request has ended, one way or another: count it and log it, once."""
+        if self._counted:
+            return
+        self._counted = True
+        request = self.request
+        status = request.code if request.startedWriting else CLIENT_CLOSED
+        duration = self.proxy.clock.seconds() - self.arrived
+        peer = self.upstream.peer if self.upstream is not None else None
+        self.proxy.metrics.in_flight.dec()
+        self.proxy.metrics.ended(peer, status, self.first_byte, duration, self.bytes_in,
+                                 request.sentLength)  # fmt: skip
+        access(request, peer, status, duration, self.bytes_in)
+
     def _request_done(self, ignored: None) -> None:
+        self._count()
         self.upstream_owes(False)
         self._end_active()
         if not self.responding:  # answered without us (OPTIONS *, say): drop the upstream
@@ -614,6 +643,7 @@ class Exchange:
             self.response.cancel()
 
     def _client_left(self, failure: Failure) -> None:
+        self._count()
         self.client_gone = True
         self.upstream_owes(False)
         self.scanner = None
@@ -721,6 +751,7 @@ class ProxySettings:
     clock: IReactorTime
     idle_timeout: float = 600.0
     retry_after: float = 5.0
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 class ProxyRequest(Request):
@@ -733,14 +764,21 @@ class ProxyRequest(Request):
     _saved_timeout: tuple[float | None] | None = None
 
     def gotLength(self, length: int | None) -> None:
-        self.content = io.BytesIO()  # stays empty: the body goes upstream instead
+        target = self.channel._path  # see the module docstring
         proxy = getattr(getattr(self.channel, "site", None), "proxy", None)
-        if proxy is not None and self.channel._path != b"*":  # twisted.web answers OPTIONS *
-            self.exchange = Exchange(proxy, self, length)
+        if proxy is not None:
+            self.arrived = proxy.clock.seconds()
+        if proxy is None or target == b"*" or is_local(target):
+            super().gotLength(length)  # answered here: the body (small) is kept as usual
+            return
+        self.content = io.BytesIO()  # stays empty: the body goes upstream instead
+        self.exchange = Exchange(proxy, self, length)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.exchange is not None:
             self.exchange.received(data)
+        elif self.content is not None and self.content.tell() < LOCAL_BODY_LIMIT:
+            super().handleContentChunk(data)
 
     def body_complete(self) -> None:
         """The whole body is in (ProxyChannel calls this before requestReceived)."""
@@ -795,6 +833,30 @@ class ProxyChannel(HTTPChannel):
         super().allContentReceived()
 
 
+LOCAL_PREFIX = b"/ollana"
+LOCAL_BODY_LIMIT = 1 << 20  # bytes of a request body kept for a page of our own
+
+
+def is_local(target: bytes) -> bool:
+    """Whether a request-target is Ollana's own (status, dashboard, metrics)."""
+    path = target.partition(b"?")[0]
+    return path == LOCAL_PREFIX or path.startswith(LOCAL_PREFIX + b"/")
+
+
+access_log = Logger(namespace="ollana.access")
+
+
+def access(request: Any, peer: str | None, status: int, duration: float, bytes_in: int) -> None:
+    """Log one request: who asked what, the answer and where it came from; never content."""
+    client = getattr(request.getClientAddress(), "host", "-")
+    access_log.info(
+        "{client} {method} {path} {status} {peer} {duration_ms:.0f} ms {bytes_out} B",
+        client=client, method=_text(request.method or b"-"), path=_text(request.uri or b"-"),
+        status=status, peer=peer or "local", duration_ms=duration * 1000,
+        bytes_in=bytes_in, bytes_out=request.sentLength,
+    )  # fmt: skip
+
+
 class ProxyResource(Resource):
     """Answers every path by relaying the exchange its ProxyRequest started."""
 
@@ -802,11 +864,16 @@ class ProxyResource(Resource):
 
     def render(self, request: Request) -> Any:
         exchange = getattr(request, "exchange", None)
-        if exchange is None:
-            request.setResponseCode(500)
-            return error_body("ollana: this listener is not set up for proxying")
-        exchange.respond()
-        return NOT_DONE_YET
+        if exchange is not None:
+            exchange.respond()
+            return NOT_DONE_YET
+        local = getattr(getattr(request.channel, "site", None), "local", None)
+        if local is not None and is_local(request.path) and request.postpath:
+            request.prepath = [request.postpath.pop(0)]
+            return getChildForRequest(local, request).render(request)
+        request.setResponseCode(404 if local is None else 500)
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        return error_body("ollana: nothing here")
 
 
 class ProxySite(Site):
@@ -814,10 +881,17 @@ class ProxySite(Site):
 
     protocol = ProxyChannel  # type: ignore[assignment]  # HTTP/1.1 only: no HTTP/2 here
 
-    def __init__(self, proxy: ProxySettings) -> None:
+    def __init__(self, proxy: ProxySettings, local: Resource | None = None) -> None:
         super().__init__(ProxyResource(), requestFactory=ProxyRequest, reactor=proxy.clock)
         self.proxy = proxy
+        self.local = local  # what answers /ollana/...: status, dashboard, metrics
         self.displayTracebacks = False
+
+    def log(self, request: Any) -> None:
+        """One access line per request: the exchange's own, or this for the rest."""
+        if getattr(request, "exchange", None) is None:
+            duration = self.proxy.clock.seconds() - getattr(request, "arrived", 0.0)
+            access(request, None, request.code, duration, 0)
 
 
 @implementer(IAgentEndpointFactory)

@@ -67,6 +67,7 @@ class PoolRouter(Router):
     def started(self, upstream: Upstream) -> None:
         peer: Peer = upstream.server
         peer.active += 1
+        peer.total_requests += 1
 
     def ended(self, upstream: Upstream) -> None:
         peer: Peer = upstream.server
