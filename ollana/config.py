@@ -47,6 +47,7 @@ class Settings:
     models_interval: float = 30.0
     scan_limit: int = 8 << 20
     attempts: int = 3
+    drain_timeout: float = 30.0
     node_id: bytes = field(default_factory=lambda: os.urandom(16))
 
     def listen_for(self, mode: str) -> str:

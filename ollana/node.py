@@ -62,15 +62,22 @@ def describe_listen_error(e: error.CannotListenError, what: str, option: str) ->
 
 
 class HTTPListener(Service):
-    """Listens for HTTP on an endpoint description and tells when and where it listens."""
+    """Listens for HTTP on an endpoint description and tells when and where it listens.
+    Stopped, it stops accepting and lets the requests under way finish (up to a limit)."""
 
     def __init__(
-        self, reactor: Any, description: str, factory: IProtocolFactory, on_error: ErrorReporter
+        self,
+        reactor: Any,
+        description: str,
+        factory: IProtocolFactory,
+        on_error: ErrorReporter,
+        drain_timeout: float = 30.0,
     ) -> None:
         self._reactor = reactor
         self.description = description
         self._factory = factory
         self._on_error = on_error
+        self.drain_timeout = drain_timeout
         self.port: IListeningPort | None = None
         self._waiting: list[defer.Deferred[int]] = []
 
@@ -108,10 +115,15 @@ class HTTPListener(Service):
         self._waiting.append(d)
         return d
 
-    def stopService(self) -> defer.Deferred[None] | None:
+    def stopService(self) -> defer.Deferred[Any]:
         super().stopService()
         port, self.port = self.port, None
-        return port.stopListening() if port is not None else None
+        stopping: list[defer.Deferred[Any]] = []
+        if port is not None:
+            stopping.append(defer.maybeDeferred(port.stopListening))
+        if isinstance(self._factory, ProxySite):
+            stopping.append(self._factory.drain(self.drain_timeout))
+        return defer.gatherResults(stopping)
 
 
 def listen_shared(
@@ -278,7 +290,7 @@ def build_server(
     listen = settings.listen_for("server")
     router = LocalRouter(settings.ollama_url, monitor)
     site, connections = proxy_services(settings, reactor, router, observed)
-    listener = HTTPListener(reactor, listen, site, on_error)
+    listener = HTTPListener(reactor, listen, site, on_error, settings.drain_timeout)
     listener.setName("http")
     services: list[IService] = [monitor, connections, listener]
     if settings.discovery:
@@ -322,7 +334,8 @@ def build_client(
     router = PoolRouter(pool, checker, listings, settings.strategy, settings.attempts,
                         settings.scan_limit)  # fmt: skip
     site, connections = proxy_services(settings, reactor, router, observed)
-    listener = HTTPListener(reactor, settings.listen_for("client"), site, on_error)
+    listener = HTTPListener(reactor, settings.listen_for("client"), site, on_error,
+                            settings.drain_timeout)  # fmt: skip
     listener.setName("http")
     services += [checker, connections, listener]
     return services

@@ -824,7 +824,17 @@ class ProxyRequest(Request):
 class ProxyChannel(HTTPChannel):
     """An HTTP channel that tells its request that the body is complete before it turns
     its own idle timeout off for the response (and restores it after), so the timeout a
-    held upload suspended is the one restored."""
+    held upload suspended is the one restored. Its site knows it while it is open."""
+
+    site: ProxySite
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.opened(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self.site.closed(self)
 
     def allContentReceived(self) -> None:
         request = self.requests[-1]
@@ -886,6 +896,47 @@ class ProxySite(Site):
         self.proxy = proxy
         self.local = local  # what answers /ollana/...: status, dashboard, metrics
         self.displayTracebacks = False
+        self.channels: set[ProxyChannel] = set()
+        self._drained: defer.Deferred[None] | None = None
+
+    def opened(self, channel: ProxyChannel) -> None:
+        self.channels.add(channel)
+        if self._drained is not None:  # accepted just before the port closed
+            channel.persistent = False
+
+    def closed(self, channel: ProxyChannel) -> None:
+        self.channels.discard(channel)
+        if not self.channels and self._drained is not None and not self._drained.called:
+            self._drained.callback(None)
+
+    def drain(self, timeout: float) -> defer.Deferred[None]:
+        """Let the requests under way finish, closing each connection after its response;
+        close idle connections now, and whatever is still open after timeout seconds."""
+        if self._drained is not None:
+            return self._drained
+        drained: defer.Deferred[None] = defer.Deferred()
+        self._drained = drained
+        busy = [channel for channel in self.channels if channel.requests]
+        for channel in list(self.channels):
+            channel.persistent = False  # no next request on this connection
+            if not channel.requests:
+                channel.loseConnection()
+        if not self.channels:
+            drained.callback(None)
+            return drained
+        if busy:
+            log.info("Letting {count} request(s) finish, for up to {timeout:g} s",
+                     count=len(busy), timeout=timeout)  # fmt: skip
+        later = self.proxy.clock.callLater(timeout, self._drain_overdue, timeout)
+        drained.addBoth(lambda result: later.cancel() if later.active() else None)
+        return drained
+
+    def _drain_overdue(self, timeout: float) -> None:
+        log.warn("Closing {count} connection(s) still open after {timeout:g} s",
+                 count=len(self.channels), timeout=timeout)  # fmt: skip
+        for channel in list(self.channels):
+            if channel.transport is not None:
+                channel.transport.abortConnection()  # type: ignore[attr-defined]
 
     def log(self, request: Any) -> None:
         """One access line per request: the exchange's own, or this for the rest."""

@@ -106,6 +106,12 @@ class Options(DiscoveryOptions):
             "How much of a request body is read for its model (and kept to retry elsewhere).",
         ],
         ["attempts", None, "3", "Servers tried for one request before giving up (client mode)."],
+        [
+            "drain-timeout",
+            None,
+            "30",
+            "Seconds to let requests under way finish when stopping, before closing them.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -141,7 +147,7 @@ class Options(DiscoveryOptions):
                 self["discovery-interface"], "--discovery-interface"
             )
         seconds = ("probe-interval", "health-interval", "connect-timeout", "idle-timeout",
-                   "models-interval")  # fmt: skip
+                   "models-interval", "drain-timeout")  # fmt: skip
         for name in seconds:
             self[name] = config.parse_seconds(str(self[name]), "--" + name)
         if self["strategy"] not in STRATEGIES:
@@ -176,6 +182,7 @@ class Options(DiscoveryOptions):
             models_interval=self["models-interval"],
             scan_limit=self["scan-limit"],
             attempts=self["attempts"],
+            drain_timeout=self["drain-timeout"],
         )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -229,6 +230,12 @@ class ServerProcessTests(TestCase):
             pid = int(f.read())
         self.addCleanup(_kill_quietly, pid)
         await eventually(lambda: "Listening for HTTP" in _read(logfile))
+        port = re.search(r"Listening for HTTP on 127\.0\.0\.1:(\d+)", _read(logfile))
+        assert port is not None
+        # An answer means the reactor runs, so twistd's SIGTERM handler is in place.
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        status = await treq.get(f"http://127.0.0.1:{port.group(1)}/ollana/api/status", pool=pool)
+        self.assertEqual((await status.json())["mode"], "server")
         os.kill(pid, signal.SIGTERM)
         await eventually(lambda: not os.path.exists(pidfile) and not _alive(pid))
         self.assertIn("Server Shut Down.", _read(logfile))

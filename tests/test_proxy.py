@@ -187,6 +187,19 @@ class ResponseRelayTests(SynchronousTestCase):
         self.assertEqual(header_values(response, b"x-ollana-peer"), [b"198.18.0.2:11435"])
         self.assertTrue(response.endswith(b"\r\n\r\n{}"))
 
+    def test_one_access_line_without_content(self) -> None:
+        logged = capture_logs(self)
+        self.proxy.reactor.advance(2)
+        self.proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nsecret words")
+        [line] = [e for e in logged if e.get("log_namespace") == "ollana.access"]
+        self.assertEqual(
+            {k: line[k] for k in ("client", "method", "path", "status", "peer", "duration_ms",
+                                  "bytes_in", "bytes_out")},
+            {"client": "198.18.0.50", "method": "GET", "path": "/api/tags", "status": 200,
+             "peer": "198.18.0.2:11435", "duration_ms": 2000.0, "bytes_in": 0, "bytes_out": 12},
+        )  # fmt: skip
+        self.assertNotIn("secret", repr(line))
+
     def test_no_content_type_is_added(self) -> None:
         self.proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         self.assertEqual(header_values(self.proxy.response(), b"content-type"), [])

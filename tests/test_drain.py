@@ -1,0 +1,101 @@
+"""Stopping gracefully: no new connections, requests under way finish, the rest is closed
+after the drain timeout; and a real twistd process that does so on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import treq
+from twisted.internet import defer, error
+from twisted.internet import reactor as _reactor
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import HTTPConnectionPool
+
+from tests.fake_ollama import FakeOllama
+from tests.support import ChildProcess, free_udp_port
+from tests.test_proxy import CLIENT, ProxyHarness
+
+reactor: Any = _reactor
+TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
+
+
+class DrainTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.proxy = ProxyHarness(self)
+        self.proxy.send(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        self.upstream = self.proxy.connect_upstream()
+        self.proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        self.idle = self.proxy.site.buildProtocol(CLIENT)
+        self.idle_transport = StringTransport(peerAddress=CLIENT)
+        self.idle.makeConnection(self.idle_transport)
+
+    def lose(self, channel: Any) -> None:
+        channel.connectionLost(Failure(error.ConnectionDone()))
+
+    def test_streams_finish_and_idle_connections_close(self) -> None:
+        drained = self.proxy.site.drain(30)
+        self.assertTrue(self.idle_transport.disconnecting, "idle: closed at once")
+        self.assertFalse(self.proxy.client.disconnecting, "busy: left to finish")
+        self.lose(self.idle)
+        self.assertNoResult(drained)
+        self.proxy.answer(b"3\r\ndef\r\n0\r\n\r\n")
+        response = self.proxy.response()
+        self.assertTrue(response.endswith(b"3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n"), response)
+        self.assertTrue(self.proxy.client.disconnecting, "closed after its response")
+        self.lose(self.proxy.channel)
+        self.assertIsNone(self.successResultOf(drained))
+        timers = [repr(call) for call in self.proxy.reactor.getDelayedCalls()]
+        self.assertEqual([t for t in timers if "drain" in t], [], "no drain timer left")
+
+    def test_what_is_still_open_after_the_timeout_is_closed(self) -> None:
+        drained = self.proxy.site.drain(30)
+        self.lose(self.idle)
+        self.proxy.reactor.advance(29)
+        self.assertFalse(self.proxy.client.disconnecting)
+        self.proxy.reactor.advance(1)
+        self.assertTrue(self.proxy.client.disconnecting)
+        self.lose(self.proxy.channel)
+        self.successResultOf(drained)
+
+    def test_nothing_open_is_drained_at_once(self) -> None:
+        self.lose(self.idle)
+        self.lose(self.proxy.channel)
+        self.successResultOf(self.proxy.site.drain(30))
+
+
+class GracefulStopTests(TestCase):
+    timeout = 60
+
+    async def test_sigterm_lets_a_stream_finish(self) -> None:
+        fake = FakeOllama(models=["llama3.2:latest"], clock=reactor)
+        fake.gated = True
+        ollama = reactor.listenTCP(0, fake.site(), interface="127.0.0.1")
+        self.addCleanup(ollama.stopListening)
+        server = ChildProcess.spawn(reactor, [
+            *TWISTD, "-n", "--pidfile=", "ollana", "--mode", "server",
+            "--listen", "tcp:0:interface=127.0.0.1", "--broadcast", "127.255.255.255",
+            "--discovery-port", str(free_udp_port()), "--drain-timeout", "20",
+            "--ollama", f"http://127.0.0.1:{ollama.getHost().port}",
+        ])  # fmt: skip
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(server.stop()))
+        port = (await server.wait_for(r"Listening for HTTP on 127\.0\.0\.1:(\d+)")).group(1)
+        url = f"http://127.0.0.1:{port}"
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        streaming = treq.post(url + "/api/generate", json={"model": "llama3.2", "prompt": "a b c"},
+                              pool=pool)  # fmt: skip
+        fake.release()
+        response = await streaming
+        server.signal("TERM")
+        await server.wait_for(r"Letting 1 request\(s\) finish, for up to 20 s")
+        with self.assertRaises(error.ConnectionRefusedError):
+            await treq.get(url + "/api/version", pool=pool)
+        for _ in range(3):
+            fake.release()
+        lines = (await response.content()).splitlines()
+        self.assertEqual([json.loads(line)["done"] for line in lines], [False] * 3 + [True])
+        self.assertEqual(await server.when_ended(), None)  # twistd's own SIGTERM exit
+        self.assertNotIn("Traceback", server.output())
+        self.assertNotIn("still open", server.output())
