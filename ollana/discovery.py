@@ -49,6 +49,12 @@ class _LanaProtocol(DatagramProtocol):
         if getattr(message, "node_id", None) == self.node_id:
             return
         self.received += 1
+        self.log.debug(
+            "{kind} from {host}:{port}",
+            kind=type(message).__name__,
+            host=addr[0],
+            port=addr[1],
+        )
         try:
             self.handle(message, addr)
         except Exception:

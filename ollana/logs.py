@@ -9,6 +9,7 @@ or ``ollana serve --log-format json``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from typing import IO, Any
@@ -49,6 +50,12 @@ def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
+LOGFILE_ENV = "OLLANA_LOGFILE"
+
+
 def json_observer() -> ILogObserver:
-    """JSON lines on standard output (a factory, as twistd's --logger wants)."""
-    return JSONLines(sys.stdout)
+    """JSON lines on standard output, or appended to the file $OLLANA_LOGFILE names (a
+    factory, as twistd's --logger wants: it takes no arguments)."""
+    path = os.environ.get(LOGFILE_ENV)
+    out = open(path, "a", encoding="utf-8") if path else sys.stdout  # noqa: SIM115 (kept open)
+    return JSONLines(out)
