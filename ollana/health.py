@@ -129,7 +129,8 @@ class PeerHealthChecker(Service):
         self.models_interval = models_interval
         self.max_backoff = max(max_backoff, interval)
         self._loop: LoopingCall | None = None
-        self._checking: dict[str, defer.Deferred[Any]] = {}
+        self._checking: dict[Peer, defer.Deferred[Any]] = {}  # by identity: a server
+        # that said bye and came back is a new Peer, checked afresh
 
     def startService(self) -> None:
         super().startService()
@@ -142,7 +143,7 @@ class PeerHealthChecker(Service):
 
     def _added(self, peer: Peer) -> None:
         """A new server: know its health and models before the next tick."""
-        if self.running and peer.usable and peer.key not in self._checking:
+        if self.running and peer.usable and peer not in self._checking:
             self.check(peer)
 
     def stopService(self) -> None:
@@ -158,7 +159,7 @@ class PeerHealthChecker(Service):
         try:
             now = self._clock.seconds()
             for peer in self.pool:
-                if peer.usable and peer.key not in self._checking and now >= peer.next_check:
+                if peer.usable and peer not in self._checking and now >= peer.next_check:
                     self.check(peer)
         except Exception:
             self.log.failure("Error in the server health checks")
@@ -173,10 +174,10 @@ class PeerHealthChecker(Service):
             lambda failure: self._failed(peer, failure),
         )
         d.addErrback(lambda f: self.log.failure("Error while checking {url}", f, url=peer.url))
-        self._checking[peer.key] = d
+        self._checking[peer] = d
 
         def done(ignored: object) -> None:
-            self._checking.pop(peer.key, None)
+            self._checking.pop(peer, None)
 
         d.addBoth(done)
         return d

@@ -113,6 +113,7 @@ class PeerPool:
             if (peer.host, peer.port, peer.scheme) == (host, message.port, message.scheme):
                 return peer
             peer.host, peer.port, peer.scheme = host, message.port, message.scheme
+            self.on_added(peer)  # somewhere new: check it there at once
         peer.version = message.version
         self.log.info(
             "Found server {node} at {url} (Ollana {version})",

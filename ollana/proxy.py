@@ -352,13 +352,14 @@ class Exchange:
         try:
             self.uri = origin_form(self.uri)
         except BadTarget as e:
-            self.response.errback(e)
+            self._give_up(e)
             return
         listing = self.router.listing(self.method, self.uri)
         if listing is not None:
             self._pending = listing()
             self._pending.addCallbacks(self._settle, self._settle_failed)
-        elif length != 0 and self.router.wants_model(self.method, self.uri):
+        elif (length != 0 and self.router.scan_limit > 0
+              and self.router.wants_model(self.method, self.uri)):  # fmt: skip
             self.scanner = ModelScanner(self.router.scan_limit)
         else:
             self._choose(None)
@@ -370,11 +371,11 @@ class Exchange:
         try:
             self.candidates = self.router.candidates(model)
         except NoUpstream as e:
-            self.response.errback(e)
+            self._give_up(e)
             return
         except Exception:
             log.failure("Choosing an upstream failed")
-            self.response.errback(NoUpstream("ollana: internal error choosing a server"))
+            self._give_up(NoUpstream("ollana: internal error choosing a server"))
             return
         self._attempt()
 
@@ -412,6 +413,7 @@ class Exchange:
             response.deliverBody(_Drop())
             return
         self._answer = response
+        self._received = None  # answered: no other attempt will need the body
         self.response.callback(response)
 
     def _attempt_failed(self, failure: Failure) -> None:
@@ -425,7 +427,8 @@ class Exchange:
             return  # the client left: says nothing about the upstream
         reason = self._attempt_reason(failure)
         self.reasons.append(f"{upstream.url}: {reason}")
-        self.router.failed(upstream, reason)
+        if not self.timed_out:  # slow is not broken: the checks will tell
+            self.router.failed(upstream, reason)
         if self.candidates and self._received is not None and not self.client_gone:
             log.info("Retrying {path} elsewhere: {url}: {reason}",
                      path=_text(self.uri), url=upstream.url, reason=reason)  # fmt: skip
@@ -434,7 +437,7 @@ class Exchange:
         if len(self.reasons) > 1:
             failure = Failure(UpstreamsFailed("ollana: no server could answer: "
                                               + "; ".join(self.reasons)))  # fmt: skip
-        self.response.errback(failure)
+        self._give_up(failure)
 
     def _attempt_reason(self, failure: Failure) -> str:
         if self.timed_out:
@@ -445,13 +448,19 @@ class Exchange:
 
     def _settle(self, answer: LocalAnswer) -> None:
         self._pending = None
+        self._received = None
         if not self.response.called:
             self.response.callback(answer)
 
     def _settle_failed(self, failure: Failure) -> None:
         self._pending = None
         if not self.response.called:
-            self.response.errback(failure)
+            self._give_up(failure)
+
+    def _give_up(self, reason: Failure | BaseException) -> None:
+        """Fail the exchange: no more attempts, so nothing more of the body is kept."""
+        self._received = None
+        self.response.errback(reason)
 
     def _cancel(self, response: defer.Deferred[Any]) -> None:
         self._cancelled = True
@@ -487,10 +496,11 @@ class Exchange:
         if self.scanner is not None:
             if self.scanner.feed(data):
                 self._choose(self.scanner.model)
-        elif self.body is not None:
+            return  # what the scan read is what an attempt starts with
+        if self.body is not None:
             self.body.received(data)
-            if self._received is not None and self._received_size > self.router.scan_limit:
-                self._received = None  # past the replay limit: no other attempt now
+        if self._received is not None and self._received_size > self.router.scan_limit:
+            self._received = None  # past the replay limit: no other attempt now
 
     def completed(self) -> None:
         self.client_complete = True

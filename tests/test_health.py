@@ -373,6 +373,24 @@ class PeerHealthCheckerTests(SynchronousTestCase):
         self.servers.add(B)
         return self.pool.announced(wire.Announce(bytes(16), 11435, "http", "0.1.0"), "198.18.0.2")
 
+    def test_a_server_back_after_bye_is_checked_at_once(self) -> None:
+        self.checker.startService()
+        self.servers.hanging.add(B)
+        self.discovered()  # checked at once; the check hangs
+        self.assertEqual(len(self.checks(B)), 1)
+        self.pool.said_bye(bytes(16))
+        self.servers.hanging.discard(B)
+        peer = self.discovered()  # back, as a new server: not left to the hanging check
+        self.assertEqual(len(self.checks(B)), 2)
+        self.assertIsNotNone(peer.last_ok)
+
+    def test_a_server_that_moved_is_checked_at_once(self) -> None:
+        self.checker.startService()
+        self.discovered()
+        self.servers.add("http://198.18.0.9:11435")
+        self.pool.announced(wire.Announce(bytes(16), 11435, "http", "0.1.0"), "198.18.0.9")
+        self.assertEqual(len(self.checks("http://198.18.0.9:11435")), 1)
+
     def checks(self, base: str = A) -> list[float]:
         """When base was checked, in seconds since the start."""
         return [when - START for when in self.servers.times("/api/version", base)]

@@ -7,6 +7,7 @@ Flow control is asserted the way Twisted's own HTTP tests do: through the transp
 from __future__ import annotations
 
 import json
+import tracemalloc
 from typing import Any
 
 from twisted.internet import defer, error
@@ -695,7 +696,8 @@ class RetryTests(SynchronousTestCase):
         proxy.connect_upstream(1002)
         proxy.answer(OK)
         self.assertTrue(proxy.response().startswith(b"HTTP/1.1 200 OK"))
-        self.assertIn(("failed sent nothing for 600 s", A.peer), router.events)
+        # Slow is not broken: the checks, not this request, say whether A is down.
+        self.assertEqual([e for e in router.events if e[0].startswith("failed")], [])
 
     def test_a_client_leaving_does_not_count_against_the_server(self) -> None:
         router = Recording(A, B)
@@ -766,3 +768,27 @@ class LocalAnswerTests(SynchronousTestCase):
         response = proxy.response()
         self.assertEqual(head(response)[0], b"HTTP/1.1 502 Bad Gateway")
         self.assertIn(b"no server could answer: x", response)
+
+
+class ReviewRegressionTests(SynchronousTestCase):
+    def test_a_body_with_nowhere_to_go_is_not_kept(self) -> None:
+        proxy = ProxyHarness(self, upstream=None)  # no server: a 503 once the body is in
+        size = 3 << 20
+        proxy.send(b"POST /api/blobs/sha256:a HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                   % size)  # fmt: skip
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        for _ in range(size // 65536):
+            proxy.send(bytes(65536))  # a new buffer each time, as reads are
+        kept, _ = tracemalloc.get_traced_memory()
+        self.assertLess(kept, 1 << 20)
+        self.assertTrue(proxy.response().startswith(b"HTTP/1.1 503 "))
+
+    def test_a_scan_limit_of_zero_turns_scanning_and_replay_off(self) -> None:
+        router = Recording(A, B, model_aware=True, scan_limit=0)
+        proxy = ProxyHarness(self, router)
+        proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabcdef")
+        self.assertEqual(router.asked, [None])
+        proxy.refuse_upstream(1001)
+        self.assertEqual(len(proxy.reactor.tcpClients), 1, "no replay: no second attempt")
+        self.assertTrue(proxy.response().startswith(b"HTTP/1.1 502 "))
