@@ -1,23 +1,35 @@
-"""The ollana command: ollana discover (and, later, more)."""
+"""The ollana command: discover, status, serve and demo."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import sys
-from typing import Any, TextIO
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn, TextIO
 
-from twisted.internet import defer, task
+from twisted.internet import defer, error, task
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
-from ollana import config
+from ollana import DESCRIPTION, config
 from ollana.discovery import Seeker
 from ollana.netif import default_broadcast_addresses
 from ollana.peers import Peer, PeerPool, Source
 from ollana.tap import DiscoveryOptions
 
 REPEAT_PROBE = 0.5
+STATUS_TIMEOUT = 3.0
+STATUS_PATH = "/ollana/api/status"
+# Where ollana status looks without --url: client mode's port, then server mode's.
+STATUS_URLS = ("http://127.0.0.1:11434", "http://127.0.0.1:11435")
+JSON_LOGGER = "ollana.logs.json_observer"
+LOGFILE_ENV = "OLLANA_LOGFILE"  # where ollana.logs.json_observer writes, if set
+LOOPBACK_BROADCAST = "127.255.255.255"
+DEMO_PORT = 11434
 
 
 class DiscoverOptions(DiscoveryOptions):
@@ -31,13 +43,706 @@ class DiscoverOptions(DiscoveryOptions):
         self["timeout"] = config.parse_seconds(str(self["timeout"]), "--timeout")
 
 
+# --- serve ----------------------------------------------------------------------------
+
+
+def state_dir(env: Mapping[str, str]) -> str:
+    """Where a daemon keeps its log (and its pidfile without $XDG_RUNTIME_DIR)."""
+    home = env.get("HOME") or os.path.expanduser("~")
+    state = env.get("XDG_STATE_HOME") or ""
+    if not os.path.isabs(state):  # the XDG spec: relative values are to be ignored
+        state = os.path.join(home, ".local", "state")
+    return os.path.join(state, "ollana")
+
+
+def default_pidfile(env: Mapping[str, str]) -> str:
+    runtime = env.get("XDG_RUNTIME_DIR") or ""
+    if os.path.isabs(runtime):
+        return os.path.join(runtime, "ollana.pid")
+    return os.path.join(state_dir(env), "ollana.pid")
+
+
+def default_logfile(env: Mapping[str, str]) -> str:
+    return os.path.join(state_dir(env), "ollana.log")
+
+
+def _path(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+@dataclass(frozen=True)
+class TwistdCommand:
+    """How ollana serve runs twistd: its arguments, where the pidfile and the log go (None:
+    no pidfile; standard output) and the environment variables to set (None: unset)."""
+
+    argv: list[str]
+    pidfile: str | None
+    logfile: str | None
+    env: dict[str, str | None]
+
+
+def twistd_command(
+    daemon: bool,
+    pidfile: str | None,
+    logfile: str | None,
+    log_format: str,
+    plugin_args: Sequence[str],
+    env: Mapping[str, str],
+) -> TwistdCommand:
+    """twistd's arguments for ollana serve: in the foreground, no pidfile and the log on
+    standard output unless given; with daemon, a pidfile and a log file, in the default
+    places unless given. The plugin's arguments follow ``ollana`` unchanged; relative
+    paths become absolute. JSON lines go to the file that $OLLANA_LOGFILE names (see
+    ollana.logs), since twistd's --logger takes no file."""
+    pid: str | None = _path(pidfile) if pidfile else None
+    log: str | None = _path(logfile) if logfile and logfile != "-" else None
+    if daemon:
+        pid = pid or _path(default_pidfile(env))
+        log = log or _path(default_logfile(env))
+        args = ["--pidfile=" + pid]
+    else:
+        args = ["-n", "--pidfile=" + (pid or "")]
+    if log_format == "json":
+        args.append("--logger=" + JSON_LOGGER)
+    elif log is not None:
+        args.append("--logfile=" + log)
+    variables: dict[str, str | None] = {}
+    if log_format == "json":
+        variables[LOGFILE_ENV] = log
+    return TwistdCommand([*args, "ollana", *plugin_args], pid, log, variables)
+
+
+def split_serve_args(
+    argv: Sequence[str], own: Sequence[str], plugin: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """Split ollana serve's arguments into its own and the plugin's, both unchanged.
+
+    own and plugin are getopt long options (``name`` or ``name=``). Long options may be
+    abbreviated, as twistd allows; ``-d`` is serve's; everything after ``--`` is the
+    plugin's.
+    """
+    names = [*own, *(option for option in plugin if option.rstrip("=") not in ("help",))]
+    mine = {option.rstrip("=") for option in own}
+    serve: list[str] = []
+    passed: list[str] = []
+    tokens = list(argv)
+    while tokens:
+        token = tokens.pop(0)
+        if token == "--":
+            passed += tokens
+            break
+        if token == "-d":
+            serve.append(token)
+        elif token.startswith("--"):
+            name, has_value, _ = token[2:].partition("=")
+            takes_value, full = _long_option(name, names)
+            target = serve if full in mine else passed
+            target.append(token)
+            if takes_value and not has_value and tokens:
+                target.append(tokens.pop(0))
+        elif token.startswith("-") and token != "-":
+            passed.append(token)  # a short option: twistd ollana has none, and will say so
+        else:
+            raise usage.UsageError(f"unexpected argument {token!r}: options start with --")
+    return serve, passed
+
+
+def _long_option(name: str, names: Sequence[str]) -> tuple[bool, str]:
+    """Whether the long option name (perhaps abbreviated) takes a value, and its full name."""
+    exact = [option for option in names if option.rstrip("=") == name]
+    matches = exact or [option for option in names if option.startswith(name)]
+    if not matches:
+        raise usage.UsageError(f"option --{name} not recognized")
+    if len(matches) > 1:
+        raise usage.UsageError(f"option --{name} not a unique prefix")
+    return matches[0].endswith("="), matches[0].rstrip("=")
+
+
+class ServeOptions(usage.Options):
+    synopsis = "[-d] [--pidfile PATH] [--logfile PATH] [--log-format text|json] [options...]"
+    longdesc = (
+        "Run Ollana (twistd ollana): in the foreground, logging to standard output, or with "
+        "-d in the background, with a pidfile and a log file. Any other option is Ollana's "
+        "own (see below) and goes to twistd ollana unchanged; so does everything after --."
+    )
+    optFlags = [["daemon", "d", "Run in the background."]]
+    optParameters = [
+        [
+            "pidfile",
+            None,
+            None,
+            "Where the process id goes [default: none in the foreground; with -d, "
+            "$XDG_RUNTIME_DIR/ollana.pid, else ~/.local/state/ollana/ollana.pid].",
+        ],
+        [
+            "logfile",
+            None,
+            None,
+            "Where the log goes [default: standard output in the foreground; with -d, "
+            "~/.local/state/ollana/ollana.log].",
+        ],
+        [
+            "log-format",
+            None,
+            "text",
+            "text, or json for one JSON object per line.",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plugin_args: list[str] = []
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        from ollana.tap import Options
+
+        argv = sys.argv[1:] if options is None else options
+        own = ["daemon", "pidfile=", "logfile=", "log-format=", "help"]
+        mine, self.plugin_args = split_serve_args(argv, own, Options().longOpt)
+        super().parseOptions(mine)
+
+    def postOptions(self) -> None:
+        from ollana.tap import Options
+
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(
+                f"--log-format: must be text or json, not {self['log-format']!r}"
+            )
+        if self["daemon"] and self["logfile"] == "-":
+            raise usage.UsageError("--logfile: with -d the log cannot go to standard output")
+        for name in ("pidfile", "logfile"):
+            if self[name] is not None and not self[name] and (self["daemon"] or name == "logfile"):
+                raise usage.UsageError(f"--{name}: give a path")
+        Options().parseOptions(self.plugin_args)  # bad values stop us here, in one line
+
+    def getUsage(self, width: int | None = None) -> str:
+        from ollana.tap import Options
+
+        own = super().getUsage(width)
+        plugin = Options().getUsage(width).split("Options:", 1)[-1]
+        return own + "\nOllana's options (given to twistd ollana):" + plugin
+
+    def command(self, env: Mapping[str, str] | None = None) -> TwistdCommand:
+        """How to run twistd."""
+        return twistd_command(
+            self["daemon"],
+            self["pidfile"],
+            self["logfile"],
+            self["log-format"],
+            self.plugin_args,
+            os.environ if env is None else env,
+        )
+
+
+def _twistd_options() -> Any:
+    """twistd's options, knowing the ollana plugin even where twistd would not find it
+    (an editable install), and no other plugin."""
+    from twisted.application.service import ServiceMaker
+    from twisted.scripts.twistd import ServerOptions
+
+    maker: Any = ServiceMaker("ollana", "ollana.tap", DESCRIPTION, "ollana")
+
+    options = ServerOptions()
+    options._getPlugins = lambda interface, package=None: [maker]
+    return options
+
+
+def running_pid(pidfile: str) -> int | None:
+    """The process id in pidfile, if that process still runs."""
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def serve(options: ServeOptions) -> NoReturn:
+    """Run twistd ollana in this process; never returns."""
+    from twisted.python.reflect import namedAny
+    from twisted.scripts.twistd import runApp
+
+    command = options.command()
+    for path in (command.pidfile, command.logfile):
+        if path:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            except OSError as e:
+                _fail(f"cannot create the directory for {path}: {e.strerror}", 1)
+    if command.pidfile:
+        pid = running_pid(command.pidfile)
+        if pid is not None:
+            _fail(
+                f"Ollana already runs as process {pid} (pidfile {tilde(command.pidfile)}); "
+                "stop it first",
+                1,
+            )
+    for name, value in command.env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if options["log-format"] == "json":
+        try:
+            namedAny(JSON_LOGGER)
+        except Exception as e:
+            _fail(f"--log-format json: cannot load {JSON_LOGGER}: {e}", 2)
+    twistd = _twistd_options()
+    try:
+        twistd.parseOptions(command.argv)
+    except usage.UsageError as e:
+        _fail(str(e), 2)
+    if options["daemon"]:
+        print(f"Starting Ollana in the background; pidfile {tilde(command.pidfile)}, "
+              f"log {tilde(command.logfile)}")  # fmt: skip
+    sys.stdout.flush()
+    sys.stderr.flush()
+    runApp(twistd)
+    raise SystemExit(0)
+
+
+def tilde(path: str | None, env: Mapping[str, str] | None = None) -> str:
+    """A path as people write it: ~/... under the home directory."""
+    home = (os.environ if env is None else env).get("HOME") or os.path.expanduser("~")
+    if path and home not in ("", "/") and path.startswith(home.rstrip("/") + "/"):
+        return "~/" + path[len(home.rstrip("/")) + 1 :]
+    return path or "-"
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    sys.stderr.write(f"ollana: {message}\n")
+    raise SystemExit(code)
+
+
+# --- status ---------------------------------------------------------------------------
+
+
+class StatusOptions(usage.Options):
+    synopsis = "[--url URL] [--json]"
+    longdesc = (
+        "Show what an Ollana on this machine (or at --url) is doing: its mode and, in client "
+        "mode, the servers it uses. Without --url it asks http://127.0.0.1:11434 (client "
+        "mode) and, if nothing Ollana answers there, http://127.0.0.1:11435 (server mode). "
+        "Exits 1 when no Ollana answered."
+    )
+    optFlags = [["json", None, "Print the status JSON as the node serves it."]]
+    optParameters = [
+        ["url", "u", None, "The Ollana's address: a URL, HOST:PORT or :PORT."],
+        ["timeout", "t", str(STATUS_TIMEOUT), "Seconds to wait for an answer."],
+    ]
+
+    def postOptions(self) -> None:
+        self["timeout"] = config.parse_seconds(str(self["timeout"]), "--timeout")
+        if self["url"] is None:
+            self["urls"] = list(STATUS_URLS)
+        else:
+            self["urls"] = [config.parse_ollama_url(self["url"], "--url")]
+
+
+class StatusError(Exception):
+    """Why an address gave no status."""
+
+
+async def fetch_status(reactor: Any, base: str, timeout: float) -> tuple[Any, str]:
+    """The status of the Ollana at base, and its JSON text; StatusError saying why not."""
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.http_headers import Headers
+
+    agent = Agent(reactor, connectTimeout=timeout, pool=HTTPConnectionPool(reactor, False))
+    http = HTTPClient(agent)
+
+    async def get() -> tuple[int, bytes]:
+        response = await http.get(
+            base + STATUS_PATH, headers=Headers({b"accept": [b"application/json"]})
+        )
+        return response.code, await response.content()
+
+    try:
+        code, body = await defer.Deferred.fromCoroutine(get()).addTimeout(timeout, reactor)
+    except error.ConnectionRefusedError:
+        raise StatusError("connection refused") from None
+    except (defer.TimeoutError, defer.CancelledError, error.TimeoutError):
+        raise StatusError(f"no answer within {timeout:g} s") from None
+    except error.DNSLookupError:
+        raise StatusError("unknown host") from None
+    except Exception as e:  # any other connection failure, in one line
+        raise StatusError(_one_line(e)) from None
+    if code == 404:
+        raise StatusError("HTTP 404, so not an Ollana (a plain Ollama?)")
+    if code != 200:
+        raise StatusError(f"HTTP {code}")
+    try:
+        text = body.decode("utf-8")
+        status = json.loads(text)
+    except ValueError:  # UnicodeDecodeError included
+        raise StatusError("the answer is not JSON, so not an Ollana") from None
+    if not isinstance(status, dict) or "mode" not in status:
+        raise StatusError("the answer is not an Ollana's status")
+    return status, text
+
+
+def _one_line(e: BaseException) -> str:
+    reasons = getattr(e, "reasons", None)  # twisted.web's ResponseNeverReceived and friends
+    if reasons:
+        return "; ".join(r.getErrorMessage() for r in reasons)
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = [list(header), *[list(row) for row in rows]]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def _host_port(host: Any, port: Any) -> str:
+    host = str(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def format_status(status: Mapping[str, Any], url: str) -> str:
+    """ollana status's table."""
+    uptime = status.get("uptime_s")
+    fields = [
+        ("Ollana", url),
+        ("Mode", str(status.get("mode", "-"))),
+        ("Node", str(status.get("node_id") or "-")),
+        ("Version", str(status.get("version") or "-")),
+        ("Uptime", format_duration(uptime) if isinstance(uptime, int | float) else "-"),
+        ("Listen", str(status.get("listen") or "-")),
+    ]
+    ollama = status.get("ollama")
+    if isinstance(ollama, Mapping):
+        if ollama.get("healthy"):
+            state = f"up, version {ollama.get('version') or '?'}"
+        else:
+            state = f"DOWN: {ollama.get('reason') or 'no answer yet'}"
+        fields.append(("Ollama", f"{ollama.get('url', '-')} ({state})"))
+    width = max(len(name) for name, _ in fields)
+    lines = [f"{name.ljust(width)}  {value}" for name, value in fields]
+    peers = status.get("peers") or []
+    if status.get("mode") == "client":
+        lines.append("")
+        if not peers:
+            lines.append("No servers known yet (none answered discovery, and no --peer).")
+        else:
+            lines.append(_table(
+                ("SERVER", "SOURCE", "HEALTH", "LATENCY", "ACTIVE/TOTAL", "FAILURES", "MODELS"),
+                [_peer_row(peer) for peer in peers],
+            ))  # fmt: skip
+            problems = [
+                f"  {_host_port(p.get('address'), p.get('port'))}: {p.get('reason')}"
+                for p in peers
+                if not p.get("healthy") and p.get("reason")
+            ]
+            if problems:
+                lines += ["", "Unhealthy servers:", *problems]
+    return "\n".join(lines)
+
+
+def _peer_row(peer: Mapping[str, Any]) -> list[str]:
+    latency = peer.get("latency_ms")
+    models = peer.get("models") or []
+    return [
+        _host_port(peer.get("address", "?"), peer.get("port", "?")),
+        str(peer.get("source", "-")),
+        "healthy" if peer.get("healthy") else "UNHEALTHY",
+        "-" if latency is None else f"{latency:.1f} ms",
+        f"{peer.get('active_requests', 0)}/{peer.get('total_requests', 0)}",
+        str(peer.get("failures", 0)),
+        ", ".join(models) if models else "-",
+    ]
+
+
+async def status(
+    reactor: Any, options: StatusOptions, out: TextIO, err: TextIO = sys.stderr
+) -> int:
+    """Ask each URL in turn; print the first status that comes back; the exit code."""
+    tried: list[tuple[str, str]] = []
+    for url in options["urls"]:
+        try:
+            answer, text = await fetch_status(reactor, url, options["timeout"])
+        except StatusError as e:
+            tried.append((url, str(e)))
+            continue
+        notes = [f"Asked {u} first: {reason}." for u, reason in tried]
+        if options["json"]:
+            err.writelines(f"ollana: {note}\n" for note in notes)
+            out.write(text if text.endswith("\n") else text + "\n")
+        else:
+            out.write(format_status(answer, url) + "\n")
+            if notes:
+                out.write("\n" + "\n".join(notes) + "\n")
+        return 0
+    err.write("ollana: no Ollana answered: " + "; ".join(f"{u}: {r}" for u, r in tried) + "\n")
+    if options["url"] is None:
+        err.write("Is Ollana running on this machine? Give its address with --url.\n")
+    return 1
+
+
+# --- demo -----------------------------------------------------------------------------
+
+
+class DemoOptions(usage.Options):
+    synopsis = "[--port N] [--pace SECONDS] [--verbose]"
+    longdesc = (
+        "Run a simulated Ollama (model 'echo', which streams the prompt back), a server-mode "
+        "Ollana in front of it and a client-mode Ollana that finds that server by broadcast, "
+        "all in this process and on loopback only; print what to try. Ctrl-C stops it."
+    )
+    optFlags = [["verbose", "v", "Show the nodes' log (discovery, checks, each request)."]]
+    optParameters = [
+        [
+            "port",
+            "p",
+            str(DEMO_PORT),
+            "Port for the client-mode Ollana on 127.0.0.1 (0: any); if it is taken, any free port.",
+        ],
+        ["pace", None, "0.05", "Seconds between streamed tokens."],
+    ]
+
+    def postOptions(self) -> None:
+        port = str(self["port"])
+        self["port"] = 0 if port == "0" else config.parse_port(port, "--port")
+        try:
+            pace = float(self["pace"])
+        except ValueError:
+            pace = -1.0
+        if not 0 <= pace <= 10:
+            raise usage.UsageError(f"--pace: must be 0 to 10 seconds, not {self['pace']!r}")
+        self["pace"] = pace
+
+
+def tcp_port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a TCP listener could bind host:port now (as Twisted binds: SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_udp_port() -> int:
+    """A UDP port that nothing uses at the moment."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def node_options(*args: str) -> Any:
+    """A loopback-only node's options: the demo's nodes listen and broadcast on loopback."""
+    from ollana.tap import Options
+
+    options = Options()
+    # Quick checks and a short drain, so that the demo is lively and Ctrl-C is quick.
+    extra = ["--health-interval", "2", "--probe-interval", "2", "--models-interval", "5",
+             "--drain-timeout", "2"]  # fmt: skip
+    options.parseOptions(["--broadcast", LOOPBACK_BROADCAST, *extra, *args])
+    return options
+
+
+class Demo:
+    """The demo's pieces, started and stopped together on one reactor."""
+
+    def __init__(self, reactor: Any, options: DemoOptions, out: TextIO, err: TextIO) -> None:
+        self.reactor = reactor
+        self.options = options
+        self.out = out
+        self.err = err
+        self.exit_code = 0
+        self.nodes: list[Any] = []
+        self.ollama_port: Any = None
+        self._stopping = False
+        self._signals = 0
+
+    def start(self) -> None:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(number) is not signal.SIG_IGN:  # as a background job's SIGINT
+                signal.signal(number, self._signalled)
+        d = defer.Deferred.fromCoroutine(self._start())
+        d.addErrback(self._failed)
+
+    def _signalled(self, number: int, frame: Any) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            os._exit(128 + number)  # a second Ctrl-C: do not wait for anything
+        self.reactor.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        if self.reactor.running and not self._stopping:
+            self.reactor.stop()
+
+    def _failed(self, failure: Any) -> None:
+        self.err.write(f"ollana demo: {failure.getErrorMessage()}\n")
+        self.exit_code = 1
+        self._stop_reactor()
+
+    async def _start(self) -> None:
+        from ollana.simulator import ECHO_MODEL, FakeOllama
+        from ollana.tap import makeService
+
+        reactor = self.reactor
+        fake = FakeOllama(models=[ECHO_MODEL], clock=reactor, record=False)
+        fake.pace = self.options["pace"]
+        site = fake.site(access_log=False)  # the server's access lines say it all
+        self.ollama_port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        ollama = f"http://127.0.0.1:{self.ollama_port.getHost().port}"
+        discovery = str(free_udp_port())
+        loopback = "tcp:0:interface=127.0.0.1"
+
+        server = makeService(node_options(
+            "--mode", "server", "--ollama", ollama, "--listen", loopback,
+            "--discovery-port", discovery,
+        ), reactor=reactor)  # fmt: skip
+        self.nodes.append(server)
+        server.startService()
+        server_port = await self._listening(server)
+
+        wanted = self.options["port"]
+        note = ""
+        if wanted and not tcp_port_is_free(wanted):
+            note = f"  (127.0.0.1:{wanted} is taken, perhaps by Ollama itself; the client uses "
+            wanted = 0
+        client = makeService(node_options(
+            "--mode", "client", "--listen", f"tcp:{wanted}:interface=127.0.0.1",
+            "--discovery-port", discovery,
+        ), reactor=reactor)  # fmt: skip
+        self.nodes.append(client)
+        client.startService()
+        port = await self._listening(client)
+        if note:
+            note += f"127.0.0.1:{port}.)\n"
+        found = await self._found(client, ECHO_MODEL)
+        if found is None:
+            raise RuntimeError(
+                f"the client did not find the server by broadcast to {LOOPBACK_BROADCAST} "
+                f"on UDP port {discovery} within 15 s (is loopback broadcast blocked here?)"
+            )
+        self.out.write(f"""\
+Ollana demo, on loopback only (nothing leaves this machine):
+
+  simulated Ollama:    {ollama} (model "echo" streams the prompt back)
+  Ollana, server mode: http://127.0.0.1:{server_port} (in front of the simulated Ollama)
+  Ollana, client mode: http://127.0.0.1:{port} (found the server at {found}
+                       by broadcast to {LOOPBACK_BROADCAST}, UDP port {discovery})
+{note}
+Try, in another terminal:
+
+  curl http://127.0.0.1:{port}/api/generate -d '{{"model":"echo","prompt":"hello there"}}'
+  OLLAMA_HOST=127.0.0.1:{port} ollama run echo hi
+  ollana status --url http://127.0.0.1:{port}
+  dashboard: http://127.0.0.1:{port}/ollana/
+
+Ctrl-C stops the demo.
+""")  # fmt: skip
+        self.out.flush()
+
+    async def _listening(self, node: Any) -> int:
+        listening = node.getServiceNamed("http").whenListening()
+        port: int = await listening.addTimeout(10, self.reactor)
+        return port
+
+    async def _found(self, client: Any, model: str, deadline: float = 15) -> str | None:
+        """Wait until the client knows a healthy server that has model; its address."""
+        for _ in range(int(deadline / 0.1)):
+            for peer in client.pool:
+                if peer.healthy and model in peer.models:
+                    return _host_port(peer.host, peer.port)
+            if client.failure is not None:
+                raise RuntimeError(client.failure)
+            await task.deferLater(self.reactor, 0.1)
+        return None
+
+    def stop(self) -> defer.Deferred[None]:
+        """Stop the client, then the server, then the simulated Ollama."""
+        self._stopping = True
+        for node in self.nodes:
+            if node.failure is not None:
+                self.exit_code = 1
+
+        async def run() -> None:
+            if self._signals:
+                self.out.write("Stopping...\n")
+                self.out.flush()
+            for node in reversed(self.nodes):
+                if node.running:
+                    await defer.maybeDeferred(node.stopService)
+            if self.ollama_port is not None:
+                await defer.maybeDeferred(self.ollama_port.stopListening)
+            if self._signals:
+                self.out.write("Stopped.\n")
+                self.out.flush()
+
+        return defer.Deferred.fromCoroutine(run())
+
+
+def begin_demo_logging(verbose: bool, out: TextIO, err: TextIO) -> None:
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    # Verbose: what happens, from info up; else only what went wrong.
+    level = LogLevel.info if verbose else LogLevel.error
+    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    observer = FilteringLogObserver(textFileLogObserver(out if verbose else err), [predicate])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def run_demo(options: DemoOptions) -> int:
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
+    begin_demo_logging(options["verbose"], sys.stdout, sys.stderr)
+    demo = Demo(reactor, options, sys.stdout, sys.stderr)
+    reactor.callWhenRunning(demo.start)
+    reactor.addSystemEventTrigger("before", "shutdown", demo.stop)
+    reactor.run()
+    return demo.exit_code
+
+
+# --- the command ----------------------------------------------------------------------
+
+
 class CommandOptions(usage.Options):
-    synopsis = "COMMAND [options]"
-    subCommands = [["discover", None, DiscoverOptions, "List the Ollana servers on the LAN."]]
+    def getSynopsis(self) -> str:
+        return "Usage: ollana" if self.subCommand else "Usage: ollana COMMAND [options]"
+
+    longdesc = "ollana COMMAND --help describes each command."
+    subCommands = [
+        ["discover", None, DiscoverOptions, "List the Ollana servers on the LAN."],
+        ["status", None, StatusOptions, "Show what the Ollana on this machine is doing."],
+        ["serve", None, ServeOptions, "Run Ollana (twistd ollana), in the foreground or -d."],
+        ["demo", None, DemoOptions, "Try Ollana on this machine alone, with a fake Ollama."],
+    ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("give a command: discover")
+            raise usage.UsageError("give a command: discover, status, serve or demo")
 
 
 def server_rows(peers: list[Peer]) -> list[dict[str, Any]]:
@@ -58,20 +763,18 @@ def server_rows(peers: list[Peer]) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = ("ADDRESS", "PORT", "SCHEME", "NODE", "VERSION")
-    lines = [header] + [
-        (
-            r["address"],
-            str(r["port"]),
-            r["scheme"],
-            r["node_id"] or "-",
-            "legacy Ollana" if r["legacy"] else r["version"],
-        )
-        for r in rows
-    ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in lines
+    return _table(
+        header,
+        [
+            (
+                r["address"],
+                str(r["port"]),
+                r["scheme"],
+                r["node_id"] or "-",
+                "legacy Ollana" if r["legacy"] else r["version"],
+            )
+            for r in rows
+        ],
     )
 
 
@@ -109,12 +812,21 @@ def main(argv: list[str] | None = None) -> None:
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
     except usage.UsageError as e:
-        sys.stderr.write(f"{getattr(options, 'subOptions', None) or options}\nollana: {e}\n")
-        raise SystemExit(2) from None
+        if options.subCommand is None and not getattr(options, "subOptions", None):
+            sys.stderr.write(f"{options}\n")
+        _fail(str(e), 2)
+    command, sub = options.subCommand, options.subOptions
+    if command == "serve":
+        serve(sub)
+    if command == "demo":
+        raise SystemExit(run_demo(sub))
 
     async def run(reactor: Any) -> None:
         try:
-            code = await discover(reactor, options.subOptions, sys.stdout)
+            if command == "status":
+                code = await status(reactor, sub, sys.stdout)
+            else:
+                code = await discover(reactor, sub, sys.stdout)
         except CannotListenError as e:
             sys.stderr.write(f"ollana: cannot open a UDP socket: {e.socketError}\n")
             code = 2

@@ -312,3 +312,38 @@ class FakeServers:
             return defer.fail(error.ConnectionRefusedError())
         stub: Any = StubTreq(self.ollamas[base].resource())
         return stub.get(url)
+
+
+def free_tcp_port() -> int:
+    """A TCP port on loopback that nothing listens on at the moment."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def eventually(reactor: Any, condition: Any, deadline: float = 20, step: float = 0.1) -> None:
+    """Wait until condition() holds, checking every step seconds, failing after deadline."""
+    for _ in range(int(deadline / step)):
+        if condition():
+            return
+        await task.deferLater(reactor, step)
+    raise AssertionError(f"not true after {deadline} s")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def accepted_connections_closed(reactor: Any, port: int, deadline: float = 5) -> None:
+    """Wait until every connection accepted on this TCP port has gone (a test's clean-up)."""
+    from twisted.internet import tcp
+
+    def closed() -> bool:
+        accepted = [r for r in reactor.getReaders() if isinstance(r, tcp.Server)]
+        return not any(r.getHost().port == port for r in accepted)
+
+    await eventually(reactor, closed, deadline, 0.02)

@@ -1,17 +1,55 @@
-"""The ollana command: ollana discover on a fake network."""
+"""The ollana command: discover on a fake network; serve, status and demo for real, on
+loopback only (servers with --no-discovery, the demo's broadcasts to 127.255.255.255)."""
 
 from __future__ import annotations
 
 import errno
 import io
 import json
+import os
+import signal
+import socket
+import sys
+from typing import Any
 
+import treq
+from treq.testing import StubTreq
 from twisted.internet import defer
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor as _reactor
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.server import Site
 
-from ollana import wire
-from ollana.cli import DiscoverOptions, discover, main
-from tests.support import FakeNetworkReactor
+from ollana import cli, wire
+from ollana.cli import (
+    DiscoverOptions,
+    ServeOptions,
+    StatusOptions,
+    discover,
+    format_duration,
+    format_status,
+    main,
+    split_serve_args,
+    status,
+    tilde,
+)
+from ollana.tap import Options, makeService
+from tests.fake_ollama import ECHO_MODEL, FakeOllama
+from tests.support import (
+    REPO,
+    ChildProcess,
+    FakeNetworkReactor,
+    accepted_connections_closed,
+    eventually,
+    free_tcp_port,
+    process_alive,
+    python_env,
+)
+
+reactor: Any = _reactor
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+SERVER = ["--mode", "server", "--no-discovery", "--listen", LOOPBACK]
 
 A = bytes.fromhex("aa" * 16)
 B = bytes.fromhex("bb" * 16)
@@ -140,9 +178,488 @@ class UsageTests(SynchronousTestCase):
     def test_no_command(self) -> None:
         code, err = self.run_main()
         self.assertEqual(code, 2)
-        self.assertEqual(err.splitlines()[-1], "ollana: give a command: discover")
+        self.assertIn("Usage: ollana COMMAND", err)
+        self.assertEqual(
+            err.splitlines()[-1], "ollana: give a command: discover, status, serve or demo"
+        )
 
     def test_unknown_command(self) -> None:
         code, err = self.run_main("conquer")
         self.assertEqual(code, 2)
         self.assertIn("conquer", err.splitlines()[-1])
+
+    def test_bad_input_is_one_line(self) -> None:
+        cases = [
+            (["serve", "--log-format", "xml"],
+             "ollana: --log-format: must be text or json, not 'xml'"),
+            (["serve", "--mode", "bogus"],
+             "ollana: --mode: must be auto, server or client, not 'bogus'"),
+            (["serve", "--nope"], "ollana: option --nope not recognized"),
+            (["serve", "--mod", "server"], "ollana: option --mod not a unique prefix"),
+            (["serve", "-d", "--logfile", "-"],
+             "ollana: --logfile: with -d the log cannot go to standard output"),
+            (["serve", "-d", "--pidfile="], "ollana: --pidfile: give a path"),
+            (["serve", "stray"], "ollana: unexpected argument 'stray': options start with --"),
+            (["serve", "-x"], "ollana: option -x not recognized"),
+            (["status", "--url", "ftp://x"],
+             "ollana: --url: scheme must be http or https, not 'ftp'"),
+            (["status", "--timeout", "0"],
+             "ollana: --timeout: must be between 0.1 and 86400 seconds, not 0"),
+            (["demo", "--port", "70000"], "ollana: --port: port must be 1-65535, not 70000"),
+            (["demo", "--pace", "fast"], "ollana: --pace: must be 0 to 10 seconds, not 'fast'"),
+        ]  # fmt: skip
+        for argv, line in cases:
+            code, err = self.run_main(*argv)
+            self.assertEqual((code, err), (2, line + "\n"), argv)
+
+
+ENV = {"HOME": "/home/ann", "XDG_RUNTIME_DIR": "/run/user/1000"}
+
+
+def command(*argv: str, env: dict[str, str] = ENV) -> cli.TwistdCommand:
+    options = ServeOptions()
+    options.parseOptions(list(argv))
+    return options.command(env)
+
+
+class ServeArgumentTests(SynchronousTestCase):
+    """What ollana serve gives twistd; nothing runs."""
+
+    def test_foreground_by_default(self) -> None:
+        c = command("--mode", "server", "--broadcast", "127.255.255.255")
+        self.assertEqual(
+            c.argv, ["-n", "--pidfile=", "ollana", "--mode", "server", "--broadcast",
+                     "127.255.255.255"],
+        )  # fmt: skip
+        self.assertEqual((c.pidfile, c.logfile, c.env), (None, None, {}))
+
+    def test_foreground_with_pidfile_and_logfile(self) -> None:
+        c = command("--pidfile", "run/o.pid", "--logfile=/var/log/o.log")
+        pidfile = os.path.abspath("run/o.pid")
+        self.assertEqual(
+            c.argv, ["-n", "--pidfile=" + pidfile, "--logfile=/var/log/o.log", "ollana"]
+        )
+        self.assertEqual((c.pidfile, c.logfile), (pidfile, "/var/log/o.log"))
+        self.assertEqual(command("--logfile", "-").argv, ["-n", "--pidfile=", "ollana"])
+
+    def test_daemon_defaults(self) -> None:
+        c = command("-d")
+        self.assertEqual(
+            c.argv,
+            ["--pidfile=/run/user/1000/ollana.pid",
+             "--logfile=/home/ann/.local/state/ollana/ollana.log", "ollana"],
+        )  # fmt: skip
+        c = command("--daemon", env={"HOME": "/home/ann"})
+        self.assertEqual(c.pidfile, "/home/ann/.local/state/ollana/ollana.pid")
+        c = command("-d", env={"HOME": "/home/ann", "XDG_STATE_HOME": "/srv/state"})
+        self.assertEqual(
+            (c.pidfile, c.logfile), ("/srv/state/ollana/ollana.pid", "/srv/state/ollana/ollana.log")
+        )
+        c = command("-d", env={"HOME": "/home/ann", "XDG_RUNTIME_DIR": "relative"})
+        self.assertEqual(c.pidfile, "/home/ann/.local/state/ollana/ollana.pid")
+
+    def test_daemon_with_paths(self) -> None:
+        c = command("-d", "--pidfile", "/tmp/o.pid", "--logfile", "/tmp/o.log", "--mode", "client")
+        self.assertEqual(
+            c.argv,
+            ["--pidfile=/tmp/o.pid", "--logfile=/tmp/o.log", "ollana", "--mode", "client"],
+        )
+
+    def test_json_logs(self) -> None:
+        c = command("--log-format", "json")
+        self.assertEqual(
+            c.argv, ["-n", "--pidfile=", "--logger=ollana.logs.json_observer", "ollana"]
+        )
+        self.assertEqual(c.env, {"OLLANA_LOGFILE": None}, "standard output")
+        c = command("-d", "--log-format=json")
+        self.assertEqual(
+            c.argv,
+            ["--pidfile=/run/user/1000/ollana.pid", "--logger=ollana.logs.json_observer", "ollana"],
+        )
+        self.assertEqual(c.env, {"OLLANA_LOGFILE": "/home/ann/.local/state/ollana/ollana.log"})
+        c = command("--log-format", "json", "--logfile", "/tmp/o.jsonl")
+        self.assertEqual(c.env, {"OLLANA_LOGFILE": "/tmp/o.jsonl"})
+
+    def test_plugin_options_pass_through_unchanged(self) -> None:
+        argv = [
+            "--mode", "client", "-d", "--peer", "198.18.0.2:11435", "--pid=/tmp/o.pid",
+            "--broad", "127.255.255.255", "--no-discovery", "--log-format", "text",
+            "--", "--listen", "tcp:0:interface=127.0.0.1",
+        ]  # fmt: skip
+        c = command(*argv)
+        self.assertEqual(
+            c.argv,
+            ["--pidfile=/tmp/o.pid", "--logfile=/home/ann/.local/state/ollana/ollana.log",
+             "ollana", "--mode", "client", "--peer", "198.18.0.2:11435", "--broad",
+             "127.255.255.255", "--no-discovery", "--listen", "tcp:0:interface=127.0.0.1"],
+        )  # fmt: skip
+
+    def test_split(self) -> None:
+        own = ["daemon", "pidfile=", "logfile=", "log-format=", "help"]
+        plugin = Options().longOpt
+        self.assertEqual(
+            split_serve_args(["--ollama", "-d", "--logf", "l", "-d"], own, plugin),
+            (["--logf", "l", "-d"], ["--ollama", "-d"]),
+            "an option's value is the option's, even when it looks like -d",
+        )
+        self.assertEqual(
+            split_serve_args(["--", "-d", "--help"], own, plugin), ([], ["-d", "--help"])
+        )
+
+    def test_tilde(self) -> None:
+        env = {"HOME": "/home/ann/"}
+        self.assertEqual(tilde("/home/ann/.local/x", env), "~/.local/x")
+        self.assertEqual(tilde("/home/annex/x", env), "/home/annex/x")
+        self.assertEqual(tilde(None, env), "-")
+
+    def test_help_lists_both(self) -> None:
+        text = str(ServeOptions())
+        self.assertIn("--log-format", text)
+        self.assertIn("--discovery-port", text)
+
+
+class StatusFormatTests(SynchronousTestCase):
+    def test_durations(self) -> None:
+        self.assertEqual(
+            [format_duration(s) for s in (0, 59.4, 61, 3600 * 2 + 65, 86400 * 3 + 7200)],
+            ["0 s", "59 s", "1 min 01 s", "2 h 01 min", "3 d 2 h"],
+        )
+
+    def test_client(self) -> None:
+        peer = {
+            "address": "fd00::2", "port": 11435, "source": "static", "healthy": False,
+            "reason": "connection refused", "latency_ms": None, "active_requests": 0,
+            "total_requests": 12, "failures": 3, "models": [],
+        }  # fmt: skip
+        good = dict(peer, address="198.18.0.2", source="discovered", healthy=True, reason="",
+                    latency_ms=3.25, active_requests=1, failures=0,
+                    models=["echo:latest", "llama3.2:latest"])  # fmt: skip
+        text = format_status(
+            {"mode": "client", "node_id": "ab" * 16, "version": "0.1.0", "uptime_s": 75.2,
+             "listen": "127.0.0.1:11434", "ollama": None, "peers": [good, peer]},
+            "http://127.0.0.1:11434",
+        )  # fmt: skip
+        self.assertEqual(
+            text.splitlines(),
+            [
+                "Ollana   http://127.0.0.1:11434",
+                "Mode     client",
+                "Node     " + "ab" * 16,
+                "Version  0.1.0",
+                "Uptime   1 min 15 s",
+                "Listen   127.0.0.1:11434",
+                "",
+                "SERVER            SOURCE      HEALTH     LATENCY  ACTIVE/TOTAL  FAILURES  MODELS",
+                "198.18.0.2:11435  discovered  healthy    3.2 ms   1/12          0         "
+                "echo:latest, llama3.2:latest",
+                "[fd00::2]:11435   static      UNHEALTHY  -        0/12          3         -",
+                "",
+                "Unhealthy servers:",
+                "  [fd00::2]:11435: connection refused",
+            ],
+        )
+
+    def test_client_without_servers(self) -> None:
+        text = format_status({"mode": "client", "peers": []}, "http://127.0.0.1:11434")
+        self.assertIn("No servers known yet", text)
+
+    def test_server_with_ollama_down(self) -> None:
+        text = format_status(
+            {"mode": "server", "ollama": {"url": "http://127.0.0.1:11434", "healthy": False,
+             "version": None, "reason": "connection refused"}, "peers": []},
+            "http://127.0.0.1:11435",
+        )  # fmt: skip
+        self.assertIn("Ollama   http://127.0.0.1:11434 (DOWN: connection refused)", text)
+        self.assertNotIn("SERVER", text)
+
+
+class StatusTests(TestCase):
+    """ollana status against nodes in this process."""
+
+    timeout = 60
+
+    async def start(self, *args: str) -> tuple[Any, int]:
+        options = Options()
+        options.parseOptions(["--listen", LOOPBACK, "--no-discovery", *args])
+        node = makeService(options, reactor=reactor)
+        node.startService()
+        self.addCleanup(node.stopService)
+        port: int = await node.getServiceNamed("http").whenListening()
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(
+            accepted_connections_closed(reactor, port)))  # fmt: skip
+        return node, port
+
+    async def setUpNodes(self) -> None:
+        self.fake = FakeOllama(models=["echo:latest"], clock=reactor)
+        listening = reactor.listenTCP(0, self.fake.site(), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.ollama = f"http://127.0.0.1:{listening.getHost().port}"
+        _, self.server_port = await self.start("--mode", "server", "--ollama", self.ollama)
+        self.client, self.client_port = await self.start(
+            "--mode", "client", "--peer", f"127.0.0.1:{self.server_port}"
+        )
+        await eventually(reactor, lambda: all(p.healthy and p.models for p in self.client.pool))
+
+    async def status(self, *argv: str) -> tuple[int, str, str]:
+        options = StatusOptions()
+        options.parseOptions(list(argv))
+        out, err = io.StringIO(), io.StringIO()
+        code = await status(reactor, options, out, err)
+        return code, out.getvalue(), err.getvalue()
+
+    async def test_client_table(self) -> None:
+        await self.setUpNodes()
+        code, out, err = await self.status("--url", f"http://127.0.0.1:{self.client_port}")
+        self.assertEqual((code, err), (0, ""))
+        lines = out.splitlines()
+        self.assertEqual(lines[0], f"Ollana   http://127.0.0.1:{self.client_port}")
+        self.assertIn("Mode     client", lines)
+        self.assertIn(f"Listen   127.0.0.1:{self.client_port}", lines)
+        [row] = [line for line in lines if line.startswith(f"127.0.0.1:{self.server_port} ")]
+        self.assertEqual(row.split()[1:3], ["static", "healthy"])
+        self.assertTrue(row.endswith("echo:latest"), row)
+
+    async def test_server_table(self) -> None:
+        await self.setUpNodes()
+        code, out, _ = await self.status("--url", f":{self.server_port}")
+        self.assertEqual(code, 0)
+        self.assertIn("Mode     server", out)
+        self.assertIn(f"Ollama   {self.ollama} (up, version 0.12.0)", out)
+
+    async def test_json(self) -> None:
+        await self.setUpNodes()
+        code, out, _ = await self.status("--json", "--url", f"127.0.0.1:{self.client_port}")
+        self.assertEqual(code, 0)
+        answer = json.loads(out)
+        self.assertEqual(answer["mode"], "client")
+        [peer] = answer["peers"]
+        self.assertEqual((peer["address"], peer["port"]), ("127.0.0.1", self.server_port))
+
+    async def test_falls_back_to_the_next_default(self) -> None:
+        await self.setUpNodes()
+        free = f"http://127.0.0.1:{free_tcp_port()}"
+        server = f"http://127.0.0.1:{self.server_port}"
+        self.patch(cli, "STATUS_URLS", (free, server))
+        code, out, err = await self.status()
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn(f"Ollana   {server}", out)
+        self.assertEqual(out.splitlines()[-1], f"Asked {free} first: connection refused.")
+        code, out, err = await self.status("--json")
+        self.assertEqual(json.loads(out)["mode"], "server")
+        self.assertEqual(err, f"ollana: Asked {free} first: connection refused.\n")
+
+    async def test_nothing_listens(self) -> None:
+        free = f"http://127.0.0.1:{free_tcp_port()}"
+        code, out, err = await self.status("--url", free)
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(
+            err,
+            f"ollana: no Ollana answered: {free}: connection refused\n",
+        )
+        other = f"http://127.0.0.1:{free_tcp_port()}"
+        self.patch(cli, "STATUS_URLS", (free, other))
+        code, out, err = await self.status()
+        self.assertEqual(code, 1)
+        self.assertIn(free, err)
+        self.assertIn(other, err)
+        self.assertIn("Is Ollana running on this machine?", err)
+
+    async def test_a_plain_ollama_is_not_ollana(self) -> None:
+        listening = reactor.listenTCP(0, FakeOllama().site(), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        url = f"http://127.0.0.1:{listening.getHost().port}"
+        code, _, err = await self.status("--url", url)
+        self.assertEqual(code, 1)
+        self.assertIn(f"{url}: HTTP 404, so not an Ollana (a plain Ollama?)", err)
+        await accepted_connections_closed(reactor, listening.getHost().port)
+
+    async def test_exit_status_of_the_command(self) -> None:
+        free = f"http://127.0.0.1:{free_tcp_port()}"
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "ollana", "status", "--url", free], env=python_env(),
+            path=str(REPO),
+        )  # fmt: skip
+        self.assertEqual((code, out), (1, b""))
+        self.assertEqual(err.decode().count("\n"), 1, err)
+        self.assertIn(free, err.decode())
+
+
+class ServeProcessTests(TestCase):
+    """ollana serve for real, as a server on loopback without discovery."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.fake = FakeOllama()
+        listening = reactor.listenTCP(0, self.fake.site(), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.ollama = f"http://127.0.0.1:{listening.getHost().port}"
+
+    async def get(self, url: str) -> Any:
+        response = await treq.get(url, pool=HTTPConnectionPool(reactor, persistent=False))
+        return response.code, await response.json()
+
+    async def test_foreground(self) -> None:
+        child = ChildProcess.spawn(
+            reactor, ["-m", "ollana", "serve", *SERVER, "--ollama", self.ollama]
+        )
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
+        match = await child.wait_for(r"Listening for HTTP on 127\.0\.0\.1:(\d+)")
+        code, body = await self.get(f"http://127.0.0.1:{match.group(1)}/api/version")
+        self.assertEqual((code, body), (200, {"version": "0.12.0"}))
+        await child.stop()
+        self.assertEqual((child.exit_code, child.exit_signal), (None, signal.SIGTERM))
+        self.assertIn("Server Shut Down.", child.output())
+        self.assertNotIn("Traceback", child.output())
+
+    async def test_foreground_json_logs(self) -> None:
+        child = ChildProcess.spawn(
+            reactor,
+            ["-m", "ollana", "serve", "--log-format", "json", *SERVER, "--ollama", self.ollama],
+        )
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
+        match = await child.wait_for(r'^\{.*"Listening for HTTP on 127\.0\.0\.1:\d+"')
+        event = json.loads(match.string)
+        self.assertEqual((event["level"], event["host"]), ("info", "127.0.0.1"))
+        code, _ = await self.get(f"http://127.0.0.1:{event['port']}/api/version")
+        self.assertEqual(code, 200)
+        await child.stop()
+        for line in child.lines:
+            json.loads(line)
+
+    async def test_daemon(self) -> None:
+        run = os.path.abspath(self.mktemp())
+        pidfile = os.path.join(run, "run", "ollana.pid")
+        logfile = os.path.join(run, "log", "ollana.log")
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "ollana", "serve", "-d", "--pidfile", pidfile, "--logfile", logfile,
+             *SERVER, "--ollama", self.ollama],
+            env=python_env(),
+            path=str(REPO),
+        )  # fmt: skip
+        self.assertEqual((code, err), (0, b""))
+        self.assertEqual(
+            out.decode(),
+            f"Starting Ollana in the background; pidfile {tilde(pidfile)}, log {tilde(logfile)}\n",
+        )
+        with open(pidfile) as f:
+            pid = int(f.read())
+        self.addCleanup(_kill_quietly, pid)
+        await eventually(reactor, lambda: "Listening for HTTP" in _read(logfile))
+        [port] = [line.rsplit(":", 1)[1] for line in _read(logfile).splitlines()
+                  if "Listening for HTTP" in line]  # fmt: skip
+        code, _ = await self.get(f"http://127.0.0.1:{port}/api/version")
+        self.assertEqual(code, 200)
+
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "ollana", "serve", "-d", "--pidfile", pidfile, *SERVER],
+            env=python_env(),
+            path=str(REPO),
+        )  # fmt: skip
+        self.assertEqual(code, 1)
+        self.assertEqual(
+            err.decode(),
+            f"ollana: Ollana already runs as process {pid} (pidfile {tilde(pidfile)}); "
+            "stop it first\n",
+        )
+
+        os.kill(pid, signal.SIGTERM)
+        await eventually(reactor, lambda: not os.path.exists(pidfile) and not process_alive(pid))
+        self.assertIn("Server Shut Down.", _read(logfile))
+        self.assertNotIn("Traceback", _read(logfile))
+
+
+def _kill_quietly(pid: int) -> None:
+    if process_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+class DemoProcessTests(TestCase):
+    """ollana demo for real: everything on loopback, discovery by loopback broadcast."""
+
+    timeout = 120
+
+    def demo(self, *args: str) -> ChildProcess:
+        child = ChildProcess.spawn(reactor, ["-m", "ollana", "demo", *args])
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
+        return child
+
+    async def test_try_what_it_prints(self) -> None:
+        child = self.demo("--port", "0")
+        curl = await child.wait_for(r"curl (http://127\.0\.0\.1:(\d+)/api/generate) -d '(.*)'$")
+        url, port, body = curl.group(1), curl.group(2), curl.group(3)
+        self.assertEqual(json.loads(body), {"model": "echo", "prompt": "hello there"})
+        await child.wait_for(rf"OLLAMA_HOST=127\.0\.0\.1:{port} ollama run echo hi")
+        await child.wait_for(rf"http://127\.0\.0\.1:{port}/ollana/")
+        await child.wait_for(r"Ctrl-C stops the demo\.")
+
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = await treq.post(url, data=body.encode(), pool=pool)
+        self.assertEqual(response.code, 200)
+        self.assertTrue(response.headers.getRawHeaders("X-Ollana-Peer"), "via the server")
+        chunks: list[bytes] = []
+        await treq.collect(response, chunks.append)
+        lines = [json.loads(line) for line in b"".join(chunks).splitlines()]
+        self.assertEqual([line["response"] for line in lines], ["hello ", "there ", ""])
+        self.assertEqual([line["done"] for line in lines], [False, False, True])
+
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "ollana", "status", "--url", f"127.0.0.1:{port}"],
+            env=python_env(), path=str(REPO),
+        )  # fmt: skip
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"Mode     client", out)
+        [row] = [line for line in out.decode().splitlines() if "discovered" in line]
+        self.assertIn("healthy", row)
+        self.assertTrue(row.endswith("echo:latest"), row)
+
+        child.signal("INT")
+        self.assertEqual(await child.when_ended(), 0, child.output())
+        self.assertIn("Stopped.", child.lines)
+        self.assertNotIn("Traceback", child.output())
+
+    async def test_a_taken_port_falls_back_to_a_free_one(self) -> None:
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        child = self.demo("--port", str(port), "--pace", "0")
+        note = await child.wait_for(
+            rf"127\.0\.0\.1:{port} is taken, .*; the client uses 127\.0\.0\.1:(\d+)\.\)"
+        )
+        curl = await child.wait_for(r"curl http://127\.0\.0\.1:(\d+)/")
+        self.assertEqual(curl.group(1), note.group(1))
+        self.assertNotEqual(curl.group(1), str(port))
+        child.signal("TERM")
+        self.assertEqual(await child.when_ended(), 0, child.output())
+        self.assertNotIn("Traceback", child.output())
+
+
+class SimulatorTests(SynchronousTestCase):
+    """The demo's simulated Ollama: what the ollama command asks before it runs a model."""
+
+    def test_echo_without_a_tag(self) -> None:
+        fake = FakeOllama(models=[ECHO_MODEL], record=False)
+        stub: Any = StubTreq(fake.resource())
+        shown = self.successResultOf(stub.post("http://o/api/show", json={"model": "echo"}))
+        self.assertEqual(shown.code, 200)
+        body = self.successResultOf(shown.json())
+        self.assertEqual(body["capabilities"], ["completion"])
+        missing = self.successResultOf(stub.post("http://o/api/show", json={"name": "llama3.2"}))
+        self.assertEqual(missing.code, 404)
+        self.assertEqual((fake.requests, fake.headers), ([], []), "record=False keeps nothing")
+
+    def test_quiet_site(self) -> None:
+        self.assertIsInstance(FakeOllama().site(), Site)
+        self.assertIsNot(type(FakeOllama().site(access_log=False)), Site)

@@ -1,5 +1,5 @@
 from twisted.application.service import ServiceMaker
 
-ollana = ServiceMaker(
-    "ollana", "ollana.tap", "Every Ollama on the LAN, from every device.", "ollana"
-)
+from ollana import DESCRIPTION
+
+ollana = ServiceMaker("ollana", "ollana.tap", DESCRIPTION, "ollana")
