@@ -38,7 +38,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client
-from twisted.web.http import NO_BODY_CODES, HTTPChannel, PotentialDataLoss
+from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
     UNKNOWN_LENGTH,
@@ -51,6 +51,7 @@ from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
+from ollana.gate import CREDENTIAL_HEADER, Gate
 from ollana.metrics import Metrics
 from ollana.modelscan import ModelScanner
 
@@ -79,6 +80,17 @@ IDLE_CONNECTION_TIMEOUT = 50  # seconds a kept-alive upstream connection may sta
 def error_body(message: str) -> bytes:
     """An error in Ollama's own shape, which Ollama clients print."""
     return json.dumps({"error": message}).encode("utf-8") + b"\n"
+
+
+def error_response(code: int, message: str) -> bytes:
+    """A whole HTTP/1.1 error response that closes the connection, for answers given
+    before twisted.web would (before the body, or instead of a request)."""
+    body = error_body(message)
+    phrase = RESPONSES.get(code, b"Error")
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (code, phrase, len(body))
+    ) + body
 
 
 @dataclass(frozen=True)
@@ -736,6 +748,10 @@ class _Drop(Protocol):
         self.transport.stopProducing()  # type: ignore[union-attr]
 
 
+def _peer_host(channel: ProxyChannel) -> str | None:
+    return getattr(channel.transport.getPeer(), "host", None) if channel.transport else None
+
+
 def _text(raw: bytes) -> str:
     """Bytes from the wire, readable in a log line."""
     return raw.decode("ascii", "backslashreplace")
@@ -762,6 +778,7 @@ class ProxySettings:
     idle_timeout: float = 600.0
     retry_after: float = 5.0
     metrics: Metrics = field(default_factory=Metrics)
+    gate: Gate = field(default_factory=Gate)
 
 
 class ProxyRequest(Request):
@@ -773,18 +790,47 @@ class ProxyRequest(Request):
     _body_complete = False
     _saved_timeout: tuple[float | None] | None = None
 
+    refused = False  # answered (and the connection closed) before its body
+    _body_size = 0
+
     def gotLength(self, length: int | None) -> None:
         target = self.channel._path  # see the module docstring
         proxy = getattr(getattr(self.channel, "site", None), "proxy", None)
-        if proxy is not None:
-            self.arrived = proxy.clock.seconds()
-        if proxy is None or target == b"*" or is_local(target):
+        if proxy is None:
+            super().gotLength(length)
+            return
+        self.arrived = proxy.clock.seconds()
+        host = getattr(self.getClientAddress(), "host", "")
+        gate: Gate = proxy.gate
+        refusal = gate.refusal(host, self.requestHeaders)
+        self.requestHeaders.removeHeader(CREDENTIAL_HEADER)  # never passed on
+        if refusal is None and gate.max_body is not None and (length or 0) > gate.max_body:
+            refusal = 413, f"ollana: request bodies are limited to {gate.max_body} bytes"
+        if refusal is not None:
+            self.refuse(*refusal)
+            return
+        if target == b"*" or is_local(target):
             super().gotLength(length)  # answered here: the body (small) is kept as usual
             return
         self.content = io.BytesIO()  # stays empty: the body goes upstream instead
         self.exchange = Exchange(proxy, self, length)
 
+    def refuse(self, code: int, message: str) -> None:
+        """Answer at once, before the body, and close: the client need not send it all."""
+        self.refused = True
+        self.content = io.BytesIO()
+        channel: Any = self.channel
+        channel.answer_and_close(code, message)
+
     def handleContentChunk(self, data: bytes) -> None:
+        if self.refused:
+            return
+        self._body_size += len(data)
+        proxy = getattr(getattr(self.channel, "site", None), "proxy", None)
+        limit = proxy.gate.max_body if proxy is not None else None
+        if limit is not None and self._body_size > limit and not self.startedWriting:
+            self.refuse(413, f"ollana: request bodies are limited to {limit} bytes")
+            return
         if self.exchange is not None:
             self.exchange.received(data)
         elif self.content is not None and self.content.tell() < LOCAL_BODY_LIMIT:
@@ -837,20 +883,57 @@ class ProxyChannel(HTTPChannel):
     held upload suspended is the one restored. Its site knows it while it is open."""
 
     site: ProxySite
+    _headers_due: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.opened(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_header_timer()
         super().connectionLost(reason)
         self.site.closed(self)
+
+    def lineReceived(self, line: bytes) -> None:
+        # A request's headers must all come within the gate's header_timeout of its first
+        # line: a client that trickles them (slowloris) is cut off.
+        if self._headers_due is None and line:
+            timeout = self.site.proxy.gate.header_timeout
+            self._headers_due = self.callLater(timeout, self._headers_overdue)
+        super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        self._stop_header_timer()
+        super().allHeadersReceived()
+
+    def _stop_header_timer(self) -> None:
+        due, self._headers_due = self._headers_due, None
+        if due is not None and due.active():
+            due.cancel()
+
+    def _headers_overdue(self) -> None:
+        self._headers_due = None
+        self.answer_and_close(408, "ollana: request headers took too long")
 
     def allContentReceived(self) -> None:
         request = self.requests[-1]
         if isinstance(request, ProxyRequest):
             request.body_complete()
         super().allContentReceived()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.answer_and_close(431, "ollana: a request line or header is too long")
+
+    def answer_and_close(self, code: int, message: str) -> None:
+        """An error answer of our own, then the end of the connection."""
+        transport: Any = self.transport
+        if transport is None:
+            return
+        log.info("{code} for {client}: {message}", code=code, message=message,
+                 client=getattr(transport.getPeer(), "host", "-"))  # fmt: skip
+        transport.write(error_response(code, message))
+        self.persistent = False
+        transport.loseConnection()
 
 
 LOCAL_PREFIX = b"/ollana"
@@ -883,6 +966,8 @@ class ProxyResource(Resource):
     isLeaf = True
 
     def render(self, request: Request) -> Any:
+        if getattr(request, "refused", False):
+            return NOT_DONE_YET  # answered already; the connection is closing
         exchange = getattr(request, "exchange", None)
         if exchange is not None:
             exchange.respond()
@@ -908,6 +993,17 @@ class ProxySite(Site):
         self.displayTracebacks = False
         self.channels: set[ProxyChannel] = set()
         self._drained: defer.Deferred[None] | None = None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        limit = self.proxy.gate.max_connections_per_source
+        host = getattr(addr, "host", None)
+        if limit is not None and host is not None:
+            open_here = sum(1 for channel in self.channels if _peer_host(channel) == host)
+            if open_here >= limit:
+                log.warn("Refused a connection from {client}: {limit} already open",
+                         client=host, limit=limit)  # fmt: skip
+                return None
+        return super().buildProtocol(addr)
 
     def opened(self, channel: ProxyChannel) -> None:
         self.channels.add(channel)

@@ -16,6 +16,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from ollana.gate import Gate
 from ollana.proxy import (
     LocalAnswer,
     NoUpstream,
@@ -51,15 +52,20 @@ class ProxyHarness:
     """A proxy site with one client connection and the upstream connections it opens."""
 
     def __init__(
-        self, case: SynchronousTestCase, upstream: Upstream | Exception | Router | None = UPSTREAM
+        self,
+        case: SynchronousTestCase,
+        upstream: Upstream | Exception | Router | None = UPSTREAM,
+        gate: Gate | None = None,
+        client: IPv4Address = CLIENT,
     ) -> None:
         self.reactor = MemoryReactorClock()
         agent, self.pool = make_agent(self.reactor, connect_timeout=5)
         router = upstream if isinstance(upstream, Router) else Scripted(upstream)
-        self.site = ProxySite(ProxySettings(agent, router, self.reactor))
+        settings = ProxySettings(agent, router, self.reactor, gate=gate or Gate())
+        self.site = ProxySite(settings)
         self.handled = 0  # connection attempts accepted or refused so far
-        self.channel = self.site.buildProtocol(CLIENT)
-        self.client = StringTransport(peerAddress=CLIENT)
+        self.channel = self.site.buildProtocol(client)
+        self.client = StringTransport(peerAddress=client)
         self.channel.makeConnection(self.client)
         self.upstreams: list[tuple[Any, StringTransport]] = []
 

@@ -1,0 +1,204 @@
+"""The server's gate: the source allow-list (403), the credential between nodes (401), the
+limits (413, 408, connections per source), and bad input that must not stop the others."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet import error
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+
+from ollana.gate import Gate, local_network_address, parse_network, request_credential
+from tests.test_proxy import ProxyHarness, head, header_values
+
+SECRET = b"correct horse battery staple"
+LAN = IPv4Address("TCP", "192.168.1.20", 40000)
+OUTSIDE = IPv4Address("TCP", "8.8.8.8", 40000)  # in memory only: no traffic
+LOOPBACK = IPv4Address("TCP", "127.0.0.1", 40000)
+GET = b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def server_gate(**kwargs: Any) -> Gate:
+    return Gate(open_to_all=False, **kwargs)
+
+
+def error_of(response: bytes) -> tuple[bytes, str]:
+    line, _ = head(response)
+    return line, json.loads(response.split(b"\r\n\r\n", 1)[1])["error"]
+
+
+class AllowListTests(SynchronousTestCase):
+    def test_default_is_the_local_networks(self) -> None:
+        for host in ("127.0.0.1", "10.1.2.3", "172.16.0.9", "192.168.1.20", "169.254.1.1",
+                     "::1", "fd00::1", "fe80::1%eth0", "::ffff:192.168.1.20"):  # fmt: skip
+            self.assertTrue(local_network_address(host), host)
+        for host in ("8.8.8.8", "1.1.1.1", "2001:4860::8888", "::ffff:8.8.8.8", "nonsense"):
+            self.assertFalse(local_network_address(host), host)
+
+    def test_outside_sources_get_403_and_no_upstream_request(self) -> None:
+        proxy = ProxyHarness(self, gate=server_gate(), client=OUTSIDE)
+        proxy.send(GET)
+        self.assertEqual(proxy.reactor.tcpClients, [])
+        line, message = error_of(proxy.response())
+        self.assertEqual(line, b"HTTP/1.1 403 Forbidden")
+        self.assertIn("8.8.8.8 is not allowed", message)
+        self.assertTrue(proxy.client.disconnecting)
+
+    def test_a_given_allow_list_replaces_the_default(self) -> None:
+        gate = server_gate(allow=[parse_network("8.8.8.0/24")])
+        self.assertTrue(gate.admits_source("8.8.8.8"))
+        self.assertFalse(gate.admits_source("192.168.1.20"))
+        proxy = ProxyHarness(self, gate=gate, client=OUTSIDE)
+        proxy.send(GET)
+        self.assertEqual(len(proxy.reactor.tcpClients), 1)
+
+    def test_a_local_source_passes(self) -> None:
+        proxy = ProxyHarness(self, gate=server_gate(), client=LAN)
+        proxy.send(GET)
+        self.assertEqual(len(proxy.reactor.tcpClients), 1)
+
+    def test_a_bad_cidr_is_a_usage_error(self) -> None:
+        from twisted.python.usage import UsageError
+
+        with self.assertRaises(UsageError) as raised:
+            parse_network("10.0.0.0/33")
+        self.assertEqual(
+            str(raised.exception), "--allow: not an address or CIDR block: '10.0.0.0/33'"
+        )
+
+
+class CredentialTests(SynchronousTestCase):
+    def test_no_credential_is_401(self) -> None:
+        proxy = ProxyHarness(self, gate=server_gate(secret=SECRET), client=LAN)
+        proxy.send(GET)
+        self.assertEqual(proxy.reactor.tcpClients, [])
+        line, message = error_of(proxy.response())
+        self.assertEqual(line, b"HTTP/1.1 401 Unauthorized")
+        self.assertNotIn(SECRET.decode(), proxy.response().decode())
+
+    def test_a_wrong_credential_is_401(self) -> None:
+        proxy = ProxyHarness(self, gate=server_gate(secret=SECRET), client=LAN)
+        wrong = request_credential(b"another secret of enough length")
+        proxy.send(b"GET / HTTP/1.1\r\nHost: x\r\nX-Ollana-Credential: " + wrong + b"\r\n\r\n")
+        self.assertEqual(head(proxy.response())[0], b"HTTP/1.1 401 Unauthorized")
+
+    def test_the_credential_passes_and_is_not_passed_on(self) -> None:
+        proxy = ProxyHarness(self, gate=server_gate(secret=SECRET), client=LAN)
+        credential = request_credential(SECRET)
+        proxy.send(b"GET / HTTP/1.1\r\nHost: x\r\nX-Ollana-Credential: " + credential + b"\r\n\r\n")
+        upstream = proxy.connect_upstream()
+        self.assertEqual(header_values(upstream.value(), b"x-ollana-credential"), [])
+        self.assertNotIn(credential, upstream.value())
+
+    def test_loopback_needs_none(self) -> None:
+        proxy = ProxyHarness(self, gate=server_gate(secret=SECRET), client=LOOPBACK)
+        proxy.send(GET)
+        self.assertEqual(len(proxy.reactor.tcpClients), 1)
+
+    def test_the_credential_is_not_the_secret(self) -> None:
+        credential = request_credential(SECRET)
+        self.assertNotIn(SECRET, credential)
+        self.assertEqual(credential, request_credential(SECRET))
+        self.assertEqual(len(credential), 64)
+
+
+class LimitTests(SynchronousTestCase):
+    def test_a_declared_body_over_the_limit_is_413_at_once(self) -> None:
+        proxy = ProxyHarness(self, gate=Gate(max_body=1000))
+        proxy.send(b"POST /api/blobs/sha256:a HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+        self.assertEqual(proxy.reactor.tcpClients, [])
+        line, message = error_of(proxy.response())
+        self.assertEqual(line, b"HTTP/1.1 413 Request Entity Too Large")
+        self.assertEqual(message, "ollana: request bodies are limited to 1000 bytes")
+        self.assertTrue(proxy.client.disconnecting)
+        proxy.send(b"x" * 5000)  # what was already on its way changes nothing
+        self.assertEqual(proxy.response().count(b"HTTP/1.1"), 1)
+
+    def test_a_chunked_body_over_the_limit_is_413_when_it_gets_there(self) -> None:
+        proxy = ProxyHarness(self, gate=Gate(max_body=10))
+        proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        proxy.send(b"8\r\n12345678\r\n")
+        self.assertEqual(proxy.response(), b"")
+        proxy.send(b"8\r\n12345678\r\n")
+        self.assertEqual(head(proxy.response())[0], b"HTTP/1.1 413 Request Entity Too Large")
+        proxy.channel.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(proxy.reactor.connectors[0].stoppedConnecting or proxy.upstreams == [])
+
+    def test_no_limit_by_default(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(
+            b"POST /api/blobs/sha256:a HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n"
+        )
+        self.assertEqual(len(proxy.reactor.tcpClients), 1)
+
+    def test_headers_that_trickle_in_are_cut_off(self) -> None:
+        proxy = ProxyHarness(self, gate=Gate(header_timeout=30))
+        proxy.send(b"GET /api/tags HTTP/1.1\r\n")
+        for _ in range(5):
+            proxy.reactor.advance(5)
+            proxy.send(b"X-Slow: 1\r\n")  # each byte in time for the channel's own timeout
+        self.assertFalse(proxy.client.disconnecting)
+        proxy.reactor.advance(5)
+        self.assertEqual(head(proxy.response())[0], b"HTTP/1.1 408 Request Time-out")
+        self.assertTrue(proxy.client.disconnecting)
+
+    def test_headers_in_time_stop_the_timer(self) -> None:
+        proxy = ProxyHarness(self, gate=Gate(header_timeout=30))
+        proxy.send(GET)
+        proxy.connect_upstream()
+        proxy.reactor.advance(100)
+        self.assertNotIn(b"408", proxy.response())
+
+    def test_connections_per_source_are_limited(self) -> None:
+        proxy = ProxyHarness(self, gate=Gate(max_connections_per_source=2))
+        second = proxy.site.buildProtocol(proxy.client.getPeer())
+        self.assertIsNotNone(second)
+        second.makeConnection(StringTransport(peerAddress=proxy.client.getPeer()))
+        self.assertIsNone(proxy.site.buildProtocol(proxy.client.getPeer()), "a third")
+        self.assertIsNotNone(proxy.site.buildProtocol(LAN), "another source")
+        second.connectionLost(Failure(error.ConnectionDone()))
+        self.assertIsNotNone(proxy.site.buildProtocol(proxy.client.getPeer()))
+
+
+class BadInputTests(SynchronousTestCase):
+    def answer_to(self, data: bytes) -> bytes:
+        proxy = ProxyHarness(self)
+        proxy.send(data)
+        return proxy.response()
+
+    def test_malformed_request_line(self) -> None:
+        self.assertTrue(self.answer_to(b"NONSENSE\r\n\r\n").startswith(b"HTTP/1.1 400 "))
+
+    def test_oversized_headers(self) -> None:
+        big = b"X-Big: " + b"a" * 20000 + b"\r\n"
+        answer = self.answer_to(b"GET / HTTP/1.1\r\n" + big + b"\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 431 "), answer)
+
+    def test_broken_chunked_encoding(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        proxy.send(b"zz\r\nhello\r\n")
+        self.assertTrue(proxy.response().startswith(b"HTTP/1.1 400 "))
+        self.assertTrue(proxy.client.disconnecting)
+
+    def test_conflicting_lengths(self) -> None:
+        answer = self.answer_to(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 9\r\n\r\nabc"
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "))
+
+    def test_a_body_shorter_than_declared_leaves_others_alone(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+        upstream = proxy.connect_upstream()
+        proxy.channel.connectionLost(Failure(error.ConnectionDone()))  # the liar leaves
+        self.assertTrue(upstream.disconnecting)
+        other = ProxyHarness(self)
+        other.send(GET)
+        self.assertEqual(len(other.reactor.tcpClients), 1)
+        self.assertIsInstance(Headers(), Headers)
