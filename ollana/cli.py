@@ -16,6 +16,7 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from ollana import DESCRIPTION, config
+from ollana.auth import PacketAuth
 from ollana.discovery import Seeker
 from ollana.netif import default_broadcast_addresses
 from ollana.peers import Peer, PeerPool, Source
@@ -784,9 +785,11 @@ async def discover(
     """Probe for options['timeout'] seconds, print what answered, return the exit code."""
     pool = PeerPool(reactor, ttl=float("inf"))
     addresses = options.broadcast_addresses() or tuple(default_broadcast_addresses())
+    secret = options["secret"]
     seeker = Seeker(
-        os.urandom(16), pool, lambda: [(a, options["discovery-port"]) for a in addresses]
-    )
+        os.urandom(16), pool, lambda: [(a, options["discovery-port"]) for a in addresses],
+        auth=PacketAuth(secret, reactor) if secret is not None else None,
+    )  # fmt: skip
     port = reactor.listenUDP(0, seeker)
     port.setBroadcastAllowed(True)
     loop = task.LoopingCall(seeker.probe)

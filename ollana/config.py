@@ -10,6 +10,7 @@ import ipaddress
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.endpoints import serverFromString
@@ -48,6 +49,11 @@ class Settings:
     scan_limit: int = 8 << 20
     attempts: int = 3
     drain_timeout: float = 30.0
+    secret: bytes | None = field(default=None, repr=False)  # never in logs or reprs
+    allow: tuple[Any, ...] | None = None  # networks; None: the local ones
+    max_body: int | None = None
+    max_connections: int = 256  # per source, server mode
+    header_timeout: float = 30.0
     node_id: bytes = field(default_factory=lambda: os.urandom(16))
 
     def listen_for(self, mode: str) -> str:
@@ -87,10 +93,17 @@ def parse_count(text: str, option: str, most: int = 100) -> int:
     return count
 
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def parse_size(text: str, option: str) -> int:
+def _size_text(size: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if size >= _UNITS[unit] and size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return str(size)
+
+
+def parse_size(text: str, option: str, most: int = 1 << 30) -> int:
     """A number of bytes, with an optional K, M or G (binary) suffix: 8M, 512K, 1048576."""
     clean = text.strip().upper().removesuffix("B").removesuffix("I")
     number, unit = (clean[:-1], clean[-1]) if clean[-1:] in _UNITS else (clean, "")
@@ -98,8 +111,8 @@ def parse_size(text: str, option: str) -> int:
         size = int(float(number) * _UNITS[unit])
     except ValueError:
         raise UsageError(f"{option}: not a size in bytes (like 8M or 512K): {text!r}") from None
-    if not 0 <= size <= 1 << 30:
-        raise UsageError(f"{option}: must be between 0 and 1G, not {text}")
+    if not 0 <= size <= most:
+        raise UsageError(f"{option}: must be between 0 and {_size_text(most)}, not {text}")
     return size
 
 

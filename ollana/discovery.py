@@ -5,16 +5,25 @@ answer probes by unicast, announce themselves by broadcast and say bye when they
 stop. Clients send probes from a socket of their own, so the unicast replies come
 back to them and not to whichever process shares the discovery port, and listen on
 the shared port for unsolicited announcements and byes.
+
+Given a PacketAuth, a protocol signs what it sends and ignores (counting it in
+``rejected``) whatever is not signed with the same secret, stale or replayed, the
+original Ollana's bare magic included. A responder answers only hosts its ``allowed``
+predicate accepts, and each host at most ``reply_rate`` times a second (after a burst of
+``reply_burst``), so that spoofed probes cannot turn it into an amplifier.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from ollana import wire
+from ollana.auth import PacketAuth
 from ollana.peers import PeerPool
 
 Address = tuple[str, int]
@@ -27,8 +36,9 @@ class _LanaProtocol(DatagramProtocol):
     log = Logger()
     noisy = False
 
-    def __init__(self, node_id: bytes) -> None:
+    def __init__(self, node_id: bytes, *, auth: PacketAuth | None = None) -> None:
         self.node_id = node_id
+        self.auth = auth
         self.received = 0
         self.rejected = 0
         self.sent = 0
@@ -36,7 +46,8 @@ class _LanaProtocol(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, addr: Address) -> None:
         try:
-            message = wire.decode(datagram)
+            packet = datagram if self.auth is None else self.auth.verify(datagram)
+            message = wire.decode(packet)
         except wire.MalformedPacket as e:
             self.rejected += 1
             self.log.debug(
@@ -45,6 +56,10 @@ class _LanaProtocol(DatagramProtocol):
                 port=addr[1],
                 reason=str(e),
             )
+            return
+        except Exception:
+            self.rejected += 1
+            self.log.failure("Error reading a datagram from {host}", host=addr[0])
             return
         if getattr(message, "node_id", None) == self.node_id:
             return
@@ -67,8 +82,11 @@ class _LanaProtocol(DatagramProtocol):
         """Send, logging (not raising) errors such as ENETUNREACH."""
         if self.transport is None:
             return
+        packet = wire.encode(message)
+        if self.auth is not None:
+            packet = self.auth.sign(packet)
         try:
-            self.transport.write(wire.encode(message), addr)
+            self.transport.write(packet, addr)
         except OSError as e:
             self.last_send_error = f"{addr[0]}:{addr[1]}: {e.strerror or e}"
             self.log.warn(
@@ -81,8 +99,64 @@ class _LanaProtocol(DatagramProtocol):
             self.sent += 1
 
 
+class ReplyLimiter:
+    """A token bucket per source host: at most ``rate`` replies a second after a burst.
+
+    At most ``max_hosts`` hosts are tracked; hosts whose bucket has refilled are dropped
+    to make room, and while none has, new hosts get no reply.
+    """
+
+    def __init__(
+        self, now: Callable[[], float], rate: float, burst: int, max_hosts: int = 1024
+    ) -> None:
+        if not rate > 0 or burst < 1 or max_hosts < 1:
+            raise ValueError("rate, burst and max_hosts must be positive")
+        self._now = now
+        self.rate = rate
+        self.burst = burst
+        self.max_hosts = max_hosts
+        self._buckets: dict[str, tuple[float, float]] = {}  # host: (tokens, when)
+        self._pruned = float("-inf")
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, host: str) -> bool:
+        """Take a token from host's bucket: whether a reply to it may be sent now."""
+        now = self._now()
+        bucket = self._buckets.get(host)
+        if bucket is None:
+            if len(self._buckets) >= self.max_hosts and not self._make_room(now):
+                return False
+            tokens = float(self.burst)
+        else:
+            tokens, when = bucket
+            tokens = min(float(self.burst), tokens + max(0.0, now - when) * self.rate)
+        if tokens < 1:
+            self._buckets[host] = (tokens, now)
+            return False
+        self._buckets[host] = (tokens - 1, now)
+        return True
+
+    def _make_room(self, now: float) -> bool:
+        if now - self._pruned >= 1.0:  # a full scan at most once a second
+            self._pruned = now
+            self._buckets = {  # a host whose bucket has refilled is as good as new
+                host: (tokens, when)
+                for host, (tokens, when) in self._buckets.items()
+                if now - when < (self.burst - tokens) / self.rate
+            }
+        return len(self._buckets) < self.max_hosts
+
+
 class ProbeResponder(_LanaProtocol):
-    """Server side: answers probes and announces this server, while it is serving."""
+    """Server side: answers probes and announces this server, while it is serving.
+
+    Probes from hosts that ``allowed`` refuses, or beyond a host's rate, get no reply;
+    they are counted in ``refused`` and ``limited``. Announcements carry ``fingerprint``
+    (the SHA-256 of the server's TLS certificate) when given. ``clock`` times the rate
+    limit (the monotonic clock when not given).
+    """
 
     def __init__(
         self,
@@ -91,30 +165,58 @@ class ProbeResponder(_LanaProtocol):
         scheme: str,
         version: str,
         is_serving: Callable[[], bool],
+        *,
+        auth: PacketAuth | None = None,
+        allowed: Callable[[str], bool] = lambda host: True,
+        fingerprint: bytes | None = None,
+        clock: IReactorTime | None = None,
+        reply_rate: float = 4.0,
+        reply_burst: int = 8,
     ) -> None:
-        super().__init__(node_id)
+        super().__init__(node_id, auth=auth)
+        if fingerprint is not None and len(fingerprint) != wire.FINGERPRINT_SIZE:
+            raise ValueError(f"fingerprint must be {wire.FINGERPRINT_SIZE} bytes")
         self.targets = targets
         self.scheme = scheme
         self.version = version
         self.is_serving = is_serving
+        self.allowed = allowed
+        self.fingerprint = fingerprint
         self.proxy_port: int | None = None
+        now = clock.seconds if clock is not None else time.monotonic
+        self.limiter = ReplyLimiter(now, reply_rate, reply_burst)
+        self.refused = 0
+        self.limited = 0
 
     def _announcement(self) -> wire.Announce | None:
         if self.proxy_port is None or not self.is_serving():
             return None
-        return wire.Announce(self.node_id, self.proxy_port, self.scheme, self.version)
+        return wire.Announce(
+            self.node_id, self.proxy_port, self.scheme, self.version, self.fingerprint
+        )
 
     def handle(self, message: wire.Message, addr: Address) -> None:
         if isinstance(message, wire.Probe):
-            announcement = self._announcement()
-            if announcement is not None:
-                self.send(announcement, addr)
+            reply: wire.Message | None = self._announcement()
         elif isinstance(message, wire.LegacyHello):
             # Original clients probe from a port of their own. From the discovery port
             # it is an original server answering our broadcast: answering that back
             # would start an endless exchange.
-            if self._announcement() is not None and addr[1] != self._own_port():
-                self.send(message, addr)
+            if addr[1] == self._own_port() or self._announcement() is None:
+                return
+            reply = message
+        else:
+            return
+        if reply is None:
+            return
+        if not self.allowed(addr[0]):
+            self.refused += 1
+            self.log.debug("No reply to {host}: not an allowed source", host=addr[0])
+        elif not self.limiter.allow(addr[0]):
+            self.limited += 1
+            self.log.debug("No reply to {host}: over its rate", host=addr[0])
+        else:
+            self.send(reply, addr)
 
     def _own_port(self) -> int | None:
         return getattr(self.transport.getHost(), "port", None) if self.transport else None
@@ -135,8 +237,8 @@ class ProbeResponder(_LanaProtocol):
 class AnnouncementListener(_LanaProtocol):
     """Client side, on the shared port: records announcements and byes in the pool."""
 
-    def __init__(self, node_id: bytes, pool: PeerPool) -> None:
-        super().__init__(node_id)
+    def __init__(self, node_id: bytes, pool: PeerPool, *, auth: PacketAuth | None = None) -> None:
+        super().__init__(node_id, auth=auth)
         self.pool = pool
 
     def handle(self, message: wire.Message, addr: Address) -> None:
@@ -150,8 +252,10 @@ class AnnouncementListener(_LanaProtocol):
 class Seeker(AnnouncementListener):
     """Client side, on a socket of its own: sends probes and records the replies."""
 
-    def __init__(self, node_id: bytes, pool: PeerPool, targets: Targets) -> None:
-        super().__init__(node_id, pool)
+    def __init__(
+        self, node_id: bytes, pool: PeerPool, targets: Targets, *, auth: PacketAuth | None = None
+    ) -> None:
+        super().__init__(node_id, pool, auth=auth)
         self.targets = targets
 
     def probe(self) -> None:

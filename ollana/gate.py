@@ -3,7 +3,6 @@ Ollana nodes, and the limits that keep one client from starving the others."""
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,9 +10,9 @@ from dataclasses import dataclass
 from twisted.python.usage import UsageError
 from twisted.web.http_headers import Headers
 
+from ollana.auth import CREDENTIAL_HEADER, credential_ok
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-CREDENTIAL_HEADER = b"x-ollana-credential"
-CREDENTIAL_LABEL = b"ollana proxy credential v1"
 
 
 def parse_network(text: str, option: str = "--allow") -> Network:
@@ -43,12 +42,6 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return address
 
 
-def request_credential(secret: bytes) -> bytes:
-    """What a client-mode Ollana sends to a server-mode one: derived from the shared
-    secret, so the secret itself never travels."""
-    return hmac.new(secret, CREDENTIAL_LABEL, "sha256").hexdigest().encode("ascii")
-
-
 @dataclass
 class Gate:
     """The rules of one listener. The defaults admit everyone: right for the client's
@@ -75,8 +68,8 @@ class Gate:
         if not self.admits_source(host):
             return 403, f"ollana: {host} is not allowed to use this server (see --allow)"
         if self.secret is not None and not _loopback(host):
-            given = headers.getRawHeaders(CREDENTIAL_HEADER, [b""])[-1]
-            if not hmac.compare_digest(given, request_credential(self.secret)):
+            given = headers.getRawHeaders(CREDENTIAL_HEADER, [None])[-1]
+            if not credential_ok(self.secret, given):
                 return 401, "ollana: this server needs Ollana's shared secret (see --secret-file)"
         return None
 

@@ -6,7 +6,7 @@ Ollama first and builds the server or client services once it knows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +19,10 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from ollana import __version__
+from ollana.auth import CREDENTIAL_HEADER, PacketAuth, request_credential
 from ollana.config import Settings, endpoint_scheme
 from ollana.discovery import AnnouncementListener, ProbeResponder, Seeker, Targets
+from ollana.gate import Gate
 from ollana.health import (
     HTTPGetter,
     LocalOllamaMonitor,
@@ -59,6 +61,11 @@ def describe_listen_error(e: error.CannotListenError, what: str, option: str) ->
     reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
     where = f" on {e.interface}" if e.interface else ""
     return f"Cannot listen on {what} port {e.port}{where}: {reason}. Choose another with {option}."
+
+
+def packet_auth(settings: Settings, clock: Any) -> PacketAuth | None:
+    """What signs and checks this node's discovery datagrams, when there is a secret."""
+    return PacketAuth(settings.secret, clock) if settings.secret is not None else None
 
 
 class HTTPListener(Service):
@@ -200,8 +207,9 @@ class SeekerService(Service):
         self.pool = pool
         self._settings = settings
         self._on_error = on_error
-        self.seeker = Seeker(settings.node_id, pool, targets)
-        self.listener = AnnouncementListener(settings.node_id, pool)
+        auth = packet_auth(settings, reactor)
+        self.seeker = Seeker(settings.node_id, pool, targets, auth=auth)
+        self.listener = AnnouncementListener(settings.node_id, pool, auth=auth)
         self._ports: list[Any] = []
         self._loop: LoopingCall | None = None
 
@@ -238,6 +246,18 @@ class SeekerService(Service):
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
 
 
+class WithHeaders:
+    """An HTTP getter that adds headers to every request (the credential, in client mode)."""
+
+    def __init__(self, http: Any, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        self._http = http
+        self._headers = {name: [value] for name, value in headers}
+
+    def get(self, url: str, /) -> defer.Deferred[Any]:
+        result: defer.Deferred[Any] = self._http.get(url, headers=self._headers)
+        return result
+
+
 class ConnectionPoolService(Service):
     """Closes the proxy's kept-alive upstream connections when Ollana stops."""
 
@@ -258,7 +278,12 @@ class Observed:
 
 
 def proxy_services(
-    settings: Settings, reactor: Any, router: Router, observed: Observed
+    settings: Settings,
+    reactor: Any,
+    router: Router,
+    observed: Observed,
+    gate: Gate,
+    upstream_headers: Sequence[tuple[bytes, bytes]] = (),
 ) -> tuple[ProxySite, ConnectionPoolService]:
     """The proxying site for the HTTP listener, and the service that owns its connections."""
     agent, pool = make_agent(reactor, settings.connect_timeout)
@@ -269,6 +294,8 @@ def proxy_services(
         idle_timeout=settings.idle_timeout,
         retry_after=settings.probe_interval,
         metrics=observed.metrics,
+        gate=gate,
+        upstream_headers=upstream_headers,
     )
     connections = ConnectionPoolService(pool)
     connections.setName("upstream-connections")
@@ -289,7 +316,15 @@ def build_server(
     monitor.setName("ollama-monitor")
     listen = settings.listen_for("server")
     router = LocalRouter(settings.ollama_url, monitor)
-    site, connections = proxy_services(settings, reactor, router, observed)
+    gate = Gate(
+        allow=settings.allow,
+        open_to_all=False,
+        secret=settings.secret,
+        max_body=settings.max_body,
+        max_connections_per_source=settings.max_connections,
+        header_timeout=settings.header_timeout,
+    )
+    site, connections = proxy_services(settings, reactor, router, observed, gate)
     listener = HTTPListener(reactor, listen, site, on_error, settings.drain_timeout)
     listener.setName("http")
     services: list[IService] = [monitor, connections, listener]
@@ -300,6 +335,9 @@ def build_server(
             endpoint_scheme(listen),
             __version__,
             lambda: monitor.healthy,
+            auth=packet_auth(settings, reactor),
+            allowed=gate.admits_source,
+            clock=reactor,
         )
         monitor.on_up = responder.announce
         monitor.on_down = responder.bye
@@ -321,6 +359,10 @@ def build_client(
     """The discovery seeker (unless disabled), the health checker and the local listener."""
     for host, port in settings.peers:
         pool.add_static(host, port)
+    credential: list[tuple[bytes, bytes]] = []
+    if settings.secret is not None:
+        credential = [(CREDENTIAL_HEADER, request_credential(settings.secret))]
+        http = WithHeaders(http, credential)
     services: list[IService] = []
     if settings.discovery:
         targets = broadcast_targets(settings, find_broadcast)
@@ -333,7 +375,8 @@ def build_client(
     listings = MergedListings(pool, http, reactor, LISTING_TIMEOUT)
     router = PoolRouter(pool, checker, listings, settings.strategy, settings.attempts,
                         settings.scan_limit)  # fmt: skip
-    site, connections = proxy_services(settings, reactor, router, observed)
+    gate = Gate(max_body=settings.max_body, header_timeout=settings.header_timeout)
+    site, connections = proxy_services(settings, reactor, router, observed, gate, credential)
     listener = HTTPListener(reactor, settings.listen_for("client"), site, on_error,
                             settings.drain_timeout)  # fmt: skip
     listener.setName("http")

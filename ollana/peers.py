@@ -54,6 +54,7 @@ class Peer:
     total_requests: int = 0  # requests ever sent to it
     models: frozenset[str] = field(default_factory=frozenset)  # model_key()s
     models_checked: float | None = None
+    fingerprint: bytes | None = None  # SHA-256 of its TLS certificate, as announced
 
     @property
     def node_id(self) -> str | None:
@@ -104,12 +105,14 @@ class PeerPool:
         peer = self._peers.get(key)
         if peer is None:
             peer = Peer(key, host, message.port, message.scheme, message.version,
-                        Source.DISCOVERED, self._clock.seconds())  # fmt: skip
+                        Source.DISCOVERED, self._clock.seconds(),
+                        fingerprint=message.fingerprint)  # fmt: skip
             self._peers[key] = peer
             self.on_added(peer)
         else:
             peer.last_seen = self._clock.seconds()
             peer.version = message.version
+            peer.fingerprint = message.fingerprint
             if (peer.host, peer.port, peer.scheme) == (host, message.port, message.scheme):
                 return peer
             peer.host, peer.port, peer.scheme = host, message.port, message.scheme

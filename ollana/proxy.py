@@ -51,7 +51,8 @@ from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from ollana.gate import CREDENTIAL_HEADER, Gate
+from ollana.auth import CREDENTIAL_HEADER
+from ollana.gate import Gate
 from ollana.metrics import Metrics
 from ollana.modelscan import ModelScanner
 
@@ -496,6 +497,8 @@ class Exchange:
             )
         headers.setRawHeaders(b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"])
         headers.addRawHeader(b"via", VIA)
+        for name, value in self.proxy.upstream_headers:
+            headers.setRawHeaders(name, [value])
         return headers
 
     # Called by ProxyRequest.
@@ -779,6 +782,7 @@ class ProxySettings:
     retry_after: float = 5.0
     metrics: Metrics = field(default_factory=Metrics)
     gate: Gate = field(default_factory=Gate)
+    upstream_headers: Sequence[tuple[bytes, bytes]] = ()  # added to every upstream request
 
 
 class ProxyRequest(Request):

@@ -13,7 +13,9 @@ from typing import Any
 from twisted.python import usage
 
 from ollana import config
+from ollana.auth import load_secret
 from ollana.config import Settings
+from ollana.gate import parse_network
 from ollana.peers import STRATEGIES
 
 
@@ -22,6 +24,13 @@ class DiscoveryOptions(usage.Options):
 
     optParameters = [
         ["discovery-port", None, str(config.DISCOVERY_PORT), "UDP port of LANA discovery."],
+        [
+            "secret-file",
+            None,
+            None,
+            "File holding the LAN's shared secret [default: $OLLANA_SECRET, else none]: "
+            "discovery is authenticated and servers admit only nodes that know it.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -34,6 +43,7 @@ class DiscoveryOptions(usage.Options):
 
     def postOptions(self) -> None:
         self["discovery-port"] = config.parse_port(str(self["discovery-port"]), "--discovery-port")
+        self["secret"] = load_secret(self["secret-file"], os.environ)
 
     def broadcast_addresses(self) -> tuple[str, ...] | None:
         """The addresses given, or None for this machine's own."""
@@ -112,11 +122,19 @@ class Options(DiscoveryOptions):
             "30",
             "Seconds to let requests under way finish when stopping, before closing them.",
         ],
+        ["max-body", None, "off", "Largest request body accepted (like 10G), or off."],
+        ["max-connections", None, "256", "Connections one source may hold open (server mode)."],
+        ["header-timeout", None, "30", "Seconds a client may take to send request headers."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["peer"] = []
+        self["allow"] = []
+
+    def opt_allow(self, network: str) -> None:
+        """Source address or CIDR block the server admits (repeatable) [default: loopback, private, link-local and unique-local ranges]."""  # noqa: E501 (usage help)
+        self["allow"].append(parse_network(network))
 
     def opt_peer(self, peer: str) -> None:
         """A server to use besides discovered ones, as HOST:PORT (repeatable)."""
@@ -147,7 +165,7 @@ class Options(DiscoveryOptions):
                 self["discovery-interface"], "--discovery-interface"
             )
         seconds = ("probe-interval", "health-interval", "connect-timeout", "idle-timeout",
-                   "models-interval", "drain-timeout")  # fmt: skip
+                   "models-interval", "drain-timeout", "header-timeout")  # fmt: skip
         for name in seconds:
             self[name] = config.parse_seconds(str(self[name]), "--" + name)
         if self["strategy"] not in STRATEGIES:
@@ -158,6 +176,13 @@ class Options(DiscoveryOptions):
                                                      "--unhealthy-after")  # fmt: skip
         self["attempts"] = config.parse_count(str(self["attempts"]), "--attempts", most=10)
         self["scan-limit"] = config.parse_size(str(self["scan-limit"]), "--scan-limit")
+        max_body = str(self["max-body"])
+        self["max-body"] = (
+            None if max_body == "off" else config.parse_size(max_body, "--max-body", most=1 << 50)
+        )
+        self["max-connections"] = config.parse_count(
+            str(self["max-connections"]), "--max-connections", most=100000
+        )
         if self["mode"] == "client" and self["no-discovery"] and not self["peer"]:
             raise usage.UsageError("--no-discovery in client mode needs at least one --peer")
 
@@ -183,6 +208,11 @@ class Options(DiscoveryOptions):
             scan_limit=self["scan-limit"],
             attempts=self["attempts"],
             drain_timeout=self["drain-timeout"],
+            secret=self["secret"],
+            allow=tuple(self["allow"]) or None,
+            max_body=self["max-body"],
+            max_connections=self["max-connections"],
+            header_timeout=self["header-timeout"],
         )
 
 

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import errno
+import random
 
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from twisted.application.service import MultiService
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from ollana import wire
+from ollana.auth import PacketAuth
 from ollana.config import Settings
-from ollana.discovery import AnnouncementListener, ProbeResponder, Seeker
+from ollana.discovery import AnnouncementListener, ProbeResponder, ReplyLimiter, Seeker
 from ollana.node import HTTPListener, ResponderService, SeekerService
 from ollana.peers import PeerPool, Source
 from tests.support import FakeDatagramPort, FakeNetworkReactor, capture_logs
@@ -37,7 +42,10 @@ class LogCapture:
 class ProbeResponderTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.serving = True
-        self.responder = ProbeResponder(ME, lambda: TARGETS, "http", "0.1.0", lambda: self.serving)
+        self.clock = Clock()
+        self.responder = ProbeResponder(
+            ME, lambda: TARGETS, "http", "0.1.0", lambda: self.serving, clock=self.clock
+        )
         self.responder.proxy_port = 11435
         self.port = FakeDatagramPort(self.responder, 11436)
         self.announce = wire.encode(wire.Announce(ME, 11435, "http", "0.1.0"))
@@ -332,3 +340,398 @@ class ResponderServiceTests(SynchronousTestCase):
             ],
         )
         self.assertNoResult(listener.whenListening())
+
+
+SECRET = b"a shared secret of the whole LAN"
+WRONG_SECRET = b"a secret of some other LAN, long"
+START = 1_700_000_000.0
+FINGERPRINT = bytes(range(32))
+
+
+def wall_clock() -> Clock:
+    clock = Clock()
+    clock.advance(START)
+    return clock
+
+
+class AuthResponderTests(SynchronousTestCase):
+    """A server with a secret: signed replies to signed probes, silence for the rest."""
+
+    def setUp(self) -> None:
+        self.clock = wall_clock()
+        self.auth = PacketAuth(SECRET, self.clock)
+        self.responder = ProbeResponder(
+            ME,
+            lambda: TARGETS,
+            "https",
+            "0.1.0",
+            lambda: True,
+            auth=self.auth,
+            fingerprint=FINGERPRINT,
+            clock=self.clock,
+        )
+        self.responder.proxy_port = 11435
+        self.port = FakeDatagramPort(self.responder, 11436)
+        self.client_clock = wall_clock()
+        self.client = PacketAuth(SECRET, self.client_clock)
+
+    def signed_probe(self, node: bytes = OTHER) -> bytes:
+        return self.client.sign(wire.encode(wire.Probe(node)))
+
+    def test_signed_reply_to_a_signed_probe(self) -> None:
+        self.responder.datagramReceived(self.signed_probe(), CLIENT)
+        [(reply, to)] = self.port.take()
+        self.assertEqual(to, CLIENT)
+        self.assertEqual(
+            wire.decode(self.client.verify(reply)),
+            wire.Announce(ME, 11435, "https", "0.1.0", FINGERPRINT),
+        )
+        self.assertEqual((self.responder.received, self.responder.rejected), (1, 0))
+
+    def test_announce_and_bye_are_signed(self) -> None:
+        self.responder.announce()
+        self.responder.bye()
+        sent = [self.client.verify(data) for data, _ in self.port.take()]
+        self.assertEqual(
+            [wire.decode(packet) for packet in sent],
+            [wire.Announce(ME, 11435, "https", "0.1.0", FINGERPRINT)] * 2 + [wire.Bye(ME)] * 2,
+        )
+
+    def test_own_signed_broadcast_is_ignored_quietly(self) -> None:
+        self.responder.announce()
+        for data, _ in self.port.take():
+            self.responder.datagramReceived(data, ("198.18.0.2", 11436))
+        self.assertEqual(self.port.take(), [])
+        self.assertEqual((self.responder.received, self.responder.rejected), (0, 0))
+
+    def assertIgnored(self, datagram: bytes, addr: tuple[str, int] = CLIENT) -> None:
+        rejected = self.responder.rejected
+        self.responder.datagramReceived(datagram, addr)
+        self.assertEqual(self.port.take(), [])
+        self.assertEqual(self.responder.rejected, rejected + 1)
+
+    def test_unsigned_probe_is_ignored(self) -> None:
+        self.assertIgnored(wire.encode(wire.Probe(OTHER)))
+
+    def test_legacy_probe_is_ignored(self) -> None:
+        self.assertIgnored(b"LANA")
+        self.assertIgnored(b"LANA", ("198.18.0.9", 11436))
+
+    def test_wrong_secret_is_ignored(self) -> None:
+        other = PacketAuth(WRONG_SECRET, self.client_clock)
+        self.assertIgnored(other.sign(wire.encode(wire.Probe(OTHER))))
+
+    def test_replayed_probe_is_ignored(self) -> None:
+        probe = self.signed_probe()
+        self.responder.datagramReceived(probe, CLIENT)
+        self.assertEqual(len(self.port.take()), 1)
+        self.assertIgnored(probe)
+        self.assertIgnored(probe, ("198.18.0.99", 40001))
+
+    def test_stale_and_future_probes_are_ignored(self) -> None:
+        probe = self.signed_probe()
+        self.clock.advance(31)
+        self.assertIgnored(probe)
+        self.client_clock.advance(62)
+        self.assertIgnored(self.signed_probe())
+        self.client_clock.advance(-31)
+        self.responder.datagramReceived(self.signed_probe(), CLIENT)
+        self.assertEqual(len(self.port.take()), 1)
+
+    def test_rejections_are_logged_at_debug_without_secrets(self) -> None:
+        logs = LogCapture(self)
+        self.assertIgnored(
+            PacketAuth(WRONG_SECRET, self.client_clock).sign(wire.encode(wire.Probe(OTHER)))
+        )
+        self.assertIgnored(b"LANA")
+        self.assertEqual([e for e in logs.events if e["log_level"] != LogLevel.debug], [])
+        text = "\n".join(formatEvent(e) for e in logs.events)
+        self.assertIn("bad authentication tag", text)
+        for secret in (SECRET, WRONG_SECRET):
+            self.assertNotIn(secret.decode(), text)
+            self.assertNotIn(secret.hex(), text)
+
+    def test_burst_of_junk(self) -> None:
+        """10,000 random, truncated, flipped, replayed, forged and unsigned datagrams:
+        no exception, no reply, all counted; a real probe is still answered after."""
+        rng = random.Random(6)
+        probe = self.signed_probe()
+        self.responder.datagramReceived(probe, CLIENT)
+        self.assertEqual(len(self.port.take()), 1)
+        forger = PacketAuth(WRONG_SECRET, self.client_clock)
+        makers = [
+            lambda: rng.randbytes(rng.randrange(0, 600)),
+            lambda: probe[: rng.randrange(0, len(probe))],
+            lambda: flip(probe, rng.randrange(len(probe) * 8)),
+            lambda: probe,
+            lambda: probe + rng.randbytes(rng.randrange(1, 40)),
+            lambda: forger.sign(wire.encode(wire.Probe(rng.randbytes(16)))),
+            lambda: wire.encode(wire.Probe(rng.randbytes(16))),
+            lambda: b"LANA",
+            lambda: probe[:22] + rng.randbytes(rng.randrange(0, 100)),
+            lambda: probe[:-32] + rng.randbytes(32),
+        ]
+        received = self.responder.received
+        for i in range(10_000):
+            datagram = makers[i % len(makers)]()
+            source = (f"198.18.{rng.randrange(256)}.{rng.randrange(256)}", rng.randrange(65536))
+            self.responder.datagramReceived(datagram, source)
+        self.assertEqual(self.port.take(), [])
+        self.assertEqual(self.responder.rejected, 10_000)
+        self.assertEqual(self.responder.received, received)
+        self.assertEqual(self.auth.remembered, 1)
+        self.assertEqual(sum(self.auth.rejections.values()), 10_000)
+        self.responder.datagramReceived(self.signed_probe(), CLIENT)
+        [(reply, to)] = self.port.take()
+        self.assertEqual(to, CLIENT)
+        self.assertIsInstance(wire.decode(self.client.verify(reply)), wire.Announce)
+
+    @hypothesis_settings(max_examples=300)
+    @given(st.binary(max_size=600))
+    def test_any_datagram_is_survived_silently(self, datagram: bytes) -> None:
+        self.responder.datagramReceived(datagram, CLIENT)
+        self.assertEqual(self.port.take(), [])
+
+
+def flip(data: bytes, bit: int) -> bytes:
+    flipped = bytearray(data)
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    return bytes(flipped)
+
+
+class AllowListTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.asked: list[str] = []
+
+        def allowed(host: str) -> bool:
+            self.asked.append(host)
+            return host.startswith("198.18.0.")
+
+        self.responder = ProbeResponder(
+            ME, lambda: TARGETS, "http", "0.1.0", lambda: True, allowed=allowed, clock=Clock()
+        )
+        self.responder.proxy_port = 11435
+        self.port = FakeDatagramPort(self.responder, 11436)
+
+    def test_only_allowed_hosts_are_answered(self) -> None:
+        probe = wire.encode(wire.Probe(OTHER))
+        self.responder.datagramReceived(probe, ("203.0.113.7", 40001))
+        self.responder.datagramReceived(b"LANA", ("203.0.113.7", 40002))
+        self.assertEqual(self.port.take(), [])
+        self.assertEqual(self.responder.refused, 2)
+        self.responder.datagramReceived(probe, CLIENT)
+        self.responder.datagramReceived(b"LANA", CLIENT)
+        self.assertEqual([to for _, to in self.port.take()], [CLIENT, CLIENT])
+        self.assertEqual(self.asked, ["203.0.113.7"] * 2 + ["198.18.0.50"] * 2)
+
+    def test_broadcasts_are_not_filtered(self) -> None:
+        self.responder.announce()
+        self.assertEqual(len(self.port.take()), 2)
+        self.assertEqual(self.asked, [])
+
+    def test_a_failing_predicate_is_logged_not_raised(self) -> None:
+        def broken(host: str) -> bool:
+            raise RuntimeError("boom")
+
+        self.responder.allowed = broken
+        self.responder.datagramReceived(wire.encode(wire.Probe(OTHER)), CLIENT)
+        self.assertEqual(self.port.take(), [])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class RateLimitTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.responder = ProbeResponder(
+            ME,
+            lambda: TARGETS,
+            "http",
+            "0.1.0",
+            lambda: True,
+            clock=self.clock,
+            reply_rate=4,
+            reply_burst=8,
+        )
+        self.responder.proxy_port = 11435
+        self.port = FakeDatagramPort(self.responder, 11436)
+        self.probe = wire.encode(wire.Probe(OTHER))
+
+    def replies(self, count: int, host: str = "198.18.0.50", legacy: bool = False) -> int:
+        for port in range(count):
+            self.responder.datagramReceived(b"LANA" if legacy else self.probe, (host, 40000 + port))
+        return len(self.port.take())
+
+    def test_burst_then_rate_per_host(self) -> None:
+        self.assertEqual(self.replies(20), 8)
+        self.assertEqual(self.responder.limited, 12)
+        self.assertEqual(self.replies(3, "198.18.0.51"), 3)  # another host has its own
+        self.clock.advance(0.25)
+        self.assertEqual(self.replies(5), 1)
+        self.clock.advance(1)
+        self.assertEqual(self.replies(5), 4)
+        self.clock.advance(60)
+        self.assertEqual(self.replies(20), 8)
+
+    def test_legacy_probes_count_too(self) -> None:
+        self.assertEqual(self.replies(5) + self.replies(10, legacy=True), 8)
+
+    def test_steady_probing_is_never_limited(self) -> None:
+        # A client probing every half second (ollana discover) plus one every 5 s.
+        for _ in range(100):
+            self.assertEqual(self.replies(1), 1)
+            self.clock.advance(0.5)
+            self.assertEqual(self.replies(1), 1)
+            self.clock.advance(0.5)
+        self.assertEqual(self.responder.limited, 0)
+
+    def test_no_tokens_spent_while_silent(self) -> None:
+        self.responder.proxy_port = None
+        self.assertEqual(self.replies(20), 0)
+        self.responder.proxy_port = 11435
+        self.assertEqual(self.replies(20), 8)
+
+    def test_limiter_tracks_a_bounded_number_of_hosts(self) -> None:
+        clock = Clock()
+        limiter = ReplyLimiter(clock.seconds, rate=4, burst=2, max_hosts=100)
+        for i in range(100):
+            self.assertTrue(limiter.allow(f"10.0.0.{i}"))
+        self.assertFalse(limiter.allow("10.0.1.1"))  # full, nobody refilled yet
+        self.assertEqual(len(limiter), 100)
+        clock.advance(0.1)
+        limiter.allow("10.0.0.0")  # one refilled bucket is not room while the others are not
+        clock.advance(1)
+        self.assertTrue(limiter.allow("10.0.1.1"))  # all refilled: forgotten
+        self.assertLessEqual(len(limiter), 100)
+        for i in range(10_000):
+            limiter.allow(f"10.1.{i // 256}.{i % 256}")
+            self.assertLessEqual(len(limiter), 100)
+
+    def test_limiter_refuses_bad_settings(self) -> None:
+        self.assertRaises(ValueError, ReplyLimiter, Clock().seconds, 0, 1)
+        self.assertRaises(ValueError, ReplyLimiter, Clock().seconds, 1, 0)
+
+
+class FingerprintTests(SynchronousTestCase):
+    def test_announce_carries_the_fingerprint_without_auth(self) -> None:
+        responder = ProbeResponder(
+            ME,
+            lambda: TARGETS[:1],
+            "https",
+            "0.1.0",
+            lambda: True,
+            fingerprint=FINGERPRINT,
+            clock=Clock(),
+        )
+        responder.proxy_port = 11435
+        port = FakeDatagramPort(responder, 11436)
+        responder.announce()
+        [(data, _)] = port.take()
+        self.assertEqual(wire.decode(data).fingerprint, FINGERPRINT)  # type: ignore[union-attr]
+
+    def test_bad_fingerprint_refused(self) -> None:
+        self.assertRaises(
+            ValueError,
+            ProbeResponder,
+            ME,
+            lambda: [],
+            "https",
+            "1",
+            lambda: True,
+            fingerprint=b"short",
+        )
+
+
+class AuthSeekerTests(SynchronousTestCase):
+    """A client with a secret: believes only signed announcements and byes."""
+
+    def setUp(self) -> None:
+        self.clock = wall_clock()
+        self.pool = PeerPool(self.clock, ttl=15)
+        auth = PacketAuth(SECRET, self.clock)
+        self.seeker = Seeker(ME, self.pool, lambda: TARGETS, auth=auth)
+        self.own = FakeDatagramPort(self.seeker, 40001)
+        self.listener = AnnouncementListener(ME, self.pool, auth=auth)
+        self.shared = FakeDatagramPort(self.listener, 11436)
+        self.server = PacketAuth(SECRET, wall_clock())
+
+    def announce(self, fingerprint: bytes | None = FINGERPRINT) -> bytes:
+        return self.server.sign(wire.encode(wire.Announce(OTHER, 11435, "https", "1", fingerprint)))
+
+    def test_probes_are_signed(self) -> None:
+        self.seeker.probe()
+        sent = self.own.take()
+        self.assertEqual(len(sent), 2)
+        for data, _ in sent:
+            self.assertEqual(wire.decode(self.server.verify(data)), wire.Probe(ME))
+
+    def test_signed_reply_records_the_fingerprint(self) -> None:
+        self.seeker.datagramReceived(self.announce(), SERVER)
+        [peer] = self.pool
+        self.assertEqual((peer.url, peer.fingerprint), ("https://198.18.0.2:11435", FINGERPRINT))
+        self.listener.datagramReceived(self.announce(b"\x07" * 32), SERVER)
+        self.assertEqual(peer.fingerprint, b"\x07" * 32)
+        self.listener.datagramReceived(self.announce(None), SERVER)
+        self.assertIsNone(peer.fingerprint)
+
+    def test_unsigned_announce_and_bye_are_ignored(self) -> None:
+        self.listener.datagramReceived(
+            wire.encode(wire.Announce(OTHER, 11435, "http", "1")), SERVER
+        )
+        self.assertEqual(len(self.pool), 0)
+        self.listener.datagramReceived(self.announce(), SERVER)
+        # Nobody without the secret can make a client forget a server.
+        self.listener.datagramReceived(wire.encode(wire.Bye(OTHER)), SERVER)
+        self.assertEqual(len(self.pool), 1)
+        self.assertEqual(self.listener.rejected, 2)
+        self.listener.datagramReceived(self.server.sign(wire.encode(wire.Bye(OTHER))), SERVER)
+        self.assertEqual(len(self.pool), 0)
+
+    def test_replayed_announce_is_ignored(self) -> None:
+        announce = self.announce()
+        self.listener.datagramReceived(announce, SERVER)
+        self.seeker.datagramReceived(announce, SERVER)
+        self.assertEqual((self.listener.rejected, self.seeker.rejected), (0, 1))
+
+    def test_legacy_reply_is_ignored(self) -> None:
+        self.seeker.datagramReceived(b"LANA", ("198.18.0.9", 11436))
+        self.assertEqual(len(self.pool), 0)
+        self.assertEqual(self.seeker.rejected, 1)
+
+    def test_without_auth_signed_datagrams_are_read_as_plain(self) -> None:
+        pool = PeerPool(self.clock, ttl=15)
+        plain = Seeker(ME, pool, lambda: TARGETS)
+        FakeDatagramPort(plain, 40002)
+        plain.datagramReceived(self.announce(), SERVER)
+        [peer] = pool
+        self.assertEqual(peer.fingerprint, FINGERPRINT)
+
+
+class AuthEndToEndTests(SynchronousTestCase):
+    def test_client_finds_server_with_the_same_secret_only(self) -> None:
+        server_clock, client_clock = wall_clock(), wall_clock()
+        client_clock.advance(3)  # clocks need not agree to the second
+        responder = ProbeResponder(
+            OTHER,
+            lambda: [],
+            "https",
+            "1",
+            lambda: True,
+            auth=PacketAuth(SECRET, server_clock),
+            fingerprint=FINGERPRINT,
+            clock=server_clock,
+        )
+        responder.proxy_port = 11435
+        server_port = FakeDatagramPort(responder, 11436)
+        found = []
+        for secret in (SECRET, WRONG_SECRET):
+            pool = PeerPool(client_clock, ttl=15)
+            seeker = Seeker(ME, pool, lambda: [SERVER], auth=PacketAuth(secret, client_clock))
+            client_port = FakeDatagramPort(seeker, 40001)
+            seeker.probe()
+            for data, _ in client_port.take():
+                responder.datagramReceived(data, CLIENT)
+            for data, _ in server_port.take():
+                seeker.datagramReceived(data, SERVER)
+            found.append([(peer.url, peer.fingerprint) for peer in pool])
+        self.assertEqual(found, [[("https://198.18.0.2:11435", FINGERPRINT)], []])
+        self.assertEqual(responder.rejected, 1)

@@ -13,7 +13,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from ollana.gate import Gate, local_network_address, parse_network, request_credential
+from ollana.auth import request_credential
+from ollana.gate import Gate, local_network_address, parse_network
 from tests.test_proxy import ProxyHarness, head, header_values
 
 SECRET = b"correct horse battery staple"

@@ -114,6 +114,30 @@ class OptionsTests(SynchronousTestCase):
         options = parse(*SAFE, "--ollama", "127.0.0.1:1234", env={"OLLAMA_HOST": "gpu.lan"})
         self.assertEqual(options["ollama"], "http://127.0.0.1:1234")
 
+    def test_security_options(self) -> None:
+        secret_file = self.mktemp()
+        with open(secret_file, "w") as f:
+            f.write("a LAN secret of some length\n")
+        s = parse(*SAFE, "--secret-file", secret_file, "--allow", "10.0.0.0/8", "--allow",
+                  "fd00::/8", "--max-body", "10G", "--max-connections", "8",
+                  "--header-timeout", "5").settings()  # fmt: skip
+        self.assertEqual(s.secret, b"a LAN secret of some length")
+        self.assertEqual([str(n) for n in s.allow or ()], ["10.0.0.0/8", "fd00::/8"])
+        self.assertEqual((s.max_body, s.max_connections, s.header_timeout), (10 << 30, 8, 5.0))
+        self.assertNotIn("LAN secret", repr(s))
+        defaults = parse(*SAFE).settings()
+        self.assertEqual((defaults.secret, defaults.allow, defaults.max_body), (None, None, None))
+        self.assertEqual((defaults.max_connections, defaults.header_timeout), (256, 30.0))
+
+    def test_bad_security_options(self) -> None:
+        self.assertUsage(["--allow", "lan"], "--allow: not an address or CIDR block: 'lan'")
+        self.assertUsage(
+            ["--max-body", "lots"], "--max-body: not a size in bytes (like 8M or 512K): 'lots'"
+        )
+        e = self.assertRaises(UsageError, parse, "--secret-file", "/nonexistent/secret")
+        self.assertIn("--secret-file", str(e))
+        self.assertNotIn("\n", str(e))
+
     def assertUsage(self, args: list[str], reason: str, env: dict[str, str] | None = None) -> None:
         e = self.assertRaises(UsageError, parse, *args, env=env)
         self.assertEqual(str(e), reason)

@@ -22,6 +22,7 @@ announces = st.builds(
         st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp", "Cf", "Co", "Cn", "Zs")),
         max_size=16,
     ),
+    fingerprint=st.none() | st.binary(min_size=32, max_size=32),
 )
 messages = st.one_of(
     st.builds(wire.Probe, node_ids),
@@ -104,6 +105,91 @@ class LayoutTests(SynchronousTestCase):
         packet = wire.encode(announce) + extras
         self.assertLessEqual(len(packet), wire.MAX_PACKET)
         self.assertEqual(wire.decode(packet), announce)
+
+
+class FingerprintTests(SynchronousTestCase):
+    def test_layout(self) -> None:
+        announce = wire.Announce(NODE, 11435, "https", "0.1.0", b"\xab" * 32)
+        packet = wire.encode(announce)
+        self.assertEqual(
+            packet,
+            header(2)
+            + field(1, struct.pack(">H", 11435))
+            + field(2, b"https")
+            + field(3, b"0.1.0")
+            + field(4, b"\xab" * 32),
+        )
+        self.assertEqual(wire.decode(packet), announce)
+
+    def test_optional(self) -> None:
+        self.assertIsNone(wire.decode(header(2) + GOOD_FIELDS).fingerprint)  # type: ignore[union-attr]
+
+    def test_any_order(self) -> None:
+        packet = header(2) + field(4, b"f" * 32) + GOOD_FIELDS
+        announce = wire.Announce(NODE, 11435, "http", "0.1.0", b"f" * 32)
+        self.assertEqual(wire.decode(packet), announce)
+
+    def test_wrong_size(self) -> None:
+        for size in (0, 31, 33):
+            e = self.assertRaises(
+                wire.MalformedPacket, wire.decode, header(2) + GOOD_FIELDS + field(4, b"f" * size)
+            )
+            self.assertEqual(str(e), "bad fingerprint field")
+            self.assertRaises(
+                ValueError, wire.encode, wire.Announce(NODE, 1, "http", "1", b"f" * size)
+            )
+
+    def test_ignored_in_other_messages(self) -> None:
+        self.assertEqual(wire.decode(header(1) + field(4, b"x")), wire.Probe(NODE))
+
+
+class FieldSplittingTests(SynchronousTestCase):
+    @given(messages.filter(lambda m: not isinstance(m, wire.LegacyHello)), st.data())
+    def test_append_then_split(self, message: wire.Message, data: st.DataObject) -> None:
+        packet = wire.encode(message)
+        kind = data.draw(st.integers(5, 255))
+        value = data.draw(st.binary(max_size=min(255, wire.MAX_PACKET - len(packet) - 2)))
+        longer = wire.append_field(packet, kind, value)
+        self.assertEqual(longer, packet + bytes([kind, len(value)]) + value)
+        self.assertEqual(wire.split_last_field(longer), (packet, kind, value))
+
+    def test_split_a_packet_without_fields(self) -> None:
+        self.assertIsNone(wire.split_last_field(header(1)))
+        self.assertEqual(
+            wire.split_last_field(header(2) + GOOD_FIELDS),
+            (header(2) + GOOD_FIELDS[:-7], 3, b"0.1.0"),
+        )
+
+    def test_split_rejects_what_decode_rejects_for_its_layout(self) -> None:
+        for packet in (
+            b"LANA",
+            b"",
+            header(1, magic=b"LAMA"),
+            header(1, version=2),
+            header(1) + b"\x01",
+            header(1) + b"\x01\x05ab",
+            header(1) + field(7, b"") + field(7, b""),
+            header(1) + field(99, b"x" * 200) * 3,
+        ):
+            self.assertRaises(wire.MalformedPacket, wire.split_last_field, packet)
+
+    @given(st.binary(max_size=600))
+    def test_split_arbitrary_bytes_raises_only_malformed(self, data: bytes) -> None:
+        try:
+            wire.split_last_field(header(2) + data)
+            wire.split_last_field(data)
+        except wire.MalformedPacket:
+            pass
+
+    def test_append_refuses(self) -> None:
+        self.assertRaises(ValueError, wire.append_field, b"LANA", 0xC0, b"")
+        self.assertRaises(ValueError, wire.append_field, header(1), 256, b"")
+        self.assertRaises(ValueError, wire.append_field, header(1), -1, b"")
+        self.assertRaises(ValueError, wire.append_field, header(1) + field(0xC0, b""), 0xC0, b"")
+        self.assertRaises(ValueError, wire.append_field, header(1) + b"\x01", 0xC0, b"")
+        self.assertRaises(ValueError, wire.append_field, header(1), 0xC0, b"x" * 256)
+        big = header(1) + field(99, b"x" * 255) + field(98, b"x" * 200)
+        self.assertRaises(ValueError, wire.append_field, big, 0xC0, b"x" * 40)
 
 
 class RejectionTests(SynchronousTestCase):
