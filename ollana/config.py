@@ -54,6 +54,8 @@ class Settings:
     max_body: int | None = None
     max_connections: int = 256  # per source, server mode
     header_timeout: float = 30.0
+    tls: Any = None  # the server's ollana.tls.ServerCertificate, with --tls
+    tls_ca: str | None = None  # clients check servers against this CA
     node_id: bytes = field(default_factory=lambda: os.urandom(16))
 
     def listen_for(self, mode: str) -> str:

@@ -32,6 +32,9 @@ def _describe(failure_value: BaseException) -> str:
         return "connection refused"
     if isinstance(failure_value, OllamaUnavailable):
         return str(failure_value)
+    reasons = getattr(failure_value, "reasons", None)
+    if reasons:  # twisted.web.client wraps the real failures (a TLS rejection, say)
+        return "; ".join(_describe(reason.value) for reason in reasons)
     text = str(failure_value).strip() or type(failure_value).__name__
     return text.splitlines()[0]
 

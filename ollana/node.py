@@ -33,9 +33,10 @@ from ollana.health import (
 from ollana.listings import MergedListings
 from ollana.metrics import Metrics, discovery_metrics, peer_metrics
 from ollana.peers import PeerPool
-from ollana.proxy import ProxySettings, ProxySite, Router, make_agent
+from ollana.proxy import ProxySettings, ProxySite, Router, TLSPolicy, make_agent
 from ollana.routing import LocalRouter, PoolRouter
 from ollana.status import StatusPages, peer_status
+from ollana.tls import ClientTLS
 
 log = Logger()
 
@@ -284,9 +285,10 @@ def proxy_services(
     observed: Observed,
     gate: Gate,
     upstream_headers: Sequence[tuple[bytes, bytes]] = (),
+    tls_for: TLSPolicy | None = None,
 ) -> tuple[ProxySite, ConnectionPoolService]:
     """The proxying site for the HTTP listener, and the service that owns its connections."""
-    agent, pool = make_agent(reactor, settings.connect_timeout)
+    agent, pool = make_agent(reactor, settings.connect_timeout, tls_for)
     proxy = ProxySettings(
         agent=agent,
         router=router,
@@ -315,6 +317,12 @@ def build_server(
     monitor = LocalOllamaMonitor(probe, reactor, settings.health_interval, HEALTH_TIMEOUT)
     monitor.setName("ollama-monitor")
     listen = settings.listen_for("server")
+    fingerprint = None
+    if settings.tls is not None:
+        listen = settings.tls.listen_description(listen)
+        fingerprint = settings.tls.fingerprint
+        log.info("Serving HTTPS with {path}, SHA-256 fingerprint {fingerprint}",
+                 path=settings.tls.cert_path, fingerprint=settings.tls.fingerprint_hex)  # fmt: skip
     router = LocalRouter(settings.ollama_url, monitor)
     gate = Gate(
         allow=settings.allow,
@@ -337,6 +345,7 @@ def build_server(
             lambda: monitor.healthy,
             auth=packet_auth(settings, reactor),
             allowed=gate.admits_source,
+            fingerprint=fingerprint,
             clock=reactor,
         )
         monitor.on_up = responder.announce
@@ -355,6 +364,7 @@ def build_client(
     find_broadcast: BroadcastLookup,
     on_error: ErrorReporter,
     observed: Observed,
+    tls_for: TLSPolicy | None = None,
 ) -> list[IService]:
     """The discovery seeker (unless disabled), the health checker and the local listener."""
     for host, port in settings.peers:
@@ -376,7 +386,8 @@ def build_client(
     router = PoolRouter(pool, checker, listings, settings.strategy, settings.attempts,
                         settings.scan_limit)  # fmt: skip
     gate = Gate(max_body=settings.max_body, header_timeout=settings.header_timeout)
-    site, connections = proxy_services(settings, reactor, router, observed, gate, credential)
+    site, connections = proxy_services(settings, reactor, router, observed, gate, credential,
+                                       tls_for)  # fmt: skip
     listener = HTTPListener(reactor, settings.listen_for("client"), site, on_error,
                             settings.drain_timeout)  # fmt: skip
     listener.setName("http")
@@ -395,6 +406,7 @@ class OllanaService(MultiService):
         reactor: Any,
         http: HTTPGetter,
         find_broadcast: BroadcastLookup,
+        client_tls: ClientTLS | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -402,6 +414,8 @@ class OllanaService(MultiService):
         self._http = http
         self._find_broadcast = find_broadcast
         self.pool = PeerPool(reactor, 3 * settings.probe_interval, settings.unhealthy_after)
+        self.client_tls = client_tls or ClientTLS(settings.tls_ca)
+        self.client_tls.pins = self.pool.fingerprint  # pin what servers announce
         self.mode: str | None = None
         self.failure: str | None = None
         self._choosing: defer.Deferred[Any] | None = None
@@ -461,7 +475,7 @@ class OllanaService(MultiService):
         else:
             services = build_client(
                 self.settings, self._reactor, self.pool, self._http, self._find_broadcast,
-                self.fail, self.observed,
+                self.fail, self.observed, self.client_tls.creator_for,
             )  # fmt: skip
         for service in services:
             service.setServiceParent(self)

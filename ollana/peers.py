@@ -212,6 +212,13 @@ class PeerPool:
         peer.healthy = False
         self.log.warn("Server {url} is unhealthy: {reason}", url=peer.url, reason=reason)
 
+    def fingerprint(self, host: str, port: int) -> bytes | None:
+        """The TLS certificate fingerprint announced for the https server at host:port,
+        when every server announced there agrees on one."""
+        prints = {peer.fingerprint for peer in self._peers.values()
+                  if (peer.host, peer.port, peer.scheme) == (host, port, "https")}  # fmt: skip
+        return prints.pop() if len(prints) == 1 else None
+
     # Choosing.
 
     def why_none(self) -> str:

@@ -1059,9 +1059,12 @@ class ProxySite(Site):
 class UpstreamEndpoints:
     """Endpoints to upstreams: IP literals straight away, names through the resolver."""
 
-    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+    def __init__(
+        self, reactor: Any, connect_timeout: float, tls_for: TLSPolicy | None = None
+    ) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
+        self._tls_for = tls_for or (lambda host, port: optionsForClientTLS(host))
 
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
@@ -1073,7 +1076,7 @@ class UpstreamEndpoints:
         else:
             endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
         if uri.scheme == b"https":
-            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+            endpoint = wrapClientTLS(self._tls_for(host, uri.port), endpoint)
         return endpoint
 
 
@@ -1088,11 +1091,16 @@ def quiet_pool(reactor: Any) -> client.HTTPConnectionPool:
     return pool
 
 
-def make_agent(reactor: Any, connect_timeout: float) -> tuple[IAgent, client.HTTPConnectionPool]:
+TLSPolicy = Callable[[str, int], Any]  # (host, port) -> how to check that server's TLS
+
+
+def make_agent(
+    reactor: Any, connect_timeout: float, tls_for: TLSPolicy | None = None
+) -> tuple[IAgent, client.HTTPConnectionPool]:
     """An HTTP/1.1 agent with kept-alive connections, enough for many streams per peer."""
     pool = quiet_pool(reactor)
     pool.maxPersistentPerHost = 64
     # Closed before an Ollana server's channel (60 s) would close it under a new request.
     pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
-    endpoints = UpstreamEndpoints(reactor, connect_timeout)
+    endpoints = UpstreamEndpoints(reactor, connect_timeout, tls_for)
     return client.Agent.usingEndpointFactory(reactor, endpoints, pool=pool), pool

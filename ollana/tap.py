@@ -59,6 +59,12 @@ class Options(DiscoveryOptions):
     )
     optFlags = [
         ["no-discovery", None, "Neither send nor answer LANA discovery datagrams."],
+        [
+            "tls",
+            None,
+            "Serve the LAN over HTTPS (server mode), with a self-signed certificate "
+            "made on first run unless --tls-cert is given; clients pin it.",
+        ],
     ]
     optParameters = [
         [
@@ -125,6 +131,22 @@ class Options(DiscoveryOptions):
         ["max-body", None, "off", "Largest request body accepted (like 10G), or off."],
         ["max-connections", None, "256", "Connections one source may hold open (server mode)."],
         ["header-timeout", None, "30", "Seconds a client may take to send request headers."],
+        [
+            "tls-dir",
+            None,
+            None,
+            "Where the self-signed certificate is kept "
+            "[default: $XDG_DATA_HOME/ollana or ~/.local/share/ollana].",
+        ],
+        ["tls-cert", None, None, "A CA-issued certificate (PEM, chain after it) to serve."],
+        ["tls-key", None, None, "The private key (PEM) of --tls-cert."],
+        [
+            "tls-ca",
+            None,
+            None,
+            "CA certificate(s) (PEM) that servers' certificates must "
+            "chain to (client mode); else announced fingerprints are pinned.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -185,6 +207,31 @@ class Options(DiscoveryOptions):
         )
         if self["mode"] == "client" and self["no-discovery"] and not self["peer"]:
             raise usage.UsageError("--no-discovery in client mode needs at least one --peer")
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        """Load or make the server's certificate and read the clients' CA now, so that a
+        problem stops Ollana before it starts, in one line."""
+        from ollana import tls
+
+        cert, key = self["tls-cert"], self["tls-key"]
+        if (cert is None) != (key is None):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        self["server-tls"] = None
+        try:
+            if cert is not None:
+                self["server-tls"] = tls.load_certificate(cert, key)
+            elif self["tls"]:
+                self["server-tls"] = tls.ensure_self_signed(
+                    self["tls-dir"] or tls.default_data_dir(os.environ)
+                )
+            if self["server-tls"] is not None and self["mode"] != "client":
+                listen = self["listen"] or config.SERVER_LISTEN
+                self["server-tls"].listen_description(listen)
+            if self["tls-ca"] is not None:
+                tls.ClientTLS(self["tls-ca"])
+        except (tls.TLSSetupError, ValueError) as e:
+            raise usage.UsageError(f"--tls: {e}") from None
 
     def settings(self) -> Settings:
         """The validated options as Settings (looks up broadcast addresses if needed)."""
@@ -213,6 +260,8 @@ class Options(DiscoveryOptions):
             max_body=self["max-body"],
             max_connections=self["max-connections"],
             header_timeout=self["header-timeout"],
+            tls=self["server-tls"],
+            tls_ca=self["tls-ca"],
         )
 
 
@@ -223,18 +272,22 @@ def makeService(options: Options, reactor: Any = None) -> Any:
 
     from ollana.netif import default_broadcast_addresses
     from ollana.node import HEALTH_TIMEOUT, ConnectionPoolService, OllanaService
-    from ollana.proxy import quiet_pool
+    from ollana.proxy import UpstreamEndpoints, quiet_pool
+    from ollana.tls import ClientTLS
 
     exit_code_from_failure = reactor is None
     if reactor is None:
         from twisted.internet import reactor
     # One kept-alive connection for the health checks, not a new one (and two log
     # lines) every few seconds.
+    settings = options.settings()
+    client_tls = ClientTLS(settings.tls_ca)  # pins come from the pool, once there is one
     pool = quiet_pool(reactor)
     pool.maxPersistentPerHost = 1
-    agent = Agent(reactor, connectTimeout=HEALTH_TIMEOUT, pool=pool)
+    endpoints = UpstreamEndpoints(reactor, HEALTH_TIMEOUT, client_tls.creator_for)
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     service = OllanaService(
-        options.settings(), reactor, HTTPClient(agent), default_broadcast_addresses
+        settings, reactor, HTTPClient(agent), default_broadcast_addresses, client_tls
     )
     health_connections = ConnectionPoolService(pool)
     health_connections.setName("health-connections")

@@ -134,6 +134,10 @@ class OptionsTests(SynchronousTestCase):
         self.assertUsage(
             ["--max-body", "lots"], "--max-body: not a size in bytes (like 8M or 512K): 'lots'"
         )
+        self.assertUsage(["--tls-cert", "/x.crt"], "--tls-cert and --tls-key go together")
+        e = self.assertRaises(UsageError, parse, "--tls-cert", "/nonexistent.crt", "--tls-key",
+                              "/nonexistent.key")  # fmt: skip
+        self.assertTrue(str(e).startswith("--tls: "), str(e))
         e = self.assertRaises(UsageError, parse, "--secret-file", "/nonexistent/secret")
         self.assertIn("--secret-file", str(e))
         self.assertNotIn("\n", str(e))
