@@ -1,5 +1,10 @@
-"""Ollana's own pages, under /ollana/ on the proxy's listener: the status as JSON
-(api/status) and the Prometheus metrics (metrics)."""
+"""Ollana's own pages, under /ollana/ on the proxy's listener: a dashboard for people
+(/ollana/), the status as JSON (api/status) and the Prometheus metrics (metrics).
+
+The dashboard shows what api/status says, rendered with twisted.web.template, which escapes
+every value (peer data comes from the network). It is one self-contained page: inline CSS,
+no script, a meta refresh every few seconds.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,15 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
+from twisted.web.template import Element, Tag, TagLoader, renderElement, tags
+from twisted.web.util import redirectTo
 
 from ollana.peers import Peer
+
+REFRESH_SECONDS = 5
+# Nothing from elsewhere, no script; only the inline style (defence in depth: values are
+# escaped anyway).
+DASHBOARD_POLICY = b"default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 
 
 def peer_status(peer: Peer, now: float) -> dict[str, Any]:
@@ -35,17 +47,25 @@ def peer_status(peer: Peer, now: float) -> dict[str, Any]:
 
 
 class StatusPages(Resource):
-    """/ollana/: api/status and metrics for one node (anything with status() and observed)."""
+    """/ollana/ for one node (anything with status() and observed): the dashboard,
+    api/status and metrics; /ollana itself redirects to /ollana/."""
 
     def __init__(self, node: Any) -> None:
         super().__init__()
         api = Resource()
         api.putChild(b"status", StatusJSON(node))
+        self.putChild(b"", Dashboard(node))
         self.putChild(b"api", api)
         self.putChild(b"metrics", MetricsPage(node))
 
+    def render_GET(self, request: Request) -> bytes:
+        """/ollana without the slash: to the dashboard."""
+        return redirectTo(b"/ollana/", request)
+
 
 class StatusJSON(Resource):
+    """/ollana/api/status: node.status() as JSON."""
+
     isLeaf = True
 
     def __init__(self, node: Any) -> None:
@@ -59,6 +79,8 @@ class StatusJSON(Resource):
 
 
 class MetricsPage(Resource):
+    """/ollana/metrics: the node's registry in Prometheus' text format."""
+
     isLeaf = True
 
     def __init__(self, node: Any) -> None:
@@ -68,3 +90,183 @@ class MetricsPage(Resource):
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self.node.observed.metrics.registry)
+
+
+class Dashboard(Resource):
+    """/ollana/: node.status() as an HTML page that refreshes itself."""
+
+    isLeaf = True
+
+    def __init__(self, node: Any) -> None:
+        super().__init__()
+        self.node = node
+
+    def render_GET(self, request: Request) -> object:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-security-policy", DASHBOARD_POLICY)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return renderElement(request, DashboardPage(self.node.status()))
+
+
+class DashboardPage(Element):
+    """The dashboard for one status, as node.status() gives it."""
+
+    def __init__(self, status: dict[str, Any]) -> None:
+        super().__init__(loader=TagLoader(page(status)))
+
+
+# The page. Text and attribute values are escaped by the flattener; CSS, which it would
+# escape too, must not contain <, > or &.
+
+CSS = """
+body{font:15px/1.45 system-ui,sans-serif;margin:0 auto;max-width:75em;padding:1em;
+ color:#1d1d1f;background:#f7f7f8}
+h1{font-size:1.4em;margin:0 0 .6em}
+h2{font-size:1.1em;margin:1.6em 0 .5em}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:.25em 1em;margin:0}
+dt{color:#666}
+dd{margin:0;overflow-wrap:anywhere}
+.mode{font-size:.7em;vertical-align:middle;padding:.15em .6em;border-radius:1em;
+ background:#e3e8f4;color:#2b4a8b;font-weight:600}
+table{border-collapse:collapse;width:100%;background:#fff}
+th,td{text-align:left;padding:.45em .6em;border-bottom:1px solid #ddd;vertical-align:top}
+th{font-size:.85em;color:#666;font-weight:600;white-space:nowrap}
+td{overflow-wrap:anywhere}
+td.nowrap{white-space:nowrap}
+.wide{overflow-x:auto}
+.ok{color:#17702c;font-weight:600}
+.bad{color:#b3261e;font-weight:600}
+.reason{display:block;color:#666;font-size:.9em}
+.empty{color:#666}
+footer{margin-top:2em;color:#666;font-size:.85em}
+@media (max-width:40em){
+ thead{display:none}
+ table,tbody,tr,td{display:block}
+ table{background:none}
+ tr{background:#fff;border:1px solid #ddd;border-radius:.5em;margin-bottom:.8em;padding:.3em}
+ td,td.nowrap{border:0;padding:.2em .4em;display:grid;grid-template-columns:7.5em 1fr;gap:.5em;
+  white-space:normal}
+ td::before{content:attr(data-label);color:#666}
+}
+"""
+
+PEER_COLUMNS = ("Server", "Source", "Health", "Latency", "Requests", "Failures", "Models",
+                "Last seen")  # fmt: skip
+
+
+def page(status: dict[str, Any]) -> Tag:
+    """The whole page for a status."""
+    mode = str(status["mode"])
+    body = tags.body(
+        tags.h1("Ollana ", tags.span(mode, class_="mode")),
+        summary(status),
+        ollama_section(status["ollama"]) if status.get("ollama") is not None else "",
+        peers_section(status["peers"]) if mode == "client" else "",
+        tags.footer(
+            f"Refreshes every {REFRESH_SECONDS} s. The same as JSON: ",
+            tags.a("api/status", href="/ollana/api/status"),
+            "; for Prometheus: ",
+            tags.a("metrics", href="/ollana/metrics"),
+            ".",
+        ),
+    )
+    head = tags.head(
+        tags.meta(charset="utf-8"),
+        tags.meta(name="viewport", content="width=device-width, initial-scale=1"),
+        tags.meta(content=str(REFRESH_SECONDS), **{"http-equiv": "refresh"}),
+        tags.link(rel="icon", href="data:,"),  # no request for /favicon.ico (it would be proxied)
+        tags.title(f"Ollana: {mode} mode"),
+        tags.style(CSS),
+    )
+    return tags.html(head, body, lang="en")
+
+
+def summary(status: dict[str, Any]) -> Tag:
+    """The node itself: mode, id, version, uptime, listen address."""
+    return tags.dl(
+        entry("Mode", str(status["mode"])),
+        entry("Node", tags.code(str(status["node_id"]))),
+        entry("Version", str(status["version"])),
+        entry("Up for", duration(float(status["uptime_s"]))),
+        entry("Listening on", str(status["listen"])),
+    )
+
+
+def ollama_section(ollama: dict[str, Any]) -> Tag:
+    """Server mode: the local Ollama's state."""
+    version, healthy = ollama.get("version"), bool(ollama["healthy"])
+    return tags.section(
+        tags.h2("Local Ollama"),
+        tags.dl(
+            entry("URL", str(ollama["url"])),
+            entry("State", health(healthy, "" if healthy else str(ollama.get("reason") or ""))),
+            entry("Version", "-" if version is None else str(version)),
+        ),
+    )
+
+
+def peers_section(peers: list[dict[str, Any]]) -> Tag:
+    """Client mode: every known server, one row each."""
+    title = tags.h2(f"Servers ({len(peers)})")
+    if not peers:
+        return tags.section(title, tags.p("No server known yet.", class_="empty"))
+    head = tags.thead(tags.tr([tags.th(name) for name in PEER_COLUMNS]))
+    table = tags.table(head, tags.tbody([peer_row(peer) for peer in peers]))
+    return tags.section(title, tags.div(table, class_="wide"))
+
+
+def peer_row(peer: dict[str, Any]) -> Tag:
+    """One server's row; each cell carries its column's name for narrow screens."""
+    latency = peer.get("latency_ms")
+    cells: tuple[Any, ...] = (
+        address(str(peer["address"]), peer["port"]),
+        str(peer["source"]),
+        health(bool(peer["healthy"]), str(peer.get("reason") or "")),
+        "-" if latency is None else f"{latency:g} ms",
+        f"{peer['active_requests']} active, {peer['total_requests']} total",
+        str(peer["failures"]),
+        ", ".join(str(model) for model in peer["models"]) or "-",
+        tags.time(
+            f"{duration(float(peer['last_seen_s_ago']))} ago", datetime=str(peer["last_seen"])
+        ),
+    )
+    return tags.tr([cell(name, value) for name, value in zip(PEER_COLUMNS, cells, strict=True)])
+
+
+def cell(column: str, value: Any) -> Tag:
+    """A td named after its column (narrow screens show the name beside the value, a div);
+    short values do not wrap."""
+    td = tags.td(tags.div(value), **{"data-label": column})
+    return td if column in ("Health", "Models") else td(class_="nowrap")
+
+
+def entry(name: str, value: Any) -> list[Tag]:
+    """A name and its value in a dl."""
+    return [tags.dt(name), tags.dd(value)]
+
+
+def health(healthy: bool, reason: str) -> list[Any]:
+    """healthy or unhealthy, with the reason when there is one."""
+    state = tags.span("healthy", class_="ok") if healthy else tags.span("unhealthy", class_="bad")
+    return [state, [" ", tags.span(reason, class_="reason")] if reason else ""]
+
+
+def address(host: str, port: Any) -> str:
+    """host:port, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def duration(seconds: float) -> str:
+    """A duration for people: 42 s, 3 min 5 s, 2 h 10 min, 4 d 3 h."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s} s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m} min {s} s"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h} h {m} min"
+    d, h = divmod(h, 24)
+    return f"{d} d {h} h"
