@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
@@ -11,6 +11,8 @@ from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.web.client import readBody
+from twisted.web.http_headers import Headers
 
 from ollana.peers import Peer, PeerPool, Source, model_key
 
@@ -21,6 +23,30 @@ class HTTPGetter(Protocol):
     """What we need of a treq HTTPClient (treq.testing.StubTreq fits too)."""
 
     def get(self, url: str, /) -> defer.Deferred[Any]: ...
+
+
+class AgentGetter:
+    """An HTTPGetter on a twisted.web Agent. (treq's own cannot reach IPv6 addresses: it
+    IDNA-encodes the host of http://[::1]:port.)"""
+
+    def __init__(self, agent: Any) -> None:
+        self._agent = agent
+
+    def get(self, url: str, /, headers: Mapping[bytes, list[bytes]] | None = None) -> Any:
+        requested = self._agent.request(b"GET", url.encode("ascii"), Headers(headers or {}))
+        return requested.addCallback(_Answer)
+
+
+class _Answer:
+    """What OllamaProbe reads of a response: its status, and its body on request."""
+
+    def __init__(self, response: Any) -> None:
+        self.code = response.code
+        self._response = response
+
+    def content(self) -> defer.Deferred[bytes]:
+        body: defer.Deferred[bytes] = readBody(self._response)
+        return body
 
 
 class OllamaUnavailable(Exception):

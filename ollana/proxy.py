@@ -1084,9 +1084,27 @@ class _QuietClientFactory(client._HTTP11ClientFactory):
     noisy = False  # no "Starting factory" line for every upstream connection
 
 
+class _Pool(client.HTTPConnectionPool):
+    """Once closed (Ollana stops), connections that come back from requests still under
+    way are closed rather than kept for requests that will never come."""
+
+    closed = False
+
+    def closeCachedConnections(self) -> defer.Deferred[None]:
+        self.closed = True
+        result: defer.Deferred[None] = super().closeCachedConnections()
+        return result
+
+    def _putConnection(self, key: Any, connection: Any) -> None:  # private to Twisted
+        if self.closed:
+            connection.transport.loseConnection()
+        else:
+            super()._putConnection(key, connection)
+
+
 def quiet_pool(reactor: Any) -> client.HTTPConnectionPool:
     """A pool of kept-alive connections that does not log each one it opens."""
-    pool = client.HTTPConnectionPool(reactor, persistent=True)
+    pool = _Pool(reactor, persistent=True)
     pool._factory = _QuietClientFactory  # private to Twisted: see setup.cfg's pin
     return pool
 

@@ -267,9 +267,9 @@ class Options(DiscoveryOptions):
 
 def makeService(options: Options, reactor: Any = None) -> Any:
     """The Ollana service for twistd, on the global reactor unless given another."""
-    from treq.client import HTTPClient
     from twisted.web.client import Agent
 
+    from ollana.health import AgentGetter
     from ollana.netif import default_broadcast_addresses
     from ollana.node import HEALTH_TIMEOUT, ConnectionPoolService, OllanaService
     from ollana.proxy import UpstreamEndpoints, quiet_pool
@@ -287,7 +287,7 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     endpoints = UpstreamEndpoints(reactor, HEALTH_TIMEOUT, client_tls.creator_for)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     service = OllanaService(
-        settings, reactor, HTTPClient(agent), default_broadcast_addresses, client_tls
+        settings, reactor, AgentGetter(agent), default_broadcast_addresses, client_tls
     )
     health_connections = ConnectionPoolService(pool)
     health_connections.setName("health-connections")

@@ -66,6 +66,18 @@ class DrainTests(SynchronousTestCase):
         self.successResultOf(self.proxy.site.drain(30))
 
 
+class ClosedPoolTests(SynchronousTestCase):
+    def test_a_connection_freed_after_the_pool_closed_is_closed(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        upstream = proxy.connect_upstream()
+        proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        proxy.pool.closeCachedConnections()  # Ollana stops while the response is under way
+        proxy.answer(b"cd")
+        self.assertTrue(proxy.response().endswith(b"abcd"))
+        self.assertTrue(upstream.disconnecting, "not kept for requests that will not come")
+
+
 class GracefulStopTests(TestCase):
     timeout = 60
 

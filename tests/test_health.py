@@ -6,14 +6,17 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet import defer, error
+from twisted.internet import reactor as _reactor
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from ollana import wire
 from ollana.health import (
+    AgentGetter,
     LocalOllamaMonitor,
     OllamaProbe,
     OllamaUnavailable,
@@ -24,6 +27,7 @@ from ollana.peers import Peer, PeerPool
 from tests.fake_ollama import FakeOllama
 from tests.support import FakeServers, capture_logs
 
+reactor: Any = _reactor
 URL = "http://127.0.0.1:11434"
 START = 1000.0  # the checker tests' clock starts here
 A = "http://a.example:11435"
@@ -701,3 +705,26 @@ class PeerHealthCheckerTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(self.checker.check(peer)))
         self.assertEqual((peer.failures, peer.last_ok), (0, START + 1))
         self.assertEqual(self.flushWarnings(), [], "no callback returns its own Deferred")
+
+
+class AgentGetterTests(TestCase):
+    """The getter health checks use in production, over real loopback sockets."""
+
+    async def check_at(self, host: str, interface: str) -> None:
+        fake = FakeOllama(version="0.12.3", clock=reactor)
+        try:
+            port = reactor.listenTCP(0, fake.site(), interface=interface)
+        except error.CannotListenError as e:
+            raise SkipTest(f"no {interface} here: {e}") from None
+        self.addCleanup(port.stopListening)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        getter = AgentGetter(Agent(reactor, pool=pool))
+        probe = OllamaProbe(getter, reactor, f"http://{host}:{port.getHost().port}")
+        self.assertEqual(await probe.version(5), "0.12.3")
+        self.assertEqual(await probe.models(5), ["llama3.2:latest"])
+
+    async def test_ipv4(self) -> None:
+        await self.check_at("127.0.0.1", "127.0.0.1")
+
+    async def test_ipv6(self) -> None:
+        await self.check_at("[::1]", "::1")  # treq's own getter fails here
