@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -328,6 +329,21 @@ async def eventually(reactor: Any, condition: Any, deadline: float = 20, step: f
             return
         await task.deferLater(reactor, step)
     raise AssertionError(f"not true after {deadline} s")
+
+
+def read_text(path: str) -> str:
+    """A file's text, or "" while it does not exist (a log not written yet)."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def kill_quietly(pid: int) -> None:
+    """SIGKILL pid if it still runs (a test's clean-up after a daemon)."""
+    if process_alive(pid):
+        os.kill(pid, signal.SIGKILL)
 
 
 def process_alive(pid: int) -> bool:

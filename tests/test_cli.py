@@ -43,8 +43,10 @@ from tests.support import (
     accepted_connections_closed,
     eventually,
     free_tcp_port,
+    kill_quietly,
     process_alive,
     python_env,
+    read_text,
 )
 
 reactor: Any = _reactor
@@ -545,9 +547,9 @@ class ServeProcessTests(TestCase):
         )
         with open(pidfile) as f:
             pid = int(f.read())
-        self.addCleanup(_kill_quietly, pid)
-        await eventually(reactor, lambda: "Listening for HTTP" in _read(logfile))
-        [port] = [line.rsplit(":", 1)[1] for line in _read(logfile).splitlines()
+        self.addCleanup(kill_quietly, pid)
+        await eventually(reactor, lambda: "Listening for HTTP" in read_text(logfile))
+        [port] = [line.rsplit(":", 1)[1] for line in read_text(logfile).splitlines()
                   if "Listening for HTTP" in line]  # fmt: skip
         code, _ = await self.get(f"http://127.0.0.1:{port}/api/version")
         self.assertEqual(code, 200)
@@ -567,21 +569,8 @@ class ServeProcessTests(TestCase):
 
         os.kill(pid, signal.SIGTERM)
         await eventually(reactor, lambda: not os.path.exists(pidfile) and not process_alive(pid))
-        self.assertIn("Server Shut Down.", _read(logfile))
-        self.assertNotIn("Traceback", _read(logfile))
-
-
-def _kill_quietly(pid: int) -> None:
-    if process_alive(pid):
-        os.kill(pid, signal.SIGKILL)
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
+        self.assertIn("Server Shut Down.", read_text(logfile))
+        self.assertNotIn("Traceback", read_text(logfile))
 
 
 class DemoProcessTests(TestCase):

@@ -17,7 +17,6 @@ import treq
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import DatagramProtocol
-from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
@@ -26,7 +25,16 @@ from ollana import wire
 from ollana.discovery import AnnouncementListener
 from ollana.peers import PeerPool
 from tests.fake_ollama import FakeOllama
-from tests.support import REPO, ChildProcess, free_udp_port, python_env
+from tests.support import (
+    REPO,
+    ChildProcess,
+    eventually,
+    free_udp_port,
+    kill_quietly,
+    process_alive,
+    python_env,
+    read_text,
+)
 
 reactor: Any = _reactor
 TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
@@ -228,45 +236,15 @@ class ServerProcessTests(TestCase):
         self.assertEqual(code, 0, err)
         with open(pidfile) as f:
             pid = int(f.read())
-        self.addCleanup(_kill_quietly, pid)
-        await eventually(lambda: "Listening for HTTP" in _read(logfile))
-        port = re.search(r"Listening for HTTP on 127\.0\.0\.1:(\d+)", _read(logfile))
+        self.addCleanup(kill_quietly, pid)
+        await eventually(reactor, lambda: "Listening for HTTP" in read_text(logfile))
+        port = re.search(r"Listening for HTTP on 127\.0\.0\.1:(\d+)", read_text(logfile))
         assert port is not None
         # An answer means the reactor runs, so twistd's SIGTERM handler is in place.
         pool = HTTPConnectionPool(reactor, persistent=False)
         status = await treq.get(f"http://127.0.0.1:{port.group(1)}/ollana/api/status", pool=pool)
         self.assertEqual((await status.json())["mode"], "server")
         os.kill(pid, signal.SIGTERM)
-        await eventually(lambda: not os.path.exists(pidfile) and not _alive(pid))
-        self.assertIn("Server Shut Down.", _read(logfile))
-        self.assertNotIn("Traceback", _read(logfile))
-
-
-async def eventually(condition: Any, deadline: float = 20, step: float = 0.1) -> None:
-    """Wait until condition() holds, checking every step seconds, failing after deadline."""
-    for _ in range(int(deadline / step)):
-        if condition():
-            return
-        await deferLater(reactor, step)
-    raise AssertionError(f"not true after {deadline} s")
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _kill_quietly(pid: int) -> None:
-    if _alive(pid):
-        os.kill(pid, signal.SIGKILL)
+        await eventually(reactor, lambda: not os.path.exists(pidfile) and not process_alive(pid))
+        self.assertIn("Server Shut Down.", read_text(logfile))
+        self.assertNotIn("Traceback", read_text(logfile))

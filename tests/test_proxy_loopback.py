@@ -13,7 +13,7 @@ from typing import Any
 
 import ollama
 import psutil
-from twisted.internet import defer, protocol, task, tcp, threads
+from twisted.internet import defer, protocol, task, threads
 from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import TestCase
@@ -23,7 +23,7 @@ from twisted.web.http_headers import Headers
 from ollana.node import OllanaService
 from ollana.tap import Options, makeService
 from tests.fake_ollama import FakeOllama
-from tests.support import free_udp_port
+from tests.support import accepted_connections_closed, free_udp_port
 
 reactor: Any = _reactor
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -150,7 +150,7 @@ class ProxyLoopbackTests(TestCase):
 
         async def settle() -> None:  # runs last: after the services have stopped
             for port in self.ports:
-                await connections_closed(port)
+                await accepted_connections_closed(reactor, port)
 
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(settle()))
 
@@ -182,6 +182,18 @@ class ProxyLoopbackTests(TestCase):
         agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
         requested = agent.request(method, url.encode(), Headers(), producer)
         return requested.addErrback(lambda _: None)
+
+    async def raw_chain(self, prefix: bytes) -> tuple[RawServer, int, int]:
+        """A raw upstream (answering nothing by itself) behind a server and a client;
+        the upstream, and the server's and the client's ports."""
+        uploads = RawServer(prefix)
+        listening = reactor.listenTCP(0, uploads, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.addCleanup(uploads.close)
+        upstream_url = f"http://127.0.0.1:{listening.getHost().port}"
+        _, server_port = await self.start("--mode", "server", "--ollama", upstream_url)
+        _, client_port = await self.start("--mode", "client", "--peer", f"127.0.0.1:{server_port}")
+        return uploads, server_port, client_port
 
     def url(self, path: str, via: str = "client") -> bytes:
         port = self.client_port if via == "client" else self.server_port
@@ -327,13 +339,7 @@ class ProxyLoopbackTests(TestCase):
 
     async def test_upload_streams_through_both_hops(self) -> None:
         # A raw upstream shows what has arrived while the client is still sending.
-        uploads = RawServer(b"POST ")
-        listening = reactor.listenTCP(0, uploads, interface="127.0.0.1")
-        self.addCleanup(listening.stopListening)
-        self.addCleanup(uploads.close)
-        upstream_url = f"http://127.0.0.1:{listening.getHost().port}"
-        _, server_port = await self.start("--mode", "server", "--ollama", upstream_url)
-        _, client_port = await self.start("--mode", "client", "--peer", f"127.0.0.1:{server_port}")
+        uploads, _, client_port = await self.raw_chain(b"POST ")
         first, second = b"1" * (1 << 20), b"2" * (1 << 20)
         app = await RawPeer.connect(client_port)
         self.addCleanup(app.transport.loseConnection)
@@ -352,13 +358,7 @@ class ProxyLoopbackTests(TestCase):
         self.assertTrue(upstream.data.endswith(b"\r\n\r\n" + first + second))
 
     async def test_upload_to_a_stalled_upstream_is_held_in_bounded_memory(self) -> None:
-        uploads = RawServer(b"POST ")
-        listening = reactor.listenTCP(0, uploads, interface="127.0.0.1")
-        self.addCleanup(listening.stopListening)
-        self.addCleanup(uploads.close)
-        upstream_url = f"http://127.0.0.1:{listening.getHost().port}"
-        _, server_port = await self.start("--mode", "server", "--ollama", upstream_url)
-        _, client_port = await self.start("--mode", "client", "--peer", f"127.0.0.1:{server_port}")
+        uploads, _, client_port = await self.raw_chain(b"POST ")
         body = PatternFile(128 << 20)
         memory = PeakMemory()
         requested = self.agent_request(
@@ -438,23 +438,12 @@ class ProxyLoopbackTests(TestCase):
                 }
 
         results = await threads.deferToThread(use_client)
-        await connections_closed(self.client_port)
+        await accepted_connections_closed(reactor, self.client_port)
         self.assertEqual(results["chat"], "why is the sky blue ")
         self.assertEqual(results["streamed"], "why is the sky blue ")
         self.assertEqual(results["generate"], "hello ")
         self.assertEqual(results["list"], ["llama3.2:latest"])
         self.assertEqual(results["embed"], [[1.0, 0.5, -0.5], [2.0, 0.5, -0.5]])
-
-
-async def connections_closed(port: int, deadline: float = 5) -> None:
-    """Wait until the reactor has seen every connection accepted on port go (clients in
-    threads close theirs on their own schedule)."""
-    for _ in range(int(deadline / 0.02)):
-        accepted = [r for r in reactor.getReaders() if isinstance(r, tcp.Server)]
-        if not any(r.getHost().port == port for r in accepted):
-            return
-        await task.deferLater(reactor, 0.02)
-    raise AssertionError("server-side connections still open")
 
 
 def _bytes_file(data: bytes) -> Any:

@@ -32,8 +32,7 @@ from ollana.node import OllanaService
 from ollana.status import CSS, DashboardPage, duration
 from ollana.tap import Options, makeService
 from tests.fake_ollama import FakeOllama
-from tests.support import free_udp_port
-from tests.test_proxy_loopback import connections_closed
+from tests.support import accepted_connections_closed, free_udp_port
 
 reactor: Any = _reactor
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -182,7 +181,7 @@ class Nodes(TestCase):
         for listening in self.listening:
             await defer.maybeDeferred(listening.stopListening)
         for port in self.ports:
-            await connections_closed(port)
+            await accepted_connections_closed(reactor, port)
 
     def ollama(self, models: list[str]) -> tuple[FakeOllama, str]:
         """A fake Ollama on loopback, and its URL."""
