@@ -40,7 +40,7 @@ class Settings:
     broadcast: tuple[str, ...] | None = None  # None: this machine's, looked up at each send
     probe_interval: float = 5.0
     health_interval: float = 5.0
-    peers: tuple[tuple[str, int], ...] = ()
+    peers: tuple[tuple[str, int, str], ...] = ()  # host, port, scheme
     connect_timeout: float = 5.0
     idle_timeout: float = 600.0
     strategy: str = "fastest"
@@ -125,9 +125,14 @@ def parse_ipv4(text: str, option: str) -> str:
         raise UsageError(f"{option}: not an IPv4 address: {text!r}") from None
 
 
-def parse_peer(text: str, option: str = "--peer") -> tuple[str, int]:
-    """HOST:PORT, [IPv6]:PORT or a bare HOST (port 11435)."""
+def parse_peer(text: str, option: str = "--peer") -> tuple[str, int, str]:
+    """HOST:PORT, [IPv6]:PORT or a bare HOST (port 11435), after an optional http:// or
+    https:// (a server with --tls); as (host, port, scheme)."""
     text = text.strip()
+    scheme = "http"
+    for prefix in ("http://", "https://"):
+        if text.lower().startswith(prefix):
+            scheme, text = prefix[:-3], text[len(prefix) :].removesuffix("/")
     if "/" in text:
         raise UsageError(f"{option}: expected HOST:PORT, not {text!r}")
     if text.startswith("["):
@@ -148,7 +153,7 @@ def parse_peer(text: str, option: str = "--peer") -> tuple[str, int]:
     if not host or any(c.isspace() or c in "/@?#" for c in host):
         raise UsageError(f"{option}: expected HOST:PORT, not {text!r}")
     port = parse_port(port_text, option) if port_text else SERVER_PORT
-    return host, port
+    return host, port, scheme
 
 
 def parse_ollama_url(text: str, option: str = "--ollama") -> str:

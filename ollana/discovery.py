@@ -243,7 +243,8 @@ class AnnouncementListener(_LanaProtocol):
 
     def handle(self, message: wire.Message, addr: Address) -> None:
         if isinstance(message, wire.Announce):
-            self.pool.announced(message, addr[0])
+            if self.pool.believes(addr[0], message.node_id.hex()):
+                self.pool.announced(message, addr[0])
         elif isinstance(message, wire.Bye):
             self.pool.said_bye(message.node_id)
         # Probes, bare or not, come from other clients: nothing to do.
@@ -266,6 +267,7 @@ class Seeker(AnnouncementListener):
     def handle(self, message: wire.Message, addr: Address) -> None:
         if isinstance(message, wire.LegacyHello):
             # On our own socket a bare magic is an original Ollana server's reply.
-            self.pool.legacy_replied(addr[0])
+            if self.pool.believes(addr[0], f"legacy:{addr[0]}"):
+                self.pool.legacy_replied(addr[0])
         else:
             super().handle(message, addr)

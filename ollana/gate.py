@@ -4,6 +4,7 @@ Ollana nodes, and the limits that keep one client from starving the others."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,11 +24,20 @@ def parse_network(text: str, option: str = "--allow") -> Network:
         raise UsageError(f"{option}: not an address or CIDR block: {text!r}") from None
 
 
+TEREDO = ipaddress.ip_network("2001::/32")  # "private" to Python, reachable from anywhere
+
+
 def local_network_address(host: str) -> bool:
     """Loopback, private (RFC 1918, unique-local, and the other private-use ranges of the
-    IANA registries), or link-local: the default allow-list."""
+    IANA registries, 198.18.0.0/15 included), or link-local: the default allow-list."""
     address = _address(host)
     if address is None:
+        return False
+    if address.is_loopback:
+        return True
+    if address.is_unspecified or address.is_reserved:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address in TEREDO:
         return False
     return address.is_loopback or address.is_private or address.is_link_local
 
@@ -52,7 +62,9 @@ class Gate:
     secret: bytes | None = None  # set: requests must carry the credential
     max_body: int | None = None  # bytes; None: no limit (model blobs are huge)
     max_connections_per_source: int | None = None
+    max_connections: int | None = 4096  # in all: file descriptors are finite
     header_timeout: float = 30.0  # seconds from a request's first byte to its last header
+    check_host: bool = False  # True: only Host values a local Ollama accepts (client mode)
 
     def admits_source(self, host: str) -> bool:
         """Whether a source address may use this listener (or get discovery replies)."""
@@ -67,11 +79,29 @@ class Gate:
         """Why a request may not pass, as (status, message), or None."""
         if not self.admits_source(host):
             return 403, f"ollana: {host} is not allowed to use this server (see --allow)"
+        if self.check_host and not local_host_header(headers.getRawHeaders(b"host", [b""])[-1]):
+            # A web page that rebinds its own name to 127.0.0.1 must not reach Ollama
+            # through us: Ollama itself refuses such Host values on its loopback port.
+            return 403, "ollana: this Host is not a local name or address"
         if self.secret is not None and not _loopback(host):
             given = headers.getRawHeaders(CREDENTIAL_HEADER, [None])[-1]
             if not credential_ok(self.secret, given):
                 return 401, "ollana: this server needs Ollana's shared secret (see --secret-file)"
         return None
+
+
+def local_host_header(value: bytes) -> bool:
+    """Whether a Host header names this machine as local apps do: an IP address,
+    localhost, a .localhost/.local/.internal name, or this machine's own name."""
+    text = value.decode("ascii", "replace").strip().lower()
+    if text.startswith("["):
+        name = text[1:].partition("]")[0]
+    else:
+        name = text.rpartition(":")[0] if text.count(":") == 1 else text
+    if not name or _address(name) is not None:  # no Host at all is no browser
+        return True
+    own = socket.gethostname().lower()
+    return name in ("localhost", own) or name.endswith((".localhost", ".local", ".internal"))
 
 
 def _loopback(host: str) -> bool:

@@ -367,8 +367,8 @@ def build_client(
     tls_for: TLSPolicy | None = None,
 ) -> list[IService]:
     """The discovery seeker (unless disabled), the health checker and the local listener."""
-    for host, port in settings.peers:
-        pool.add_static(host, port)
+    for host, port, scheme in settings.peers:
+        pool.add_static(host, port, scheme)
     credential: list[tuple[bytes, bytes]] = []
     if settings.secret is not None:
         credential = [(CREDENTIAL_HEADER, request_credential(settings.secret))]
@@ -385,7 +385,8 @@ def build_client(
     listings = MergedListings(pool, http, reactor, LISTING_TIMEOUT)
     router = PoolRouter(pool, checker, listings, settings.strategy, settings.attempts,
                         settings.scan_limit)  # fmt: skip
-    gate = Gate(max_body=settings.max_body, header_timeout=settings.header_timeout)
+    gate = Gate(max_body=settings.max_body, header_timeout=settings.header_timeout,
+                check_host=True)  # fmt: skip
     site, connections = proxy_services(settings, reactor, router, observed, gate, credential,
                                        tls_for)  # fmt: skip
     listener = HTTPListener(reactor, settings.listen_for("client"), site, on_error,
@@ -414,6 +415,8 @@ class OllanaService(MultiService):
         self._http = http
         self._find_broadcast = find_broadcast
         self.pool = PeerPool(reactor, 3 * settings.probe_interval, settings.unhealthy_after)
+        # Announcements are believed from the sources a server would admit.
+        self.pool.admits = Gate(allow=settings.allow, open_to_all=False).admits_source
         self.client_tls = client_tls or ClientTLS(settings.tls_ca)
         self.client_tls.pins = self.pool.fingerprint  # pin what servers announce
         self.mode: str | None = None

@@ -14,6 +14,7 @@ from ollana import wire
 
 LEGACY_PORT = 11435
 STRATEGIES = ("fastest", "least-connections", "round-robin")
+MAX_PEERS = 256  # servers known at once: announcements past this are ignored
 LATENCY_WEIGHT = 0.3  # of the newest check in the moving average
 SAME_LATENCY_SHARE = 0.25  # latencies this much above the best, plus
 SAME_LATENCY_SECONDS = 0.005  # this much, are as fast as the best
@@ -89,6 +90,7 @@ class PeerPool:
         self._peers: dict[str, Peer] = {}
         self._turn = -1
         self.on_added: Callable[[Peer], object] = lambda peer: None  # the health checker's
+        self.admits: Callable[[str], bool] = lambda host: True  # sources believed
 
     def __iter__(self) -> Iterator[Peer]:
         return iter(list(self._peers.values()))
@@ -99,8 +101,14 @@ class PeerPool:
     def get(self, key: str) -> Peer | None:
         return self._peers.get(key)
 
+    def believes(self, host: str, key: str) -> bool:
+        """Whether to take in what host says of the server key: only from sources a
+        server would admit, and no new server past MAX_PEERS."""
+        return self.admits(host) and (key in self._peers or len(self._peers) < MAX_PEERS)
+
     def announced(self, message: wire.Announce, host: str) -> Peer:
-        """Add or refresh the server that sent this announcement from host."""
+        """Add or refresh the server that sent this announcement from host (the
+        discovery listener asks ``believes`` first)."""
         key = message.node_id.hex()
         peer = self._peers.get(key)
         if peer is None:
@@ -111,10 +119,19 @@ class PeerPool:
             self.on_added(peer)
         else:
             peer.last_seen = self._clock.seconds()
-            peer.version = message.version
-            peer.fingerprint = message.fingerprint
             if (peer.host, peer.port, peer.scheme) == (host, message.port, message.scheme):
+                peer.version = message.version
+                peer.fingerprint = message.fingerprint
                 return peer
+            if (
+                peer.healthy
+                and peer.last_ok is not None
+                and peer.last_ok > peer.last_seen - self.ttl
+            ):
+                # It still answers where it is: the same id from elsewhere is a server
+                # with two interfaces, or a replayed datagram. Either way, stay.
+                return peer
+            peer.fingerprint = message.fingerprint
             peer.host, peer.port, peer.scheme = host, message.port, message.scheme
             self.on_added(peer)  # somewhere new: check it there at once
         peer.version = message.version
@@ -127,7 +144,8 @@ class PeerPool:
         return peer
 
     def legacy_replied(self, host: str) -> Peer:
-        """Record an original-Ollana server that answered a probe from host."""
+        """Record an original-Ollana server that answered a probe from host (the
+        discovery listener asks ``believes`` first)."""
         key = f"legacy:{host}"
         peer = self._peers.get(key)
         if peer is not None:
@@ -138,11 +156,11 @@ class PeerPool:
         self.log.info("Found legacy Ollana server at {url}", url=peer.url)
         return peer
 
-    def add_static(self, host: str, port: int) -> Peer:
+    def add_static(self, host: str, port: int, scheme: str = "http") -> Peer:
         """A server given on the command line: kept however long it stays silent."""
         key = f"static:{host}:{port}"
         if key not in self._peers:
-            self._peers[key] = Peer(key, host, port, "http", "", Source.STATIC,
+            self._peers[key] = Peer(key, host, port, scheme, "", Source.STATIC,
                                     self._clock.seconds())  # fmt: skip
             self.on_added(self._peers[key])
         return self._peers[key]

@@ -898,13 +898,13 @@ class ProxyChannel(HTTPChannel):
         super().connectionLost(reason)
         self.site.closed(self)
 
-    def lineReceived(self, line: bytes) -> None:
-        # A request's headers must all come within the gate's header_timeout of its first
-        # line: a client that trickles them (slowloris) is cut off.
-        if self._headers_due is None and line:
+    def dataReceived(self, data: bytes) -> None:
+        # A request's head (line and headers) must all come within the gate's
+        # header_timeout of its first byte: a client that trickles it (slowloris) is cut off.
+        if self._headers_due is None and data and self.line_mode and not self._handlingRequest:
             timeout = self.site.proxy.gate.header_timeout
             self._headers_due = self.callLater(timeout, self._headers_overdue)
-        super().lineReceived(line)
+        super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
         self._stop_header_timer()
@@ -999,8 +999,16 @@ class ProxySite(Site):
         self._drained: defer.Deferred[None] | None = None
 
     def buildProtocol(self, addr: Any) -> Any:
-        limit = self.proxy.gate.max_connections_per_source
+        """A channel for an admitted source, within the connection limits; else None,
+        which closes the connection at once."""
+        gate = self.proxy.gate
         host = getattr(addr, "host", None)
+        if host is not None and not gate.admits_source(host):
+            return None  # no 403 to write before there is a request: just close
+        if gate.max_connections is not None and len(self.channels) >= gate.max_connections:
+            log.warn("Refused a connection: {limit} already open", limit=gate.max_connections)
+            return None
+        limit = gate.max_connections_per_source
         if limit is not None and host is not None:
             open_here = sum(1 for channel in self.channels if _peer_host(channel) == host)
             if open_here >= limit:

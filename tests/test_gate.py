@@ -41,14 +41,19 @@ class AllowListTests(SynchronousTestCase):
         for host in ("8.8.8.8", "1.1.1.1", "2001:4860::8888", "::ffff:8.8.8.8", "nonsense"):
             self.assertFalse(local_network_address(host), host)
 
-    def test_outside_sources_get_403_and_no_upstream_request(self) -> None:
-        proxy = ProxyHarness(self, gate=server_gate(), client=OUTSIDE)
-        proxy.send(GET)
-        self.assertEqual(proxy.reactor.tcpClients, [])
-        line, message = error_of(proxy.response())
-        self.assertEqual(line, b"HTTP/1.1 403 Forbidden")
-        self.assertIn("8.8.8.8 is not allowed", message)
-        self.assertTrue(proxy.client.disconnecting)
+    def test_outside_sources_are_not_even_served(self) -> None:
+        proxy = ProxyHarness(self, gate=server_gate(), client=LAN)
+        self.assertIsNone(proxy.site.buildProtocol(OUTSIDE), "closed at once, before a byte")
+
+    def test_the_request_check_holds_too(self) -> None:
+        refusal = server_gate().refusal("8.8.8.8", Headers())
+        assert refusal is not None
+        self.assertEqual(refusal[0], 403)
+        self.assertIn("8.8.8.8 is not allowed", refusal[1])
+
+    def test_odd_addresses_are_not_local(self) -> None:
+        for host in ("0.0.0.0", "::", "240.0.0.1", "2001:0:53aa:64c:0:0:0:1"):
+            self.assertFalse(local_network_address(host), host)
 
     def test_a_given_allow_list_replaces_the_default(self) -> None:
         gate = server_gate(allow=[parse_network("8.8.8.0/24")])
@@ -57,6 +62,7 @@ class AllowListTests(SynchronousTestCase):
         proxy = ProxyHarness(self, gate=gate, client=OUTSIDE)
         proxy.send(GET)
         self.assertEqual(len(proxy.reactor.tcpClients), 1)
+        self.assertIsNone(proxy.site.buildProtocol(LAN), "not in the given list")
 
     def test_a_local_source_passes(self) -> None:
         proxy = ProxyHarness(self, gate=server_gate(), client=LAN)
@@ -203,3 +209,31 @@ class BadInputTests(SynchronousTestCase):
         other.send(GET)
         self.assertEqual(len(other.reactor.tcpClients), 1)
         self.assertIsInstance(Headers(), Headers)
+
+
+class SlowClientTests(SynchronousTestCase):
+    def test_a_trickled_request_line_is_cut_off(self) -> None:
+        proxy = ProxyHarness(self, gate=Gate(header_timeout=30))
+        for byte in b"GET /api/tags?x=12345678":  # 48 s in all
+            proxy.send(bytes([byte]))
+            proxy.reactor.advance(2)  # never quiet long enough for the channel's timeout
+        self.assertEqual(head(proxy.response())[0], b"HTTP/1.1 408 Request Time-out")
+
+    def test_connections_in_all_are_limited(self) -> None:
+        proxy = ProxyHarness(self, gate=Gate(max_connections=1))
+        self.assertIsNone(proxy.site.buildProtocol(LAN))
+
+
+class HostTests(SynchronousTestCase):
+    def ask(self, host: bytes) -> bytes:
+        proxy = ProxyHarness(self, gate=Gate(check_host=True), client=LOOPBACK)
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        return head(proxy.response())[0] if proxy.response() else b"passed"
+
+    def test_local_names_pass(self) -> None:
+        for host in (b"localhost:11434", b"127.0.0.1:11434", b"[::1]:11434", b"box.local",
+                     b"host.docker.internal", b"192.168.1.20"):  # fmt: skip
+            self.assertEqual(self.ask(host), b"passed", host)
+
+    def test_a_rebound_name_is_refused(self) -> None:
+        self.assertEqual(self.ask(b"attacker.example:11434"), b"HTTP/1.1 403 Forbidden")

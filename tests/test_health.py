@@ -390,7 +390,7 @@ class PeerHealthCheckerTests(SynchronousTestCase):
 
     def test_a_server_that_moved_is_checked_at_once(self) -> None:
         self.checker.startService()
-        self.discovered()
+        self.pool.suspect(self.discovered(), "connection refused")  # gone from there
         self.servers.add("http://198.18.0.9:11435")
         self.pool.announced(wire.Announce(bytes(16), 11435, "http", "0.1.0"), "198.18.0.9")
         self.assertEqual(len(self.checks("http://198.18.0.9:11435")), 1)

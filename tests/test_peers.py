@@ -7,7 +7,7 @@ from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from ollana import wire
-from ollana.peers import LATENCY_WEIGHT, Peer, PeerPool, Source, model_key
+from ollana.peers import LATENCY_WEIGHT, MAX_PEERS, Peer, PeerPool, Source, model_key
 from tests.support import capture_logs
 
 A = bytes(16)
@@ -454,3 +454,32 @@ class ModelTests(PoolTestCase):
         self.assertEqual(self.pool.candidates("least-connections", "qwen3:8b"), [a, c])
         rotations = [self.pool.candidates("round-robin", "qwen3:8b") for _ in range(2)]
         self.assertEqual(rotations, [[a, c], [c, a]])
+
+
+class BeliefTests(SynchronousTestCase):
+    """What a client takes in from the network: servers are not moved or multiplied at will."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.pool = PeerPool(self.clock, ttl=15)
+
+    def test_a_healthy_server_is_not_moved_by_an_announcement_from_elsewhere(self) -> None:
+        peer = self.pool.announced(wire.Announce(A, 11435, "http", "0.1.0"), "198.18.0.2")
+        self.pool.check_succeeded(peer, 0.01)
+        self.pool.announced(wire.Announce(A, 11435, "http", "0.1.0"), "198.18.0.66")
+        self.assertEqual(peer.host, "198.18.0.2")
+        self.pool.suspect(peer, "connection refused")  # no longer answers there: it moved
+        self.pool.announced(wire.Announce(A, 11435, "http", "0.1.0"), "198.18.0.66")
+        self.assertEqual(peer.host, "198.18.0.66")
+
+    def test_sources_and_numbers_believed(self) -> None:
+        self.pool.admits = lambda host: host.startswith("198.18.")
+        self.assertTrue(self.pool.believes("198.18.0.2", A.hex()))
+        self.assertFalse(self.pool.believes("8.8.8.8", A.hex()))
+        for n in range(MAX_PEERS):
+            self.pool.announced(
+                wire.Announce(n.to_bytes(16, "big"), 11435, "http", ""), "198.18.0.2"
+            )
+        self.assertFalse(self.pool.believes("198.18.0.2", B.hex()), "full: nothing new")
+        self.assertTrue(self.pool.believes("198.18.0.2", (5).to_bytes(16, "big").hex()))

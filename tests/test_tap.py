@@ -75,7 +75,7 @@ class OptionsTests(SynchronousTestCase):
             "--peer",
             "[fd00::1]:8000",
             "--peer",
-            "gpu",
+            "https://gpu",
         ).settings()
         self.assertEqual(s.mode, "server")
         self.assertEqual(s.ollama_url, "http://10.1.2.3:8080")
@@ -83,7 +83,9 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual((s.discovery_port, s.discovery_interface), (12000, "127.0.0.1"))
         self.assertEqual(s.broadcast, ("127.255.255.255", "198.18.0.255"))
         self.assertEqual((s.probe_interval, s.health_interval), (2.5, 1.0))
-        self.assertEqual(s.peers, (("box", 11435), ("fd00::1", 8000), ("gpu", 11435)))
+        self.assertEqual(
+            s.peers, (("box", 11435, "http"), ("fd00::1", 8000, "http"), ("gpu", 11435, "https"))
+        )
 
     def test_unix_socket_where_nothing_is_announced(self) -> None:
         for args in (["--mode", "client"], ["--mode", "server", "--no-discovery"]):
@@ -167,7 +169,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertUsage(
             ["--peer", "fd00::1"], "--peer: write an IPv6 peer as [ADDRESS]:PORT, not 'fd00::1'"
         )
-        self.assertUsage(["--peer", "http://box"], "--peer: expected HOST:PORT, not 'http://box'")
+        self.assertUsage(["--peer", "ftp://box"], "--peer: expected HOST:PORT, not 'ftp://box'")
+        self.assertUsage(["--peer", "https://box/x"], "--peer: expected HOST:PORT, not 'box/x'")
         self.assertUsage(
             ["--ollama", "ftp://x"], "--ollama: scheme must be http or https, not 'ftp'"
         )
