@@ -1,0 +1,1 @@
+"""Benchmarks of Ollana's proxy on loopback: see bench/run.py (``python -m bench.run``)."""
