@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 
 from ollana.health import HTTPGetter, OllamaProbe
 from ollana.peers import Peer, PeerPool, model_key
-from ollana.proxy import Listing, LocalAnswer, NoUpstream, UpstreamsFailed
+from ollana.upstream import Listing, LocalAnswer, NoUpstream, UpstreamsFailed
 
 # path: (the key of the list in the answer, the key that names an entry)
 MERGED = {

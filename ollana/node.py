@@ -33,10 +33,12 @@ from ollana.health import (
 from ollana.listings import MergedListings
 from ollana.metrics import Metrics, discovery_metrics, peer_metrics
 from ollana.peers import PeerPool
-from ollana.proxy import ProxySettings, ProxySite, Router, TLSPolicy, make_agent
+from ollana.proxy import ProxySettings
 from ollana.routing import LocalRouter, PoolRouter
+from ollana.site import ProxySite
 from ollana.status import StatusPages, peer_status
 from ollana.tls import ClientTLS
+from ollana.upstream import Router, TLSPolicy, make_agent
 
 log = Logger()
 

@@ -1,60 +1,46 @@
-"""The streaming reverse proxy: both directions flow as they arrive, with backpressure.
-
-twisted.web's Request spools the whole body before ``render``; ``ProxyRequest`` instead
-starts the upstream request as soon as the request headers are in (``gotLength``) and
-feeds the body to it chunk by chunk (``handleContentChunk``), pausing the client while
-the upstream cannot take more. The upstream's response is relayed the same way, with
-its transport registered as the client response's push producer.
-
-``gotLength`` runs before twisted.web has set the request's method and URI, so they are
-read from the channel; that is private to Twisted, which is why setup.cfg pins its range.
+"""The streaming reverse proxy: one exchange per request, both directions flowing as they
+arrive, with backpressure. ``Exchange`` chooses the upstream (after a bounded look at the
+body for its model), streams the body up through ``RequestBody``, retries before the first
+response byte, and relays the answer through ``ResponseRelay``, registered as the client
+response's push producer. The listener's side (requests, channel, site) is ollana.site;
+where requests go and the upstream agent, ollana.upstream.
 """
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, error
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
     IPushProducer,
     IReactorTime,
-    IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client
-from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, PotentialDataLoss
+from twisted.web.http import NO_BODY_CODES, RESPONSES, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
     UNKNOWN_LENGTH,
     IAgent,
-    IAgentEndpointFactory,
     IBodyProducer,
     IResponse,
 )
-from twisted.web.resource import Resource, getChildForRequest
-from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from ollana.auth import CREDENTIAL_HEADER
 from ollana.gate import Gate
 from ollana.metrics import Metrics
 from ollana.modelscan import ModelScanner
+from ollana.upstream import LocalAnswer, NoUpstream, Router, Upstream, UpstreamsFailed
+
+if TYPE_CHECKING:
+    from ollana.site import ProxyRequest
 
 log = Logger()
 
@@ -75,7 +61,6 @@ HOP_BY_HOP = frozenset(
 )
 VIA = b"1.1 ollana"
 CLIENT_CLOSED = 499  # the status logged for a request whose client left before an answer
-IDLE_CONNECTION_TIMEOUT = 50  # seconds a kept-alive upstream connection may stay unused
 
 
 def error_body(message: str) -> bytes:
@@ -94,67 +79,18 @@ def error_response(code: int, message: str) -> bytes:
     ) + body
 
 
-@dataclass(frozen=True)
-class Upstream:
-    """Where one request goes: a base URL, the name shown in X-Ollana-Peer, and (in client
-    mode) the pool's server it is, for the router's bookkeeping."""
-
-    url: str
-    peer: str | None = None
-    server: Any = field(default=None, compare=False, repr=False)
+access_log = Logger(namespace="ollana.access")
 
 
-class NoUpstream(Exception):
-    """No server to send the request to (a 503); the message says why."""
-
-
-class UpstreamsFailed(Exception):
-    """No server could answer (a 502); the message says what each attempt met."""
-
-
-@dataclass(frozen=True)
-class LocalAnswer:
-    """A response made here rather than relayed (a listing merged from several servers)."""
-
-    code: int
-    headers: Sequence[tuple[bytes, bytes]]
-    body: bytes
-
-
-Listing = Callable[[], defer.Deferred[LocalAnswer]]  # an answer made here, when asked
-
-
-class Router:
-    """Where a listener's requests go. This one sends all to one upstream; client mode's
-    (ollana.routing) chooses among servers and learns from failures."""
-
-    scan_limit = 0  # bytes of a request body to scan for a "model" (and to keep for retries)
-
-    def __init__(self, upstream: Upstream | None = None) -> None:
-        self.upstream = upstream
-
-    def wants_model(self, method: bytes, path: bytes) -> bool:
-        """Whether the request's body may name the model that decides where it goes."""
-        return False
-
-    def listing(self, method: bytes, path: bytes) -> Listing | None:
-        """What answers this request here instead of an upstream, if anything does."""
-        return None
-
-    def candidates(self, model: str | None) -> list[Upstream]:
-        """The upstreams to try, in order (at least one), or NoUpstream."""
-        if self.upstream is None:
-            raise NoUpstream("ollana: no upstream configured")
-        return [self.upstream]
-
-    def started(self, upstream: Upstream) -> None:
-        """A request to upstream begins."""
-
-    def ended(self, upstream: Upstream) -> None:
-        """That request has ended, however it ended."""
-
-    def failed(self, upstream: Upstream, reason: str) -> None:
-        """A request could not reach upstream (refused, reset, timed out)."""
+def access(request: Any, peer: str | None, status: int, duration: float, bytes_in: int) -> None:
+    """Log one request: who asked what, the answer and where it came from; never content."""
+    client = getattr(request.getClientAddress(), "host", "-")
+    access_log.info(
+        "{client} {method} {path} {status} {peer} {duration_ms:.0f} ms {bytes_out} B",
+        client=client, method=log_text(request.method or b"-"), path=log_text(request.uri or b"-"),
+        status=status, peer=peer or "local", duration_ms=duration * 1000,
+        bytes_in=bytes_in, bytes_out=request.sentLength,
+    )  # fmt: skip
 
 
 def end_to_end(headers: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
@@ -444,7 +380,7 @@ class Exchange:
             self.router.failed(upstream, reason)
         if self.candidates and self._received is not None and not self.client_gone:
             log.info("Retrying {path} elsewhere: {url}: {reason}",
-                     path=_text(self.uri), url=upstream.url, reason=reason)  # fmt: skip
+                     path=log_text(self.uri), url=upstream.url, reason=reason)  # fmt: skip
             self._attempt()
             return
         if len(self.reasons) > 1:
@@ -609,7 +545,7 @@ class Exchange:
             return
         code, message, headers = self._describe(failure)
         log.warn("{code} for {method} {path}: {message}", code=code, message=message,
-                 method=_text(self.method), path=_text(self.uri))  # fmt: skip
+                 method=log_text(self.method), path=log_text(self.uri))  # fmt: skip
         request = self.request
         request.setResponseCode(code)
         self._answering()
@@ -751,11 +687,7 @@ class _Drop(Protocol):
         self.transport.stopProducing()  # type: ignore[union-attr]
 
 
-def _peer_host(channel: ProxyChannel) -> str | None:
-    return getattr(channel.transport.getPeer(), "host", None) if channel.transport else None
-
-
-def _text(raw: bytes) -> str:
+def log_text(raw: bytes) -> str:
     """Bytes from the wire, readable in a log line."""
     return raw.decode("ascii", "backslashreplace")
 
@@ -783,350 +715,3 @@ class ProxySettings:
     metrics: Metrics = field(default_factory=Metrics)
     gate: Gate = field(default_factory=Gate)
     upstream_headers: Sequence[tuple[bytes, bytes]] = ()  # added to every upstream request
-
-
-class ProxyRequest(Request):
-    """A request whose body goes upstream as it arrives instead of into a spool file."""
-
-    defaultContentType = None  # Content-Type comes from the upstream, or not at all
-    exchange: Exchange | None = None
-    _held = False
-    _body_complete = False
-    _saved_timeout: tuple[float | None] | None = None
-
-    refused = False  # answered (and the connection closed) before its body
-    _body_size = 0
-
-    def gotLength(self, length: int | None) -> None:
-        target = self.channel._path  # see the module docstring
-        proxy = getattr(getattr(self.channel, "site", None), "proxy", None)
-        if proxy is None:
-            super().gotLength(length)
-            return
-        self.arrived = proxy.clock.seconds()
-        host = getattr(self.getClientAddress(), "host", "")
-        gate: Gate = proxy.gate
-        refusal = gate.refusal(host, self.requestHeaders)
-        self.requestHeaders.removeHeader(CREDENTIAL_HEADER)  # never passed on
-        if refusal is None and gate.max_body is not None and (length or 0) > gate.max_body:
-            refusal = 413, f"ollana: request bodies are limited to {gate.max_body} bytes"
-        if refusal is not None:
-            self.refuse(*refusal)
-            return
-        if target == b"*" or is_local(target):
-            super().gotLength(length)  # answered here: the body (small) is kept as usual
-            return
-        self.content = io.BytesIO()  # stays empty: the body goes upstream instead
-        self.exchange = Exchange(proxy, self, length)
-
-    def refuse(self, code: int, message: str) -> None:
-        """Answer at once, before the body, and close: the client need not send it all."""
-        self.refused = True
-        self.content = io.BytesIO()
-        channel: Any = self.channel
-        channel.answer_and_close(code, message)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.refused:
-            return
-        self._body_size += len(data)
-        proxy = getattr(getattr(self.channel, "site", None), "proxy", None)
-        limit = proxy.gate.max_body if proxy is not None else None
-        if limit is not None and self._body_size > limit and not self.startedWriting:
-            self.refuse(413, f"ollana: request bodies are limited to {limit} bytes")
-            return
-        if self.exchange is not None:
-            self.exchange.received(data)
-        elif self.content is not None and self.content.tell() < LOCAL_BODY_LIMIT:
-            super().handleContentChunk(data)
-
-    def body_complete(self) -> None:
-        """The whole body is in (ProxyChannel calls this before requestReceived)."""
-        self._body_complete = True
-        self._restore_timeout()
-        if self.exchange is not None:
-            self.exchange.completed()
-
-    def hold(self) -> None:
-        """Stop reading from the client while the upstream cannot take more.
-
-        The channel's idle timeout stops with it: the client is not the one idling.
-        Pausing again is harmless, and needed when the channel itself resumed reading.
-        """
-        if self._disconnected:
-            return
-        self.client_connection.pauseProducing()
-        self._held = True
-        if not self._body_complete and self._saved_timeout is None:
-            self._saved_timeout = (self.channel.setTimeout(None),)
-
-    def release(self) -> None:
-        """Read from the client again."""
-        if self._held and not self._disconnected:
-            self._held = False
-            self._restore_timeout()
-            self.client_connection.resumeProducing()
-
-    @property
-    def client_connection(self) -> IPushProducer:
-        return self.transport  # type: ignore[return-value]
-
-    def _restore_timeout(self) -> None:
-        if self._saved_timeout is not None and not self._disconnected:
-            (timeout,), self._saved_timeout = self._saved_timeout, None
-            self.channel.setTimeout(timeout)
-
-    def write(self, data: bytes) -> None:
-        if not self.finished and not self._disconnected:
-            super().write(data)
-
-
-class ProxyChannel(HTTPChannel):
-    """An HTTP channel that tells its request that the body is complete before it turns
-    its own idle timeout off for the response (and restores it after), so the timeout a
-    held upload suspended is the one restored. Its site knows it while it is open."""
-
-    site: ProxySite
-    _headers_due: IDelayedCall | None = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.site.opened(self)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._stop_header_timer()
-        super().connectionLost(reason)
-        self.site.closed(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        # A request's head (line and headers) must all come within the gate's
-        # header_timeout of its first byte: a client that trickles it (slowloris) is cut off.
-        if self._headers_due is None and data and self.line_mode and not self._handlingRequest:
-            timeout = self.site.proxy.gate.header_timeout
-            self._headers_due = self.callLater(timeout, self._headers_overdue)
-        super().dataReceived(data)
-
-    def allHeadersReceived(self) -> None:
-        self._stop_header_timer()
-        super().allHeadersReceived()
-
-    def _stop_header_timer(self) -> None:
-        due, self._headers_due = self._headers_due, None
-        if due is not None and due.active():
-            due.cancel()
-
-    def _headers_overdue(self) -> None:
-        self._headers_due = None
-        self.answer_and_close(408, "ollana: request headers took too long")
-
-    def allContentReceived(self) -> None:
-        request = self.requests[-1]
-        if isinstance(request, ProxyRequest):
-            request.body_complete()
-        super().allContentReceived()
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self.answer_and_close(431, "ollana: a request line or header is too long")
-
-    def answer_and_close(self, code: int, message: str) -> None:
-        """An error answer of our own, then the end of the connection."""
-        transport: Any = self.transport
-        if transport is None:
-            return
-        log.info("{code} for {client}: {message}", code=code, message=message,
-                 client=getattr(transport.getPeer(), "host", "-"))  # fmt: skip
-        transport.write(error_response(code, message))
-        self.persistent = False
-        transport.loseConnection()
-
-
-LOCAL_PREFIX = b"/ollana"
-LOCAL_BODY_LIMIT = 1 << 20  # bytes of a request body kept for a page of our own
-
-
-def is_local(target: bytes) -> bool:
-    """Whether a request-target is Ollana's own (status, dashboard, metrics)."""
-    path = target.partition(b"?")[0]
-    return path == LOCAL_PREFIX or path.startswith(LOCAL_PREFIX + b"/")
-
-
-access_log = Logger(namespace="ollana.access")
-
-
-def access(request: Any, peer: str | None, status: int, duration: float, bytes_in: int) -> None:
-    """Log one request: who asked what, the answer and where it came from; never content."""
-    client = getattr(request.getClientAddress(), "host", "-")
-    access_log.info(
-        "{client} {method} {path} {status} {peer} {duration_ms:.0f} ms {bytes_out} B",
-        client=client, method=_text(request.method or b"-"), path=_text(request.uri or b"-"),
-        status=status, peer=peer or "local", duration_ms=duration * 1000,
-        bytes_in=bytes_in, bytes_out=request.sentLength,
-    )  # fmt: skip
-
-
-class ProxyResource(Resource):
-    """Answers every path by relaying the exchange its ProxyRequest started."""
-
-    isLeaf = True
-
-    def render(self, request: Request) -> Any:
-        if getattr(request, "refused", False):
-            return NOT_DONE_YET  # answered already; the connection is closing
-        exchange = getattr(request, "exchange", None)
-        if exchange is not None:
-            exchange.respond()
-            return NOT_DONE_YET
-        local = getattr(getattr(request.channel, "site", None), "local", None)
-        if local is not None and is_local(request.path) and request.postpath:
-            request.prepath = [request.postpath.pop(0)]
-            return getChildForRequest(local, request).render(request)
-        request.setResponseCode(404 if local is None else 500)
-        request.setHeader(b"content-type", b"application/json; charset=utf-8")
-        return error_body("ollana: nothing here")
-
-
-class ProxySite(Site):
-    """A Site whose requests stream through to an upstream."""
-
-    protocol = ProxyChannel  # type: ignore[assignment]  # HTTP/1.1 only: no HTTP/2 here
-
-    def __init__(self, proxy: ProxySettings, local: Resource | None = None) -> None:
-        super().__init__(ProxyResource(), requestFactory=ProxyRequest, reactor=proxy.clock)
-        self.proxy = proxy
-        self.local = local  # what answers /ollana/...: status, dashboard, metrics
-        self.displayTracebacks = False
-        self.channels: set[ProxyChannel] = set()
-        self._drained: defer.Deferred[None] | None = None
-
-    def buildProtocol(self, addr: Any) -> Any:
-        """A channel for an admitted source, within the connection limits; else None,
-        which closes the connection at once."""
-        gate = self.proxy.gate
-        host = getattr(addr, "host", None)
-        if host is not None and not gate.admits_source(host):
-            return None  # no 403 to write before there is a request: just close
-        if gate.max_connections is not None and len(self.channels) >= gate.max_connections:
-            log.warn("Refused a connection: {limit} already open", limit=gate.max_connections)
-            return None
-        limit = gate.max_connections_per_source
-        if limit is not None and host is not None:
-            open_here = sum(1 for channel in self.channels if _peer_host(channel) == host)
-            if open_here >= limit:
-                log.warn("Refused a connection from {client}: {limit} already open",
-                         client=host, limit=limit)  # fmt: skip
-                return None
-        return super().buildProtocol(addr)
-
-    def opened(self, channel: ProxyChannel) -> None:
-        self.channels.add(channel)
-        if self._drained is not None:  # accepted just before the port closed
-            channel.persistent = False
-
-    def closed(self, channel: ProxyChannel) -> None:
-        self.channels.discard(channel)
-        if not self.channels and self._drained is not None and not self._drained.called:
-            self._drained.callback(None)
-
-    def drain(self, timeout: float) -> defer.Deferred[None]:
-        """Let the requests under way finish, closing each connection after its response;
-        close idle connections now, and whatever is still open after timeout seconds."""
-        if self._drained is not None:
-            return self._drained
-        drained: defer.Deferred[None] = defer.Deferred()
-        self._drained = drained
-        busy = [channel for channel in self.channels if channel.requests]
-        for channel in list(self.channels):
-            channel.persistent = False  # no next request on this connection
-            if not channel.requests:
-                channel.loseConnection()
-        if not self.channels:
-            drained.callback(None)
-            return drained
-        if busy:
-            log.info("Letting {count} request(s) finish, for up to {timeout:g} s",
-                     count=len(busy), timeout=timeout)  # fmt: skip
-        later = self.proxy.clock.callLater(timeout, self._drain_overdue, timeout)
-        drained.addBoth(lambda result: later.cancel() if later.active() else None)
-        return drained
-
-    def _drain_overdue(self, timeout: float) -> None:
-        log.warn("Closing {count} connection(s) still open after {timeout:g} s",
-                 count=len(self.channels), timeout=timeout)  # fmt: skip
-        for channel in list(self.channels):
-            if channel.transport is not None:
-                channel.transport.abortConnection()  # type: ignore[attr-defined]
-
-    def log(self, request: Any) -> None:
-        """One access line per request: the exchange's own, or this for the rest."""
-        if getattr(request, "exchange", None) is None:
-            duration = self.proxy.clock.seconds() - getattr(request, "arrived", 0.0)
-            access(request, None, request.code, duration, 0)
-
-
-@implementer(IAgentEndpointFactory)
-class UpstreamEndpoints:
-    """Endpoints to upstreams: IP literals straight away, names through the resolver."""
-
-    def __init__(
-        self, reactor: Any, connect_timeout: float, tls_for: TLSPolicy | None = None
-    ) -> None:
-        self._reactor = reactor
-        self._timeout = connect_timeout
-        self._tls_for = tls_for or (lambda host, port: optionsForClientTLS(host))
-
-    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
-        host = uri.host.decode("ascii")
-        endpoint: IStreamClientEndpoint
-        if isIPAddress(host):
-            endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
-        elif isIPv6Address(host):
-            endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
-        else:
-            endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
-        if uri.scheme == b"https":
-            endpoint = wrapClientTLS(self._tls_for(host, uri.port), endpoint)
-        return endpoint
-
-
-class _QuietClientFactory(client._HTTP11ClientFactory):
-    noisy = False  # no "Starting factory" line for every upstream connection
-
-
-class _Pool(client.HTTPConnectionPool):
-    """Once closed (Ollana stops), connections that come back from requests still under
-    way are closed rather than kept for requests that will never come."""
-
-    closed = False
-
-    def closeCachedConnections(self) -> defer.Deferred[None]:
-        self.closed = True
-        result: defer.Deferred[None] = super().closeCachedConnections()
-        return result
-
-    def _putConnection(self, key: Any, connection: Any) -> None:  # private to Twisted
-        if self.closed:
-            connection.transport.loseConnection()
-        else:
-            super()._putConnection(key, connection)
-
-
-def quiet_pool(reactor: Any) -> client.HTTPConnectionPool:
-    """A pool of kept-alive connections that does not log each one it opens."""
-    pool = _Pool(reactor, persistent=True)
-    pool._factory = _QuietClientFactory  # private to Twisted: see setup.cfg's pin
-    return pool
-
-
-TLSPolicy = Callable[[str, int], Any]  # (host, port) -> how to check that server's TLS
-
-
-def make_agent(
-    reactor: Any, connect_timeout: float, tls_for: TLSPolicy | None = None
-) -> tuple[IAgent, client.HTTPConnectionPool]:
-    """An HTTP/1.1 agent with kept-alive connections, enough for many streams per peer."""
-    pool = quiet_pool(reactor)
-    pool.maxPersistentPerHost = 64
-    # Closed before an Ollana server's channel (60 s) would close it under a new request.
-    pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
-    endpoints = UpstreamEndpoints(reactor, connect_timeout, tls_for)
-    return client.Agent.usingEndpointFactory(reactor, endpoints, pool=pool), pool

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ollana.health import LocalOllamaMonitor, PeerHealthChecker
 from ollana.listings import MergedListings
 from ollana.peers import Peer, PeerPool
-from ollana.proxy import Listing, NoUpstream, Router, Upstream
+from ollana.upstream import Listing, NoUpstream, Router, Upstream
 
 BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
 

@@ -272,8 +272,8 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     from ollana.health import AgentGetter
     from ollana.netif import default_broadcast_addresses
     from ollana.node import HEALTH_TIMEOUT, ConnectionPoolService, OllanaService
-    from ollana.proxy import UpstreamEndpoints, quiet_pool
     from ollana.tls import ClientTLS
+    from ollana.upstream import UpstreamEndpoints, quiet_pool
 
     exit_code_from_failure = reactor is None
     if reactor is None:

@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ollana.listings import MergedListings
 from ollana.peers import Peer, PeerPool
-from ollana.proxy import LocalAnswer, NoUpstream, UpstreamsFailed
+from ollana.upstream import LocalAnswer, NoUpstream, UpstreamsFailed
 from tests.support import FakeServers, capture_logs
 
 START = 1000.0

@@ -17,11 +17,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from ollana.gate import Gate
-from ollana.proxy import (
+from ollana.proxy import ProxySettings
+from ollana.site import ProxySite
+from ollana.upstream import (
     LocalAnswer,
     NoUpstream,
-    ProxySettings,
-    ProxySite,
     Router,
     Upstream,
     UpstreamsFailed,

@@ -11,8 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from ollana.health import LocalOllamaMonitor, OllamaProbe, PeerHealthChecker
 from ollana.listings import MergedListings
 from ollana.peers import Peer, PeerPool, model_key
-from ollana.proxy import LocalAnswer, NoUpstream, Router, Upstream
 from ollana.routing import LocalRouter, PoolRouter
+from ollana.upstream import LocalAnswer, NoUpstream, Router, Upstream
 from tests.support import FakeServers, capture_logs
 
 START = 1000.0

@@ -1,0 +1,156 @@
+"""Where proxied requests go: the Upstream chosen by a Router (or an answer made here),
+and the HTTP/1.1 agent that reaches upstreams, with kept-alive connections and TLS."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.web import client
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from zope.interface import implementer
+
+IDLE_CONNECTION_TIMEOUT = 50  # seconds a kept-alive upstream connection may stay unused
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where one request goes: a base URL, the name shown in X-Ollana-Peer, and (in client
+    mode) the pool's server it is, for the router's bookkeeping."""
+
+    url: str
+    peer: str | None = None
+    server: Any = field(default=None, compare=False, repr=False)
+
+
+class NoUpstream(Exception):
+    """No server to send the request to (a 503); the message says why."""
+
+
+class UpstreamsFailed(Exception):
+    """No server could answer (a 502); the message says what each attempt met."""
+
+
+@dataclass(frozen=True)
+class LocalAnswer:
+    """A response made here rather than relayed (a listing merged from several servers)."""
+
+    code: int
+    headers: Sequence[tuple[bytes, bytes]]
+    body: bytes
+
+
+Listing = Callable[[], defer.Deferred[LocalAnswer]]  # an answer made here, when asked
+
+
+class Router:
+    """Where a listener's requests go. This one sends all to one upstream; client mode's
+    (ollana.routing) chooses among servers and learns from failures."""
+
+    scan_limit = 0  # bytes of a request body to scan for a "model" (and to keep for retries)
+
+    def __init__(self, upstream: Upstream | None = None) -> None:
+        self.upstream = upstream
+
+    def wants_model(self, method: bytes, path: bytes) -> bool:
+        """Whether the request's body may name the model that decides where it goes."""
+        return False
+
+    def listing(self, method: bytes, path: bytes) -> Listing | None:
+        """What answers this request here instead of an upstream, if anything does."""
+        return None
+
+    def candidates(self, model: str | None) -> list[Upstream]:
+        """The upstreams to try, in order (at least one), or NoUpstream."""
+        if self.upstream is None:
+            raise NoUpstream("ollana: no upstream configured")
+        return [self.upstream]
+
+    def started(self, upstream: Upstream) -> None:
+        """A request to upstream begins."""
+
+    def ended(self, upstream: Upstream) -> None:
+        """That request has ended, however it ended."""
+
+    def failed(self, upstream: Upstream, reason: str) -> None:
+        """A request could not reach upstream (refused, reset, timed out)."""
+
+
+@implementer(IAgentEndpointFactory)
+class UpstreamEndpoints:
+    """Endpoints to upstreams: IP literals straight away, names through the resolver."""
+
+    def __init__(
+        self, reactor: Any, connect_timeout: float, tls_for: TLSPolicy | None = None
+    ) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._tls_for = tls_for or (lambda host, port: optionsForClientTLS(host))
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii")
+        endpoint: IStreamClientEndpoint
+        if isIPAddress(host):
+            endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        elif isIPv6Address(host):
+            endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self._tls_for(host, uri.port), endpoint)
+        return endpoint
+
+
+class _QuietClientFactory(client._HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" line for every upstream connection
+
+
+class _Pool(client.HTTPConnectionPool):
+    """Once closed (Ollana stops), connections that come back from requests still under
+    way are closed rather than kept for requests that will never come."""
+
+    closed = False
+
+    def closeCachedConnections(self) -> defer.Deferred[None]:
+        self.closed = True
+        result: defer.Deferred[None] = super().closeCachedConnections()
+        return result
+
+    def _putConnection(self, key: Any, connection: Any) -> None:  # private to Twisted
+        if self.closed:
+            connection.transport.loseConnection()
+        else:
+            super()._putConnection(key, connection)
+
+
+def quiet_pool(reactor: Any) -> client.HTTPConnectionPool:
+    """A pool of kept-alive connections that does not log each one it opens."""
+    pool = _Pool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory  # private to Twisted: see setup.cfg's pin
+    return pool
+
+
+TLSPolicy = Callable[[str, int], Any]  # (host, port) -> how to check that server's TLS
+
+
+def make_agent(
+    reactor: Any, connect_timeout: float, tls_for: TLSPolicy | None = None
+) -> tuple[IAgent, client.HTTPConnectionPool]:
+    """An HTTP/1.1 agent with kept-alive connections, enough for many streams per peer."""
+    pool = quiet_pool(reactor)
+    pool.maxPersistentPerHost = 64
+    # Closed before an Ollana server's channel (60 s) would close it under a new request.
+    pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
+    endpoints = UpstreamEndpoints(reactor, connect_timeout, tls_for)
+    return client.Agent.usingEndpointFactory(reactor, endpoints, pool=pool), pool
