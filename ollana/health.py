@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -15,6 +15,7 @@ from twisted.web.client import readBody
 from twisted.web.http_headers import Headers
 
 from ollana.peers import Peer, PeerPool, Source, model_key
+from ollana.upstream import describe_error
 
 T = TypeVar("T")
 
@@ -51,18 +52,6 @@ class _Answer:
 
 class OllamaUnavailable(Exception):
     """The Ollama did not give a valid answer; the message says why, in a few words."""
-
-
-def _describe(failure_value: BaseException) -> str:
-    if isinstance(failure_value, error.ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(failure_value, OllamaUnavailable):
-        return str(failure_value)
-    reasons = getattr(failure_value, "reasons", None)
-    if reasons:  # twisted.web.client wraps the real failures (a TLS rejection, say)
-        return "; ".join(_describe(reason.value) for reason in reasons)
-    text = str(failure_value).strip() or type(failure_value).__name__
-    return text.splitlines()[0]
 
 
 class OllamaProbe:
@@ -104,7 +93,7 @@ class OllamaProbe:
 
         def failed(failure: Any) -> None:
             if not result.called:
-                result.errback(OllamaUnavailable(_describe(failure.value)))
+                result.errback(OllamaUnavailable(describe_error(failure.value)))
 
         fetching.addTimeout(timeout, self._clock, onTimeoutCancel=timed_out)
         fetching.addCallbacks(succeeded, failed)

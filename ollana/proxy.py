@@ -37,7 +37,14 @@ from zope.interface import implementer
 from ollana.gate import Gate
 from ollana.metrics import Metrics
 from ollana.modelscan import ModelScanner
-from ollana.upstream import LocalAnswer, NoUpstream, Router, Upstream, UpstreamsFailed
+from ollana.upstream import (
+    LocalAnswer,
+    NoUpstream,
+    Router,
+    Upstream,
+    UpstreamsFailed,
+    describe_error,
+)
 
 if TYPE_CHECKING:
     from ollana.site import ProxyRequest
@@ -393,7 +400,7 @@ class Exchange:
             return f"sent nothing for {self.proxy.idle_timeout:g} s"
         if failure.check(error.TimeoutError):
             return "cannot connect: timed out"
-        return _reason(failure)
+        return describe_error(failure.value)
 
     def _settle(self, answer: LocalAnswer) -> None:
         self._pending = None
@@ -534,7 +541,7 @@ class Exchange:
             log.warn(
                 "Upstream {url} broke off a response: {reason}",
                 url=self._url(),
-                reason=_reason(reason),
+                reason=describe_error(reason.value),
             )
             self._abort_client()
 
@@ -570,7 +577,7 @@ class Exchange:
             return 504, f"ollana: {url} sent nothing for {self.proxy.idle_timeout:g} s", {}
         if failure.check(error.TimeoutError):
             return 504, f"ollana: cannot connect to {url}: timed out", {}
-        return 502, f"ollana: no answer from {url}: {_reason(failure)}", {}
+        return 502, f"ollana: no answer from {url}: {describe_error(failure.value)}", {}
 
     def _bug(self, failure: Failure) -> None:
         log.failure("Error while relaying a response", failure)
@@ -690,17 +697,6 @@ class _Drop(Protocol):
 def log_text(raw: bytes) -> str:
     """Bytes from the wire, readable in a log line."""
     return raw.decode("ascii", "backslashreplace")
-
-
-def _reason(failure: Failure) -> str:
-    value = failure.value
-    reasons = getattr(value, "reasons", None)
-    if reasons:  # ResponseFailed and friends wrap the real failures
-        return "; ".join(_reason(r) for r in reasons)
-    if isinstance(value, error.ConnectionRefusedError):
-        return "connection refused"
-    text = str(value).strip() or type(value).__name__
-    return text.splitlines()[0]
 
 
 @dataclass

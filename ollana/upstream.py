@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -22,6 +22,17 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
 IDLE_CONNECTION_TIMEOUT = 50  # seconds a kept-alive upstream connection may stay unused
+
+
+def describe_error(value: object) -> str:
+    """Why a request to an upstream failed, in a few words for a log line or an answer."""
+    reasons = getattr(value, "reasons", None)
+    if reasons:  # twisted.web.client wraps the real failures (a TLS rejection, say)
+        return "; ".join(describe_error(reason.value) for reason in reasons)
+    if isinstance(value, error.ConnectionRefusedError):
+        return "connection refused"
+    text = str(value).strip() or type(value).__name__
+    return text.splitlines()[0]
 
 
 @dataclass(frozen=True)
