@@ -29,6 +29,7 @@ from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from ollana.demo import free_udp_port as free_udp_port  # the demo's own, for tests too
 from tests.fake_ollama import FakeOllama
 
 
@@ -132,13 +133,6 @@ def python_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("OLLAMA_HOST", None)
     return env
-
-
-def free_udp_port() -> int:
-    """A UDP port on loopback that nothing uses at the moment."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ChildProcess(ProcessProtocol):
