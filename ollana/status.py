@@ -63,14 +63,18 @@ class StatusPages(Resource):
         return redirectTo(b"/ollana/", request)
 
 
-class StatusJSON(Resource):
-    """/ollana/api/status: node.status() as JSON."""
+class _NodePage(Resource):
+    """A leaf page about one node."""
 
     isLeaf = True
 
     def __init__(self, node: Any) -> None:
         super().__init__()
         self.node = node
+
+
+class StatusJSON(_NodePage):
+    """/ollana/api/status: node.status() as JSON."""
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
@@ -78,28 +82,16 @@ class StatusJSON(Resource):
         return json.dumps(self.node.status(), indent=2).encode("utf-8") + b"\n"
 
 
-class MetricsPage(Resource):
+class MetricsPage(_NodePage):
     """/ollana/metrics: the node's registry in Prometheus' text format."""
-
-    isLeaf = True
-
-    def __init__(self, node: Any) -> None:
-        super().__init__()
-        self.node = node
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self.node.observed.metrics.registry)
 
 
-class Dashboard(Resource):
+class Dashboard(_NodePage):
     """/ollana/: node.status() as an HTML page that refreshes itself."""
-
-    isLeaf = True
-
-    def __init__(self, node: Any) -> None:
-        super().__init__()
-        self.node = node
 
     def render_GET(self, request: Request) -> object:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
