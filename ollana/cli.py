@@ -18,7 +18,7 @@ from ollana.auth import PacketAuth
 from ollana.demo import DemoOptions, run_demo
 from ollana.discovery import Seeker
 from ollana.netif import default_broadcast_addresses
-from ollana.peers import Peer, PeerPool, Source
+from ollana.peers import Peer, PeerPool, Source, host_port
 from ollana.tap import DiscoveryOptions
 
 REPEAT_PROBE = 0.5
@@ -412,11 +412,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     )
 
 
-def _host_port(host: Any, port: Any) -> str:
-    host = str(host)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def format_status(status: Mapping[str, Any], url: str) -> str:
     """ollana status's table."""
     uptime = status.get("uptime_s")
@@ -448,7 +443,7 @@ def format_status(status: Mapping[str, Any], url: str) -> str:
                 [_peer_row(peer) for peer in peers],
             ))  # fmt: skip
             problems = [
-                f"  {_host_port(p.get('address'), p.get('port'))}: {p.get('reason')}"
+                f"  {host_port(p.get('address'), p.get('port'))}: {p.get('reason')}"
                 for p in peers
                 if not p.get("healthy") and p.get("reason")
             ]
@@ -461,7 +456,7 @@ def _peer_row(peer: Mapping[str, Any]) -> list[str]:
     latency = peer.get("latency_ms")
     models = peer.get("models") or []
     return [
-        _host_port(peer.get("address", "?"), peer.get("port", "?")),
+        host_port(peer.get("address", "?"), peer.get("port", "?")),
         str(peer.get("source", "-")),
         "healthy" if peer.get("healthy") else "UNHEALTHY",
         "-" if latency is None else f"{latency:.1f} ms",

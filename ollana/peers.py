@@ -26,6 +26,12 @@ class Source(enum.Enum):
     LEGACY = "legacy"
 
 
+def host_port(host: object, port: object) -> str:
+    """host:port, with an IPv6 host in brackets."""
+    text = str(host)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
 def model_key(name: str) -> str:
     """A model name as Ollama matches it: no tag means ``:latest``; case does not matter."""
     name = name.strip().lower()
@@ -65,8 +71,7 @@ class Peer:
     @property
     def address(self) -> str:
         """host:port, with an IPv6 host in brackets (as X-Ollana-Peer shows it)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @property
     def url(self) -> str:

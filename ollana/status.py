@@ -18,7 +18,7 @@ from twisted.web.server import Request
 from twisted.web.template import Element, Tag, TagLoader, renderElement, tags
 from twisted.web.util import redirectTo
 
-from ollana.peers import Peer
+from ollana.peers import Peer, host_port
 
 REFRESH_SECONDS = 5
 # Nothing from elsewhere, no script; only the inline style (defence in depth: values are
@@ -212,7 +212,7 @@ def peer_row(peer: dict[str, Any]) -> Tag:
     """One server's row; each cell carries its column's name for narrow screens."""
     latency = peer.get("latency_ms")
     cells: tuple[Any, ...] = (
-        address(str(peer["address"]), peer["port"]),
+        host_port(peer["address"], peer["port"]),
         str(peer["source"]),
         health(bool(peer["healthy"]), str(peer.get("reason") or "")),
         "-" if latency is None else f"{latency:g} ms",
@@ -242,11 +242,6 @@ def health(healthy: bool, reason: str) -> list[Any]:
     """healthy or unhealthy, with the reason when there is one."""
     state = tags.span("healthy", class_="ok") if healthy else tags.span("unhealthy", class_="bad")
     return [state, [" ", tags.span(reason, class_="reason")] if reason else ""]
-
-
-def address(host: str, port: Any) -> str:
-    """host:port, with an IPv6 host in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def duration(seconds: float) -> str:
