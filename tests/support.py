@@ -316,13 +316,15 @@ def free_tcp_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def eventually(reactor: Any, condition: Any, deadline: float = 20, step: float = 0.1) -> None:
+async def eventually(
+    reactor: Any, condition: Any, deadline: float = 20, step: float = 0.1, what: str = ""
+) -> None:
     """Wait until condition() holds, checking every step seconds, failing after deadline."""
     for _ in range(int(deadline / step)):
         if condition():
             return
         await task.deferLater(reactor, step)
-    raise AssertionError(f"not true after {deadline} s")
+    raise AssertionError(f"timed out waiting for {what or 'the condition'} ({deadline} s)")
 
 
 def read_text(path: str) -> str:

@@ -9,14 +9,13 @@ from typing import Any
 
 import treq
 from twisted.internet import reactor as _reactor
-from twisted.internet import task
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool, ResponseNeverReceived
 
 from ollana.tap import Options, makeService
 from ollana.tls import ensure_self_signed
 from tests.fake_ollama import FakeOllama
-from tests.support import free_udp_port
+from tests.support import eventually, free_udp_port
 
 reactor: Any = _reactor
 LOOPBACK = ["--listen", "tcp:0:interface=127.0.0.1", "--broadcast", "127.255.255.255"]
@@ -36,13 +35,6 @@ class SecureLoopbackTests(TestCase):
         self.addCleanup(service.stopService)
         return service
 
-    async def until(self, condition: Any, within: float = 15) -> None:
-        for _ in range(int(within / 0.05)):
-            if condition():
-                return
-            await task.deferLater(reactor, 0.05)
-        raise AssertionError(f"not true within {within} s")
-
     async def test_tls_and_secret(self) -> None:
         self.discovery_port = free_udp_port()
         fake = FakeOllama(models=["llama3.2:latest"], clock=reactor)
@@ -57,7 +49,9 @@ class SecureLoopbackTests(TestCase):
                             "--ollama", f"http://127.0.0.1:{ollama.getHost().port}")  # fmt: skip
         server_port = await server.getServiceNamed("http").whenListening()
         client = self.start("--mode", "client", "--secret-file", secret)
-        await self.until(lambda: any(peer.healthy and peer.last_ok for peer in client.pool))
+        await eventually(
+            reactor, lambda: any(p.healthy and p.last_ok for p in client.pool), 15, 0.05
+        )
         [peer] = client.pool
         self.assertEqual((peer.scheme, peer.port), ("https", server_port))
         self.assertEqual(peer.fingerprint, ensure_self_signed(tls_dir).fingerprint)
@@ -77,5 +71,6 @@ class SecureLoopbackTests(TestCase):
         outsider = self.start("--mode", "client")  # no secret
         responder = server.getServiceNamed("discovery").responder
         rejected = responder.rejected
-        await self.until(lambda: responder.rejected > rejected + 1)  # its probes, ignored
+        # its probes, ignored
+        await eventually(reactor, lambda: responder.rejected > rejected + 1, 15, 0.05)
         self.assertEqual(list(outsider.pool), [])

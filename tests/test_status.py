@@ -18,7 +18,7 @@ from html.parser import HTMLParser
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
 from twisted.trial.unittest import SkipTest, TestCase
@@ -32,7 +32,7 @@ from ollana.node import OllanaService
 from ollana.status import CSS, DashboardPage, duration
 from ollana.tap import Options, makeService
 from tests.fake_ollama import FakeOllama
-from tests.support import accepted_connections_closed, free_udp_port
+from tests.support import accepted_connections_closed, eventually, free_udp_port
 
 reactor: Any = _reactor
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -236,13 +236,9 @@ class Nodes(TestCase):
             self.assertEqual([r for r in fake.requests if r[1].startswith("/ollana")], [])
 
 
-async def until(check: Callable[[], bool], what: str, deadline: float = 10) -> None:
-    """Wait until check() is true."""
-    for _ in range(int(deadline / 0.05)):
-        if check():
-            return
-        await task.deferLater(reactor, 0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+def until(check: Callable[[], bool], what: str, deadline: float = 10) -> Any:
+    """Wait until check() is true (polling every 50 ms)."""
+    return eventually(reactor, check, deadline, 0.05, what)
 
 
 def in_flight(node: OllanaService) -> float:
