@@ -3,6 +3,7 @@ Ollana nodes, and the limits that keep one client from starving the others."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections.abc import Sequence
@@ -100,8 +101,15 @@ def local_host_header(value: bytes) -> bool:
         name = text.rpartition(":")[0] if text.count(":") == 1 else text
     if not name or _address(name) is not None:  # no Host at all is no browser
         return True
-    own = socket.gethostname().lower()
-    return name in ("localhost", own) or name.endswith((".localhost", ".local", ".internal"))
+    return name in ("localhost", _own_name()) or name.endswith(
+        (".localhost", ".local", ".internal")
+    )
+
+
+@functools.cache
+def _own_name() -> str:
+    """This machine's name, asked once (not on every request)."""
+    return socket.gethostname().lower()
 
 
 def _loopback(host: str) -> bool:
