@@ -40,6 +40,7 @@ class ProxyRequest(Request):
     _saved_timeout: tuple[float | None] | None = None
     refused = False  # answered (and the connection closed) before its body
     _body_size = 0
+    _max_body: int | None = None  # the gate's, kept for each chunk of the body
 
     def gotLength(self, length: int | None) -> None:
         target = self.channel._path  # see the module docstring
@@ -50,6 +51,7 @@ class ProxyRequest(Request):
         self.arrived = proxy.clock.seconds()
         host = getattr(self.getClientAddress(), "host", "")
         gate: Gate = proxy.gate
+        self._max_body = gate.max_body
         refusal = gate.refusal(host, self.requestHeaders)
         self.requestHeaders.removeHeader(CREDENTIAL_HEADER)  # never passed on
         if refusal is None and gate.max_body is not None and (length or 0) > gate.max_body:
@@ -74,8 +76,7 @@ class ProxyRequest(Request):
         if self.refused:
             return
         self._body_size += len(data)
-        proxy = getattr(getattr(self.channel, "site", None), "proxy", None)
-        limit = proxy.gate.max_body if proxy is not None else None
+        limit = self._max_body
         if limit is not None and self._body_size > limit and not self.startedWriting:
             self.refuse(413, f"ollana: request bodies are limited to {limit} bytes")
             return
