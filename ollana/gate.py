@@ -43,6 +43,7 @@ def local_network_address(host: str) -> bool:
     return address.is_loopback or address.is_private or address.is_link_local
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every request: sources repeat
 def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(host.partition("%")[0])

@@ -18,7 +18,10 @@ from twisted.logger import ILogObserver, formatEvent
 from zope.interface import implementer
 
 # Keys of Twisted's own bookkeeping (new and legacy events), left out of the fields.
-_INTERNAL = frozenset({"message", "isError", "system", "time", "format", "why", "failure"})
+# "summary" is an access line's text, which is already the message.
+_INTERNAL = frozenset(
+    {"message", "isError", "system", "time", "format", "why", "failure", "summary"}
+)
 
 
 @implementer(ILogObserver)

@@ -290,7 +290,7 @@ def proxy_services(
     tls_for: TLSPolicy | None = None,
 ) -> tuple[ProxySite, ConnectionPoolService]:
     """The proxying site for the HTTP listener, and the service that owns its connections."""
-    agent, pool = make_agent(reactor, settings.connect_timeout, tls_for)
+    agent = make_agent(reactor, settings.connect_timeout, tls_for)
     proxy = ProxySettings(
         agent=agent,
         router=router,
@@ -301,7 +301,7 @@ def proxy_services(
         gate=gate,
         upstream_headers=upstream_headers,
     )
-    connections = ConnectionPoolService(pool)
+    connections = ConnectionPoolService(agent)
     connections.setName("upstream-connections")
     return ProxySite(proxy, observed.pages), connections
 

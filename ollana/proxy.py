@@ -90,13 +90,19 @@ access_log = Logger(namespace="ollana.access")
 
 
 def access(request: Any, peer: str | None, status: int, duration: float, bytes_in: int) -> None:
-    """Log one request: who asked what, the answer and where it came from; never content."""
+    """Log one request: who asked what, the answer and where it came from; never content.
+
+    The line is formatted here, once, and the event carries it whole (``{summary}``) with
+    the fields: formatting eight fields through the logger cost a tenth of a request."""
     client = getattr(request.getClientAddress(), "host", "-")
+    method, path = log_text(request.method or b"-"), log_text(request.uri or b"-")
+    peer = peer or "local"
+    summary = (
+        f"{client} {method} {path} {status} {peer} {duration * 1000:.0f} ms {request.sentLength} B"
+    )
     access_log.info(
-        "{client} {method} {path} {status} {peer} {duration_ms:.0f} ms {bytes_out} B",
-        client=client, method=log_text(request.method or b"-"), path=log_text(request.uri or b"-"),
-        status=status, peer=peer or "local", duration_ms=duration * 1000,
-        bytes_in=bytes_in, bytes_out=request.sentLength,
+        "{summary}", summary=summary, client=client, method=method, path=path, status=status,
+        peer=peer, duration_ms=duration * 1000, bytes_in=bytes_in, bytes_out=request.sentLength,
     )  # fmt: skip
 
 
@@ -642,11 +648,16 @@ class Exchange:
 
     def upstream_owes(self, owes: bool) -> None:
         """Start the idle timeout afresh (the upstream is to move next) or stop it."""
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
+        idle = self._idle
         if owes and not self.client_gone:
-            self._idle = self.proxy.clock.callLater(self.proxy.idle_timeout, self._went_idle)
+            if idle is not None and idle.active():
+                idle.reset(self.proxy.idle_timeout)  # cheaper than a new call, per chunk
+            else:
+                self._idle = self.proxy.clock.callLater(self.proxy.idle_timeout, self._went_idle)
+        elif idle is not None:
+            self._idle = None
+            if idle.active():
+                idle.cancel()
 
     def _went_idle(self) -> None:
         self._idle = None
@@ -678,13 +689,8 @@ def origin_form(target: bytes) -> bytes:
 
 
 def _connection_of(consumer: Any) -> Any:
-    """The TCP transport under twisted.web.client's body consumer (private to Twisted: its
-    length-checking consumer keeps it as _consumer, its chunked encoder as transport)."""
-    for name in ("_consumer", "transport"):
-        connection = getattr(consumer, name, None)
-        if hasattr(connection, "abortConnection"):
-            return connection
-    return None
+    """The upstream connection under a body's consumer (ollana.httpclient.BodyWriter)."""
+    return getattr(consumer, "transport", None)
 
 
 class _Drop(Protocol):

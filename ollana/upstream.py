@@ -18,7 +18,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.web import client
-from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 IDLE_CONNECTION_TIMEOUT = 50  # seconds a kept-alive upstream connection may stay unused
@@ -155,13 +155,11 @@ def quiet_pool(reactor: Any) -> client.HTTPConnectionPool:
 TLSPolicy = Callable[[str, int], Any]  # (host, port) -> how to check that server's TLS
 
 
-def make_agent(
-    reactor: Any, connect_timeout: float, tls_for: TLSPolicy | None = None
-) -> tuple[IAgent, client.HTTPConnectionPool]:
-    """An HTTP/1.1 agent with kept-alive connections, enough for many streams per peer."""
-    pool = quiet_pool(reactor)
-    pool.maxPersistentPerHost = 64
-    # Closed before an Ollana server's channel (60 s) would close it under a new request.
-    pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
+def make_agent(reactor: Any, connect_timeout: float, tls_for: TLSPolicy | None = None) -> Any:
+    """The relaying agent (ollana.httpclient): kept-alive connections, enough for many
+    streams per peer, closed before an Ollana server's channel (60 s) would close them
+    under a new request. Its closeCachedConnections closes them when Ollana stops."""
+    from ollana.httpclient import UpstreamAgent
+
     endpoints = UpstreamEndpoints(reactor, connect_timeout, tls_for)
-    return client.Agent.usingEndpointFactory(reactor, endpoints, pool=pool), pool
+    return UpstreamAgent(reactor, endpoints, max_idle=64, idle_timeout=IDLE_CONNECTION_TIMEOUT)

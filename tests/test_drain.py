@@ -72,7 +72,7 @@ class ClosedPoolTests(SynchronousTestCase):
         proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
         upstream = proxy.connect_upstream()
         proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
-        proxy.pool.closeCachedConnections()  # Ollana stops while the response is under way
+        proxy.agent.closeCachedConnections()  # Ollana stops while the response is under way
         proxy.answer(b"cd")
         self.assertTrue(proxy.response().endswith(b"abcd"))
         self.assertTrue(upstream.disconnecting, "not kept for requests that will not come")
