@@ -111,12 +111,16 @@ class UpstreamAgent:
 
 
 def split_origin(uri: bytes) -> tuple[bytes, bytes]:
-    """``http://host:port/path?q`` -> (``http://host:port``, ``/path?q``)."""
+    """``http://host:port/path?q`` -> (``http://host:port``, ``/path?q``); ``http://h?q``
+    -> (``http://h``, ``/?q``)."""
     start = uri.find(b"://")
-    slash = uri.find(b"/", start + 3 if start >= 0 else 0)
-    if slash < 0:
+    start = start + 3 if start >= 0 else 0
+    ends = [i for i in (uri.find(b"/", start), uri.find(b"?", start)) if i >= 0]
+    if not ends:
         return uri, b"/"
-    return uri[:slash], uri[slash:]
+    end = min(ends)
+    path = uri[end:]
+    return uri[:end], path if path.startswith(b"/") else b"/" + path
 
 
 class Call:
@@ -182,12 +186,12 @@ class Connection(Protocol):
         self._parser: Any = None
         self._idle_timer: IDelayedCall | None = None
         self._lost: list[defer.Deferred[None]] = []
-        self._connected = False
+        self.open = False
         self._complete = False
         self.reused = False
 
     def connectionMade(self) -> None:
-        self._connected = True
+        self.open = True
         no_delay = getattr(self.transport, "setTcpNoDelay", None)  # absent under TLS
         if no_delay is not None:
             no_delay(True)  # token streams are many small writes: send each at once
@@ -281,6 +285,9 @@ class Connection(Protocol):
     def on_headers_complete(self) -> None:
         call = self.call
         assert call is not None
+        if self.response is not None:  # a second answer, never asked for: not ours
+            self._unusable = True
+            return
         code = self._parser.get_status_code()
         if 100 <= code < 200:  # an interim answer (100 Continue): the real one follows
             self._informational = True
@@ -302,7 +309,7 @@ class Connection(Protocol):
             length = 0
             if call.method == b"HEAD":  # llhttp does not know: it would wait for a body
                 self._complete = True
-                self._keep_alive = self._parser.should_keep_alive()
+                self._keep_alive = _keeps_alive(self._parser.get_http_version(), headers)
         self._until_close = length is UNKNOWN_LENGTH and not chunked
         self.response = UpstreamResponse(code, self._phrase.strip(), headers, length, self)
         call.answered(self.response)
@@ -347,7 +354,7 @@ class Connection(Protocol):
         if response is not None:
             if self._complete:  # whole, but the body was still being sent
                 response.end(Failure(ResponseDone()))
-            elif self._until_close and reason.check(*CLOSED):
+            elif self._until_close and reason.check(*CLOSED) and not response.stopped:
                 response.end(Failure(PotentialDataLoss()))  # such a body ends with the connection
             else:
                 response.end(Failure(ResponseFailed([reason])))
@@ -359,7 +366,7 @@ class Connection(Protocol):
         self.abort()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._connected = False
+        self.open = False
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
         self.agent._forget(self)
@@ -386,7 +393,7 @@ class Connection(Protocol):
     def close(self) -> defer.Deferred[None]:
         """Close the connection; the Deferred fires once it is closed."""
         self.agent._forget(self)
-        if not self._connected:
+        if not self.open:
             return defer.succeed(None)
         closed: defer.Deferred[None] = defer.Deferred()
         self._lost.append(closed)
@@ -394,8 +401,21 @@ class Connection(Protocol):
         return closed
 
     def abort(self) -> None:
-        if self._connected:
+        self.agent._forget(self)  # at once: the transport says it is lost a turn later
+        if self.open:
             self.transport.abortConnection()  # type: ignore[union-attr]
+
+
+def _keeps_alive(version: str, headers: Headers) -> bool:
+    """Whether a response leaves its connection open, by its version and Connection."""
+    tokens = {
+        token.strip().lower()
+        for value in headers.getRawHeaders(b"connection", [])
+        for token in value.split(b",")
+    }
+    if version == "1.1":
+        return b"close" not in tokens
+    return b"keep-alive" in tokens
 
 
 class BodyWriter:
@@ -471,6 +491,7 @@ class UpstreamResponse:
         self._protocol: Any = None
         self._early: list[bytes] = []  # body that came before deliverBody
         self._ended: Failure | None = None
+        self._unread = False  # paused until a protocol takes the body
         self.paused = False
         self.stopped = False
 
@@ -479,6 +500,9 @@ class UpstreamResponse:
 
     def deliverBody(self, protocol: Any) -> None:
         self._protocol = protocol
+        unread, self._unread = self._unread, False
+        if unread:
+            self.paused = False  # the connection stays paused unless the protocol wants more
         protocol.makeConnection(_ResponseTransport(self))
         early, self._early = self._early, []
         for data in early:
@@ -487,8 +511,9 @@ class UpstreamResponse:
             protocol.dataReceived(data)
         if self._ended is not None:
             protocol.connectionLost(self._ended)
-        elif self.paused and not self.stopped and self._protocol is protocol:
-            self.resume()  # it was paused for want of a protocol
+        elif unread and not self.paused:
+            self.paused = True
+            self.resume()
 
     # From the connection.
 
@@ -497,7 +522,9 @@ class UpstreamResponse:
             return
         if self._protocol is None:
             self._early.append(data)
-            self.pause()  # nobody reads yet: read no more
+            if not self.paused:
+                self.pause()  # nobody reads yet: read no more
+                self._unread = self.paused
         else:
             self._protocol.dataReceived(data)
 
@@ -516,9 +543,12 @@ class UpstreamResponse:
             self._connection.transport.pauseProducing()  # type: ignore[union-attr]
 
     def resume(self) -> None:
-        if self._connection is not None and self.paused:
+        connection = self._connection
+        if connection is not None and self.paused:
             self.paused = False
-            self._connection.transport.resumeProducing()  # type: ignore[union-attr]
+            transport: Any = connection.transport
+            if connection.open and not transport.disconnecting:
+                transport.resumeProducing()
 
     def stop(self) -> None:
         if self._connection is not None and not self.stopped:
