@@ -3,6 +3,12 @@
 ``python -m bench.servers backend``
     The simulated Ollama (ollana.simulator.FakeOllama) without access log and without
     pacing: the fast backend every measurement ends at.
+``python -m bench.servers streamer INTERVAL TOKENS``
+    A backend for the streaming figures: every ``POST /api/generate`` is answered with
+    TOKENS NDJSON lines, one every INTERVAL seconds, each carrying the time it was sent
+    (``time.monotonic()``, one clock for all processes of the machine) so that the load
+    generator can tell how long each line took to arrive; every other request body
+    (``POST /api/blobs/...``) is read and dropped, and answered 201.
 ``python -m bench.servers stock BACKEND_PORT LOGFILE``
     Twisted's stock ``twisted.web.proxy.ReverseProxyResource`` in front of the backend,
     writing its access log (Twisted's combined log format) to LOGFILE, as Ollana writes
@@ -18,6 +24,70 @@ import sys
 from typing import Any
 
 
+def streamer(reactor: Any, interval: float, tokens: int) -> Any:
+    """The streaming backend's site (see the module docstring)."""
+    import io
+    import json
+    import random
+    import time
+
+    from twisted.web.resource import Resource
+    from twisted.web.server import NOT_DONE_YET, Request, Site
+
+    class Sink(Request):
+        """Counts a request body instead of keeping it (a 1 GiB blob stays off disk)."""
+
+        def gotLength(self, length: int | None) -> None:
+            self.content = io.BytesIO()
+
+        def handleContentChunk(self, data: bytes) -> None:
+            pass
+
+    class Generate(Resource):
+        isLeaf = True
+
+        def render_POST(self, request: Any) -> Any:
+            if not request.path.startswith(b"/api/generate"):
+                request.setResponseCode(201)
+                return b""
+            request.setHeader(b"content-type", b"application/x-ndjson")
+            slow = b"slow" in request.uri  # streams held open: a line a second, for 30 s
+            pace, count = (1.0, 30) if slow else (interval, tokens)
+            state: dict[str, Any] = {"left": count, "call": None}
+
+            def send() -> None:
+                state["left"] -= 1
+                done = state["left"] <= 0
+                line = {
+                    "model": "bench",
+                    "response": "token ",
+                    "done": done,
+                    "sent": time.monotonic(),
+                }
+                request.write(json.dumps(line).encode() + b"\n")
+                if done:
+                    request.finish()
+                else:
+                    state["call"] = reactor.callLater(pace, send)
+
+            def gone(_: object) -> None:
+                if state["call"] is not None and state["call"].active():
+                    state["call"].cancel()
+
+            request.notifyFinish().addErrback(gone)
+            # A random first delay spreads the streams' lines over the interval.
+            state["call"] = reactor.callLater(random.uniform(0, pace), send)
+            return NOT_DONE_YET
+
+    class Quiet(Site):
+        def log(self, request: Any) -> None:
+            pass  # no access log: the backend is not what is measured
+
+    site = Quiet(Generate())
+    site.requestFactory = Sink
+    return site
+
+
 def main(argv: list[str]) -> None:
     from twisted.internet import reactor as _reactor
 
@@ -26,9 +96,10 @@ def main(argv: list[str]) -> None:
     if role == "backend":
         from ollana.simulator import FakeOllama
 
-        fake = FakeOllama("0.12.0", ["llama3.2:latest", "echo:latest"], clock=reactor,
-                          record=False)  # fmt: skip
+        fake = FakeOllama("0.12.0", ["llama3.2:latest", "echo:latest"], clock=reactor, record=False)
         site = fake.site(access_log=False)
+    elif role == "streamer":
+        site = streamer(reactor, float(argv[1]), int(argv[2]))
     elif role == "stock":
         from twisted.web.proxy import ReverseProxyResource
         from twisted.web.server import Site
@@ -36,7 +107,7 @@ def main(argv: list[str]) -> None:
         backend_port, logfile = int(argv[1]), argv[2]
         site = Site(ReverseProxyResource("127.0.0.1", backend_port, b""), logPath=logfile)
     else:
-        raise SystemExit(f"unknown role {role!r}: backend or stock")
+        raise SystemExit(f"unknown role {role!r}: backend, streamer or stock")
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     print(f"port {port.getHost().port}", flush=True)
     reactor.run()

@@ -201,6 +201,40 @@ def check_endpoint(text: str, option: str = "--listen") -> str:
     return text
 
 
+def split_description(text: str) -> list[str]:
+    """An endpoint description's colon-separated parts, backslash escapes kept as written."""
+    parts = [""]
+    escaped = False
+    for char in text:
+        if escaped or char != ":":
+            parts[-1] += char
+            escaped = not escaped and char == "\\"
+        else:
+            parts.append("")
+    return parts
+
+
+# Connections the kernel may hold for us before we accept them. Twisted's default (50)
+# drops the SYNs of a burst, such as many apps starting streams at once; they come back
+# seconds later (SYN retries). The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(text: str) -> str:
+    """A TCP or TLS listening description with our backlog, unless it names one (or has
+    more than its port positionally, where a backlog might hide)."""
+    if endpoint_type(text) not in ("tcp", "tcp6", "ssl"):
+        return text
+    if text.split(":", 1)[0].isdigit():  # "11435": the port alone, tcp implied
+        text = "tcp:" + text
+    options = split_description(text)[1:]
+    if len([part for part in options if "=" not in part]) > 1:
+        return text
+    if any(part.split("=", 1)[0] == "backlog" for part in options):
+        return text
+    return f"{text}:backlog={LISTEN_BACKLOG}"
+
+
 def endpoint_type(text: str) -> str:
     """The kind of a server endpoint description: tcp, ssl, unix, ..."""
     kind = text.split(":", 1)[0].lower()

@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 
 from ollana import __version__
 from ollana.auth import CREDENTIAL_HEADER, PacketAuth, request_credential
-from ollana.config import Settings, endpoint_scheme
+from ollana.config import Settings, endpoint_scheme, with_backlog
 from ollana.discovery import AnnouncementListener, ProbeResponder, Seeker, Targets
 from ollana.gate import Gate
 from ollana.health import (
@@ -93,7 +93,7 @@ class HTTPListener(Service):
 
     def startService(self) -> None:
         super().startService()
-        d = serverFromString(self._reactor, self.description).listen(self._factory)
+        d = serverFromString(self._reactor, with_backlog(self.description)).listen(self._factory)
         d.addCallbacks(self._listening, self._failed)
 
     def _listening(self, port: IListeningPort) -> None:

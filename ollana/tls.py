@@ -48,6 +48,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ollana.config import split_description
+
 log = Logger()
 
 KEY_FILE = "tls.key"
@@ -134,7 +136,7 @@ class ServerCertificate:
 
         Raises ValueError (a one-line reason) for any other kind of description.
         """
-        parts = _split_description(listen)
+        parts = split_description(listen)
         kind = parts[0].lower()
         if kind not in ("tcp", "tcp6"):
             raise ValueError(f"TLS needs a tcp: endpoint to listen on, not {listen!r}")
@@ -170,19 +172,6 @@ class ServerCertificate:
             certificate=crypto.X509.from_cryptography(self.certificate),
             extraCertChain=[crypto.X509.from_cryptography(c) for c in self.chain],
         )
-
-
-def _split_description(text: str) -> list[str]:
-    """An endpoint description's colon-separated parts, backslash escapes kept as written."""
-    parts = [""]
-    escaped = False
-    for char in text:
-        if escaped or char != ":":
-            parts[-1] += char
-            escaped = not escaped and char == "\\"
-        else:
-            parts.append("")
-    return parts
 
 
 def ensure_self_signed(data_dir: str) -> ServerCertificate:

@@ -9,6 +9,9 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet import defer, error
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactor
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -96,6 +99,25 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(config.endpoint_scheme("tcp:11435"), "http")
         self.assertEqual(config.endpoint_scheme("11435"), "http")
         self.assertEqual(config.endpoint_scheme("ssl:443:privateKey=k.pem"), "https")
+
+    def test_listen_backlog(self) -> None:
+        """Bursts of connections are queued (Twisted's own default is 50), unless the
+        description says otherwise or is not TCP."""
+        cases = {
+            "tcp:11435:interface=127.0.0.1": 1024,
+            "11435": 1024,
+            "tcp6:0:interface=\\:\\:1": 1024,
+            "tcp:11435:backlog=7": 7,
+            "tcp:11435:127.0.0.1:9": 9,  # positional: port, interface, backlog
+        }
+        for description, backlog in cases.items():
+            reactor = MemoryReactor()
+            serverFromString(reactor, config.with_backlog(description)).listen(Factory())
+            listened = (reactor.tcpServers or reactor.sslServers)[0]
+            self.assertEqual(listened[2], backlog, description)
+        self.assertEqual(config.with_backlog("unix:/run/o.sock"), "unix:/run/o.sock")
+        ssl = "ssl:443:privateKey=k.pem:certKey=c.pem"
+        self.assertEqual(config.with_backlog(ssl), ssl + ":backlog=1024")
 
     def test_no_discovery_needs_no_broadcast_addresses(self) -> None:
         s = parse("--no-discovery").settings()
