@@ -291,6 +291,8 @@ class Exchange:
         self.responding = False
         self.relay: ResponseRelay | None = None
         self._idle: IDelayedCall | None = None
+        self._owed_since: float | None = None
+        self._ended = False
         self.upstream: Upstream | None = None
         self.body: RequestBody | None = None
         self.scanner: ModelScanner | None = None
@@ -610,7 +612,7 @@ class Exchange:
 
     def _request_done(self, ignored: None) -> None:
         self._count()
-        self.upstream_owes(False)
+        self._stop_idle()
         self._end_active()
         if not self.responding:  # answered without us (OPTIONS *, say): drop the upstream
             self.response.addErrback(lambda _: None)
@@ -619,7 +621,7 @@ class Exchange:
     def _client_left(self, failure: Failure) -> None:
         self._count()
         self.client_gone = True
-        self.upstream_owes(False)
+        self._stop_idle()
         self.scanner = None
         if self.body is not None:
             self.body.discard()
@@ -644,23 +646,37 @@ class Exchange:
     def _url(self) -> str:
         return self.upstream.url if self.upstream is not None else "(no upstream)"
 
-    # The idle timeout counts only while the upstream is the one to move next.
+    # The idle timeout counts only while the upstream is the one to move next. There is one
+    # timer per exchange: a chunk only notes the time, and the timer, when it fires, looks
+    # at how long the upstream has really owed us (a timer per chunk cost too much).
 
     def upstream_owes(self, owes: bool) -> None:
         """Start the idle timeout afresh (the upstream is to move next) or stop it."""
-        idle = self._idle
-        if owes and not self.client_gone:
-            if idle is not None and idle.active():
-                idle.reset(self.proxy.idle_timeout)  # cheaper than a new call, per chunk
-            else:
-                self._idle = self.proxy.clock.callLater(self.proxy.idle_timeout, self._went_idle)
-        elif idle is not None:
-            self._idle = None
-            if idle.active():
-                idle.cancel()
+        if owes and not self.client_gone and not self._ended:
+            self._owed_since = self.proxy.clock.seconds()
+            if self._idle is None:
+                self._idle = self.proxy.clock.callLater(self.proxy.idle_timeout, self._check_idle)
+        else:
+            self._owed_since = None
+
+    def _stop_idle(self) -> None:
+        self._ended = True
+        self._owed_since = None
+        idle, self._idle = self._idle, None
+        if idle is not None and idle.active():
+            idle.cancel()
+
+    def _check_idle(self) -> None:
+        self._idle = None
+        if self._owed_since is None:  # owed nothing now: counted afresh when it is
+            return
+        left = self._owed_since + self.proxy.idle_timeout - self.proxy.clock.seconds()
+        if left > 0:
+            self._idle = self.proxy.clock.callLater(left, self._check_idle)
+        else:
+            self._went_idle()
 
     def _went_idle(self) -> None:
-        self._idle = None
         if self.relay is not None:
             log.warn("Upstream {url} went idle mid-response", url=self._url())
             self.relay.stopProducing()

@@ -136,6 +136,12 @@ class ProxyChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        # Streams are many small writes (a token each): Nagle's algorithm would hold each
+        # one back until the previous was acknowledged, which a client's delayed ACK makes
+        # up to 40 ms.
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
         self.site.opened(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:

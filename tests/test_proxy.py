@@ -233,6 +233,24 @@ class ResponseRelayTests(SynchronousTestCase):
         producer(self.proxy.client).resumeProducing()
         self.assertEqual(self.upstream.producerState, "producing")
 
+    def test_idle_timeout_after_pauses_and_many_chunks(self) -> None:
+        """The timeout counts from the upstream's last chunk, not from each pause, and a
+        long stream does not pile up timers."""
+        self.proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        timers = len(self.proxy.reactor.getDelayedCalls())
+        for _ in range(100):
+            self.proxy.answer(b"1\r\nx\r\n")
+            self.proxy.reactor.advance(5)
+        self.assertEqual(len(self.proxy.reactor.getDelayedCalls()), timers)
+        producer(self.proxy.client).pauseProducing()  # the client's wait, not the upstream's
+        self.proxy.reactor.advance(1000)
+        self.assertFalse(self.proxy.client.disconnecting)
+        producer(self.proxy.client).resumeProducing()  # the upstream owes from now on
+        self.proxy.reactor.advance(599)
+        self.assertFalse(self.proxy.client.disconnecting)
+        self.proxy.reactor.advance(1)
+        self.assertTrue(self.proxy.client.disconnecting)
+
     def test_upstream_dying_mid_stream_aborts_the_client(self) -> None:
         self.proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
         self.proxy.lose_upstream()
