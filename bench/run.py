@@ -87,6 +87,7 @@ class Processes:
     """The servers started, to be stopped (SIGTERM, then SIGKILL) at the end."""
 
     def __init__(self, workdir: str) -> None:
+        os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
         self.started: list[subprocess.Popen[bytes]] = []
         self.named: dict[str, subprocess.Popen[bytes]] = {}
@@ -514,26 +515,29 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Machine: {figures['machine']}")
     try:
         if "get" in parts:
-            processes = Processes(workdir)
+            processes = Processes(os.path.join(workdir, "get"))
             try:
                 figures["get"] = small_get(processes, args, concurrencies, load, nginx_binary)
             finally:
                 processes.stop_all()
+            print(errors_logged(processes.workdir))
         if parts & {"streams", "memory", "blob"}:
-            processes = Processes(workdir)
+            processes = Processes(os.path.join(workdir, "streaming"))
             try:
                 figures.update(streaming(processes, args, parts, nginx_binary))
             finally:
                 processes.stop_all()
+            print(errors_logged(processes.workdir))
         if "timings" in parts:
-            processes = Processes(workdir)
+            processes = Processes(os.path.join(workdir, "timings"))
             try:
                 backend = processes.helper("backend")
-                found = timings.discovery_time(processes, backend)
+                startup: list[float] = []
+                found = timings.discovery_time(processes, backend, startup=startup)
                 failover = timings.failover_time(processes, backend)
-                figures["timings"] = {"discovery": found, "failover": failover}
+                figures["timings"] = {"discovery": found, "startup": startup, "failover": failover}
                 print()
-                print(timings.report(found, failover))
+                print(timings.report(found, failover, startup))
             finally:
                 processes.stop_all()
         if args.json:
@@ -548,6 +552,29 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"Logs: {workdir}", file=sys.stderr)
+
+
+def errors_logged(workdir: str) -> str:
+    """What the proxies logged as errors under all that load: Python tracebacks (stock,
+    Ollana) and nginx's error-level lines."""
+    counts = []
+    for target, name in (
+        ("stock", "stock.out"),
+        ("nginx", "nginx-proxy-error.log"),
+        ("ollana 1 hop", "one-hop.log"),
+        ("ollana 2 hops", "two-hops.log"),
+    ):
+        path = os.path.join(workdir, name)
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8", errors="replace") as log:
+            text = log.read()
+        if name.startswith("nginx"):
+            found = len(re.findall(r"\[(?:error|crit|alert|emerg)\]", text))
+        else:
+            found = text.count("Traceback")
+        counts.append(f"{target} {found}")
+    return "\nErrors logged (tracebacks; for nginx, error lines): " + ", ".join(counts)
 
 
 def machine() -> str:

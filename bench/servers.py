@@ -5,10 +5,11 @@
     pacing: the fast backend every measurement ends at.
 ``python -m bench.servers streamer INTERVAL TOKENS``
     A backend for the streaming figures: every ``POST /api/generate`` is answered with
-    TOKENS NDJSON lines, one every INTERVAL seconds, each carrying the time it was sent
-    (``time.monotonic()``, one clock for all processes of the machine) so that the load
-    generator can tell how long each line took to arrive; every other request body
-    (``POST /api/blobs/...``) is read and dropped, and answered 201.
+    TOKENS/2 to 3*TOKENS/2 NDJSON lines (at random), one every INTERVAL seconds, each
+    carrying the time it was sent (``time.monotonic()``, one clock for all processes of
+    the machine) so that the load generator can tell how long each line took to arrive.
+    With ``slow`` in the query, 30 lines a second apart (streams held open). Every other
+    request body (``POST /api/blobs/...``) is read and dropped, and answered 201.
 ``python -m bench.servers stock BACKEND_PORT LOGFILE``
     Twisted's stock ``twisted.web.proxy.ReverseProxyResource`` in front of the backend,
     writing its access log (Twisted's combined log format) to LOGFILE, as Ollana writes
@@ -46,13 +47,25 @@ def streamer(reactor: Any, interval: float, tokens: int) -> Any:
     class Generate(Resource):
         isLeaf = True
 
+        def render_GET(self, request: Any) -> bytes:
+            """What Ollana's health checks ask: the version and the models."""
+            request.setHeader(b"content-type", b"application/json")
+            if request.path == b"/api/tags":
+                return b'{"models": [{"name": "bench:latest", "model": "bench:latest"}]}'
+            return b'{"version": "0.12.0"}'
+
         def render_POST(self, request: Any) -> Any:
+            # As Ollama's own server (Go sets TCP_NODELAY on every connection).
+            request.transport.setTcpNoDelay(True)
             if not request.path.startswith(b"/api/generate"):
                 request.setResponseCode(201)
                 return b""
             request.setHeader(b"content-type", b"application/x-ndjson")
             slow = b"slow" in request.uri  # streams held open: a line a second, for 30 s
-            pace, count = (1.0, 30) if slow else (interval, tokens)
+            # Streams of different lengths, as answers are: they do not all end at once.
+            pace, count = (
+                (1.0, 30) if slow else (interval, random.randint(tokens // 2, tokens * 3 // 2))
+            )
             state: dict[str, Any] = {"left": count, "call": None}
 
             def send() -> None:
@@ -101,14 +114,19 @@ def main(argv: list[str]) -> None:
     elif role == "streamer":
         site = streamer(reactor, float(argv[1]), int(argv[2]))
     elif role == "stock":
+        from twisted.logger import globalLogBeginner, textFileLogObserver
         from twisted.web.proxy import ReverseProxyResource
         from twisted.web.server import Site
 
+        # Its errors on standard output (the run's stock.out), as twistd would log them.
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
         backend_port, logfile = int(argv[1]), argv[2]
         site = Site(ReverseProxyResource("127.0.0.1", backend_port, b""), logPath=logfile)
     else:
         raise SystemExit(f"unknown role {role!r}: backend, streamer or stock")
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    # The backends queue bursts (1,000 streams at once); the stock proxy keeps Twisted's 50.
+    backlog = 50 if role == "stock" else 1024
+    port = reactor.listenTCP(0, site, backlog=backlog, interface="127.0.0.1")
     print(f"port {port.getHost().port}", flush=True)
     reactor.run()
 

@@ -1,7 +1,8 @@
 """Load for the streaming figures, in its own process (asyncio, raw HTTP/1.1 on sockets).
 
 ``python -m bench.streams delay URL STREAMS SECONDS``
-    STREAMS connections each POST /api/generate back to back for SECONDS and time every
+    STREAMS connections (opened over the first second) each POST /api/generate back to
+    back for SECONDS and time every
     NDJSON line: the delay of a line is when it arrived minus the ``sent`` time the
     streaming backend (bench.servers streamer) wrote into it. Prints one JSON line: lines,
     streams, errors, and the delay's p50, p99 and max in seconds.
@@ -100,7 +101,8 @@ async def delay(url: str, streams: int, seconds: float) -> Stats:
     stats = Stats()
     deadline = time.monotonic() + seconds
 
-    async def worker() -> None:
+    async def worker(n: int) -> None:
+        await asyncio.sleep(n / streams)  # clients arrive over a second, not all at once
         reader, writer = await asyncio.open_connection(host, port)
         try:
             while time.monotonic() < deadline:
@@ -112,7 +114,7 @@ async def delay(url: str, streams: int, seconds: float) -> Stats:
         finally:
             writer.close()
 
-    await asyncio.gather(*(worker() for _ in range(streams)))
+    await asyncio.gather(*(worker(n) for n in range(streams)))
     return stats
 
 

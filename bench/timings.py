@@ -94,7 +94,10 @@ def discovery_time(processes: bench_run.Processes, backend_port: int, runs: int 
                    startup: list[float] | None = None) -> list[float]:  # fmt: skip
     """Seconds from starting a server-mode process to the first 200 to GET /api/version
     through a client-mode node that was already running, one per run. When given,
-    startup receives each run's seconds until the server's HTTP listener was up."""
+    startup receives each run's seconds until the server's HTTP listener was up.
+
+    The server announces itself by broadcast as soon as its Ollama answers, so the
+    client's probe interval plays no part: nearly all of it is the process's start-up."""
     ollama = f"http://127.0.0.1:{backend_port}"
     pattern = re.compile(bench_run.LISTENING.pattern.encode())
     times = []
