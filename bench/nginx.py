@@ -68,8 +68,6 @@ def installed() -> str | None:
 
 
 def static_config(workdir: str, name: str, port: int) -> str:
-    # Started as root, nginx serves as an unprivileged user: it must be able to read these.
-    os.chmod(workdir, 0o755)
     for relative, content in FILES.items():
         path = os.path.join(workdir, "www", relative)
         os.makedirs(os.path.dirname(path), exist_ok=True)

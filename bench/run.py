@@ -1,48 +1,47 @@
-"""How fast is Ollana's proxy? One run on loopback, every server in its own process.
+"""How fast is Ollana's proxy, next to nginx and Twisted's stock proxy? One run, on
+loopback, every server in its own process. From the repository's root::
 
-Run from the repository's root, with the development virtualenv::
+    python -m bench.run                          # all of it, about 8 minutes
+    python -m bench.run --seconds 3              # shorter rows
+    python -m bench.run --parts get,streams      # some of it
+    python -m bench.run --profile --parts get    # and where the one-hop node's time goes
+    python -m bench.run --chart docs/benchmarks.svg --json results.json
 
-    python -m bench.run                     # 10 s per measurement, concurrency 1 and 32
-    python -m bench.run --seconds 3         # quicker
-    python -m bench.run --path /api/tags    # another small GET (merged by a client)
-    python -m bench.run --profile           # then profile the one-hop node under load
+Targets, all on 127.0.0.1 with ports picked at start (nothing on the LAN): **direct** (the
+backend itself), **stock** (``twisted.web.proxy.ReverseProxyResource``, with Twisted's
+access log), **nginx** (a streaming reverse proxy: ``proxy_buffering off``, HTTP/1.1
+kept-alive upstream connections, access log; one worker process, as Ollana is one
+process), **ollana 1 hop** (server mode in front of the backend) and **ollana 2 hops**
+(client mode in front of that, so: client -> server -> backend). Ollana runs under
+``twistd -n`` with its access log in a file, as in production.
 
-What it starts (all on 127.0.0.1, ports picked by the system, nothing on the LAN):
+Parts (``--parts``):
 
-- **direct**: the simulated Ollama (``ollana.simulator.FakeOllama``, no pacing, no
-  access log), in its own process (``python -m bench.servers backend``);
-- **stock**: Twisted's ``twisted.web.proxy.ReverseProxyResource`` in front of it, in its
-  own process (``python -m bench.servers stock``);
-- **ollana 1 hop**: Ollana in server mode in front of it (``twistd -n --pidfile= ollana
-  --mode server --no-discovery --listen tcp:0:interface=127.0.0.1``);
-- **ollana 2 hops**: Ollana in client mode (``--mode client --no-discovery --peer`` the
-  one-hop node), so a request goes client -> server -> backend.
+- **get**: a small GET (``--path``, default ``/api/version``) with wrk (one thread,
+  keep-alive) for ``--seconds`` at each ``--concurrency`` (default 1 and 32), after a
+  one-second warm-up. The backend is nginx serving static files when nginx is installed
+  (else Ollana's simulated Ollama). Prints req/s, p50, p99, ratios against stock, nginx
+  and direct, and the p50 latency each hop adds at concurrency 1.
+- **streams**: ``--streams`` (200) clients POST /api/generate back to back to a
+  streaming backend (``bench.servers streamer``: 20 to 60 NDJSON lines, 20 a second,
+  each stamped with the time it was written) and every line's delay is measured at the
+  client (``bench.streams``); p50/p99/max, and what each proxy adds to direct's.
+- **memory**: ``--hold`` (1,000) slow streams opened at once and held; the proxy's RSS
+  (nginx: master and worker) before, while held, and at its peak (sampled every 20 ms).
+- **blob**: one POST of ``--blob`` bytes (1 GiB) to a backend that drops it: time,
+  throughput and the proxy's RSS growth.
+- **timings** (``bench.timings``): from starting a server process to the first answer
+  through a client that finds it by loopback broadcast; and a client with two servers
+  under steady load, one SIGKILLed: failed requests, how soon no request went to it.
 
-Then it measures a small GET (``--path``, default ``/api/version``) through each, with wrk
-(``wrk --latency``, one thread, keep-alive) for ``--seconds`` at each concurrency
-(``--concurrency``, default ``1,32``), after a one-second warm-up, and prints requests/s,
-latency p50 and p99, the ratios against the stock proxy and against direct, and at
-concurrency 1 the latency each Ollana hop adds (p50 minus direct's p50, per hop).
+After each part, the errors the proxies logged (Python tracebacks; nginx's error lines).
+The chart (``--chart``, an SVG) shows the small GET, the streams' p99 and the memory.
 
-Mind that in client mode ``GET /api/tags`` (and ``/api/ps``, ``/v1/models``) is not
-relayed but answered by the client itself with the merged listing of its servers (it asks
-each server for its listing and merges them); ``--path /api/version`` measures the plain
-relay through two hops.
-
-wrk is not installed by this script. Without it (``apt-get install wrk`` on Debian and
-Ubuntu), it says so and uses ``bench.loadgen``, a small Twisted load generator, whose
-figures are much lower (it is Python and shares the CPUs): good for comparing the
-targets with each other, not as absolute rates. ``--loadgen builtin`` forces it.
-
-Ollana writes its access lines to a log file in a temporary directory, as it would in
-production; the stock proxy does the same with Twisted's own access log. The machine's
-core count matters: the load generator, the proxy and the backend share the CPUs.
-
-With ``--profile``, it then starts one more server-mode node under twistd's cProfile
-(``twistd --profile FILE --profiler cprofile --savestats``), loads it at the highest
-concurrency for ``--seconds``, stops it and prints the 15 functions with the most
-cumulative time (also without the reactor's plumbing) and the 15 with the most own
-time.
+Nothing is installed by this script. wrk (``apt-get install wrk``) is needed for
+absolute rates; without it ``bench.loadgen`` (Python, much slower) stands in. nginx
+(``apt-get install nginx-light``) is optional: without it its rows are left out.
+``--profile`` needs py-spy (``pip install py-spy``) and the right to trace (root). The
+machine matters: load generator, proxies and backend share its cores.
 """
 
 from __future__ import annotations
@@ -50,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pstats
 import re
 import shutil
 import signal
@@ -127,12 +125,10 @@ class Processes:
         process = self.command(args[0], [sys.executable, "-m", "bench.servers", *args])
         return self._port_from(self.outputs[args[0]], re.compile(rb"port (\d+)"), process, args[0])
 
-    def ollana(self, name: str, *args: str, profile: str | None = None) -> int:
+    def ollana(self, name: str, *args: str) -> int:
         """Start ``twistd -n --pidfile= ollana ARGS`` and return the port it listens on."""
         logfile = os.path.join(self.workdir, f"{name}.log")
         twistd = ["-n", "--pidfile=", f"--logfile={logfile}"]
-        if profile is not None:
-            twistd += [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
         command = [
             sys.executable,
             "-c",
@@ -369,39 +365,74 @@ def blob_table(rows: dict[str, dict[str, float]], size: int) -> str:
     return title + "\n\n" + rst_table(header, out)
 
 
-def profile(
-    processes: Processes, backend: int, path: str, concurrency: int, seconds: float, load: str
-) -> str:
-    """Profile a server-mode node under load; the top functions, as text."""
-    stats_file = os.path.join(processes.workdir, "one-hop.prof")
-    port = processes.ollana(
-        "profiled",
-        "--mode",
-        "server",
-        "--ollama",
-        f"http://127.0.0.1:{backend}",
-        profile=stats_file,
-    )
-    url = f"http://127.0.0.1:{port}{path}"
-    wait_ready(url)
-    rps, p50, p99, errors = (wrk if load == "wrk" else builtin)(url, concurrency, seconds)
-    processes.stop(processes.started[-1])
-    import io
+# Where a sampled stack's time goes: the first frame from the leaf up whose file is named
+# here decides (Deferred and other plumbing frames are passed over).
+COMPONENTS = [
+    ("access log (twisted.logger, twistd's file observer)",
+     ("twisted/logger/", "twisted/python/logfile.py", "twisted/python/log.py")),
+    ("upstream client (ollana.httpclient, httptools)", ("ollana/httpclient.py",)),
+    ("Ollana's exchange (routing, gate, metrics)",
+     ("ollana/", "prometheus_client/")),
+    ("twisted.web server side (request parsing, Request, Headers)",
+     ("twisted/web/", "twisted/protocols/basic.py")),
+    ("reactor and sockets (epoll, reads, sends)", ("twisted/internet/",)),
+]  # fmt: skip
 
-    text = io.StringIO()
-    text.write(
-        f"Profiled one-hop node, c={concurrency}, {seconds:g} s: {rps:.0f} req/s under "
-        f"cProfile (p50 {p50 * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms, errors {errors}); "
-        f"stats in {stats_file}\n"
-    )
-    stats = pstats.Stats(stats_file, stream=text)
-    stats.strip_dirs().sort_stats("cumulative").print_stats(15)
-    # The same without the reactor's own frames (run, doPoll, callWithContext...), which
-    # are at the top of every call and hide what the proxy itself spends.
-    plumbing = r"^(?!(base|epollreactor|log|context|posixbase|tcp|abstract)\.py:)"
-    stats.sort_stats("cumulative").print_stats(plumbing, 15)
-    stats.sort_stats("tottime").print_stats(15)
-    return text.getvalue()
+
+def component(stack: list[str]) -> str:
+    for frame in reversed(stack):
+        if "defer.py" in frame or "twisted/python/" in frame and "logfile" not in frame:
+            continue
+        for name, paths in COMPONENTS:
+            if any(path in frame for path in paths):
+                return name
+    return "other"
+
+
+def profile(url: str, pid: int, concurrency: int, seconds: float, load: str, workdir: str) -> str:
+    """Sample the one-hop node with py-spy under load; its time by component, and the
+    functions with the most time of their own."""
+    beside = os.path.join(os.path.dirname(sys.executable), "py-spy")  # the virtualenv's
+    spy = shutil.which("py-spy") or (beside if os.access(beside, os.X_OK) else None)
+    if spy is None:
+        return "py-spy is not installed (pip install py-spy): no profile."
+    raw = os.path.join(workdir, "one-hop.pyspy")
+    sampler = subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--duration", f"{seconds:g}", "--rate", "500",
+         "--format", "raw", "--full-filenames", "--output", raw],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    rps, _, _, _ = (wrk if load == "wrk" else builtin)(url, concurrency, seconds + 1)
+    sampler.wait()
+    if sampler.returncode != 0 or not os.path.exists(raw):
+        return "py-spy could not sample the node (it needs ptrace: run as root, or see its docs)."
+    by_component: dict[str, int] = {}
+    own: dict[str, int] = {}
+    idle = total = 0
+    with open(raw) as samples:
+        for line in samples:
+            text, _, count = line.rstrip("\n").rpartition(" ")
+            stack, n = text.split(";"), int(count)
+            total += n
+            if "doPoll" in stack[-1] or "epoll" in stack[-1].split(" ")[0]:
+                idle += n  # waiting in epoll_wait
+                continue
+            name = component(stack)
+            by_component[name] = by_component.get(name, 0) + n
+            leaf = re.sub(r" \(.*/(.*?)\)$", r" (\1)", stack[-1])
+            own[leaf] = own.get(leaf, 0) + n
+    busy = total - idle
+    share = 100 * busy / max(total, 1)
+    rows = [[name, f"{100 * n / busy:.0f} %"] for name, n in
+            sorted(by_component.items(), key=lambda item: -item[1])]  # fmt: skip
+    title = (f"Profile of the one-hop node (py-spy, 500 Hz, {seconds:g} s at concurrency "
+             f"{concurrency}, {rps:.0f} req/s while sampled; busy {share:.0f} % "
+             "of the time): where its CPU time goes")  # fmt: skip
+    top = sorted(own.items(), key=lambda item: -item[1])[:12]
+    lines = [title, "", rst_table(["component", "share"], rows), "",
+             "Functions with the most time of their own:", ""]  # fmt: skip
+    lines += [f"- {100 * n / busy:4.1f} % {name}" for name, n in top]
+    return "\n".join(lines)
 
 
 def free_port() -> int:
@@ -477,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", help="also write every figure to this JSON file")
     parser.add_argument(
-        "--profile", action="store_true", help="then profile a one-hop node under load (cProfile)"
+        "--profile", action="store_true", help="then sample the one-hop node under load (py-spy)"
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary directory of logs (and profile)"
@@ -511,6 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     _raise_file_limit()
 
     workdir = tempfile.mkdtemp(prefix="ollana-bench-")
+    os.chmod(workdir, 0o755)  # nginx started as root serves as another user: it must enter
     figures: dict[str, object] = {"machine": machine()}
     print(f"Machine: {figures['machine']}")
     try:
@@ -639,7 +671,9 @@ def small_get(
     print(table(results, {"stock": 1, "nginx": 1, "ollana 1 hop": 1, "ollana 2 hops": 2}))
     if args.profile:
         print()
-        print(profile(processes, backend, args.path, max(concurrencies), args.seconds, load))
+        pid = processes.named["one-hop"].pid
+        print(profile(targets["ollana 1 hop"], pid, max(concurrencies), args.seconds, load,
+                      processes.workdir))  # fmt: skip
     return results
 
 

@@ -45,6 +45,7 @@ class Metrics:
         self.bytes_out = Counter(
             "ollana_response_body_bytes", "Response body bytes written to clients.", registry=r
         )
+        self._requests_by: dict[tuple[str, int], Any] = {}  # the counter of each label pair
 
     def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Add metrics computed at each scrape (from the pool, the discovery protocols)."""
@@ -55,7 +56,13 @@ class Metrics:
         bytes_in: int, bytes_out: int,
     ) -> None:  # fmt: skip
         """Count one finished request."""
-        self.requests.labels(peer or LOCAL, str(status)).inc()
+        key = (peer or LOCAL, status)
+        counter = self._requests_by.get(key)
+        if counter is None:  # labels() is slow: look each (peer, status) up once
+            if len(self._requests_by) > 4096:  # peers come and go
+                self._requests_by.clear()
+            counter = self._requests_by[key] = self.requests.labels(key[0], str(status))
+        counter.inc()
         if first_byte is not None:
             self.first_byte.observe(first_byte)
         self.duration.observe(duration)

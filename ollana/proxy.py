@@ -23,7 +23,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import client
+from twisted.web.client import ResponseDone  # not client.X: a slow module proxy
 from twisted.web.http import NO_BODY_CODES, RESPONSES, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
@@ -108,15 +108,18 @@ def access(request: Any, peer: str | None, status: int, duration: float, bytes_i
 
 def end_to_end(headers: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
     """The headers a proxy passes on: all but hop-by-hop ones and those Connection names."""
-    connection = headers.getRawHeaders(b"connection", [])
-    named = {token.strip().lower() for value in connection for token in value.split(b",")}
-    return [
-        (name, values)
-        for name, values in headers.getAllRawHeaders()
-        if name.lower() not in HOP_BY_HOP
-        and name.lower() not in named
-        and not name.lower().startswith(b"proxy-")
-    ]
+    connection = headers.getRawHeaders(b"connection")
+    dropped = HOP_BY_HOP
+    if connection:
+        dropped = dropped | {
+            token.strip().lower() for value in connection for token in value.split(b",")
+        }
+    passed = []
+    for name, values in headers.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered not in dropped and not lowered.startswith(b"proxy-"):
+            passed.append((name, values))
+    return passed
 
 
 @implementer(IBodyProducer)
@@ -543,7 +546,7 @@ class Exchange:
         if self.client_gone:
             return
         self.request.unregisterProducer()
-        if reason.check(client.ResponseDone, PotentialDataLoss):
+        if reason.check(ResponseDone, PotentialDataLoss):
             self.request.finish()
         else:
             log.warn(
