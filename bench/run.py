@@ -12,7 +12,9 @@ backend itself), **stock** (``twisted.web.proxy.ReverseProxyResource``, with Twi
 access log), **nginx** (a streaming reverse proxy: ``proxy_buffering off``, HTTP/1.1
 kept-alive upstream connections, access log; one worker process, as Ollana is one
 process), **ollana 1 hop** (server mode in front of the backend) and **ollana 2 hops**
-(client mode in front of that, so: client -> server -> backend). Ollana runs under
+(client mode in front of that, so: client -> server -> backend); and, for the small GET,
+**twisted.web** (not a proxy: a twisted.web site answering a constant, the ceiling of
+any proxy on twisted.web's server side). Ollana runs under
 ``twistd -n`` with its access log in a file, as in production.
 
 Parts (``--parts``):
@@ -657,6 +659,7 @@ def small_get(
         backend = processes.helper("backend")
         backend_name = "Ollana's simulated Ollama"
     bases = proxies(processes, backend, nginx_binary)
+    bases["twisted.web"] = f"http://127.0.0.1:{processes.helper('constant')}"  # a reference
     targets = {name: base + args.path for name, base in bases.items()}
     for url in targets.values():
         wait_ready(url)

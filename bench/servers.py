@@ -10,6 +10,10 @@
     the machine) so that the load generator can tell how long each line took to arrive.
     With ``slow`` in the query, 30 lines a second apart (streams held open). Every other
     request body (``POST /api/blobs/...``) is read and dropped, and answered 201.
+``python -m bench.servers constant``
+    Not a proxy: a twisted.web Site answering every GET with the same small JSON, without
+    access log. The ceiling of any proxy built on twisted.web's server side, on the
+    same machine.
 ``python -m bench.servers stock BACKEND_PORT LOGFILE``
     Twisted's stock ``twisted.web.proxy.ReverseProxyResource`` in front of the backend,
     writing its access log (Twisted's combined log format) to LOGFILE, as Ollana writes
@@ -101,6 +105,25 @@ def streamer(reactor: Any, interval: float, tokens: int) -> Any:
     return site
 
 
+def constant() -> Any:
+    """The twisted.web reference's site (see the module docstring)."""
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    class Version(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> bytes:
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"version":"0.12.0"}\n'
+
+    class Quiet(Site):
+        def log(self, request: Any) -> None:
+            pass
+
+    return Quiet(Version())
+
+
 def main(argv: list[str]) -> None:
     from twisted.internet import reactor as _reactor
 
@@ -113,6 +136,8 @@ def main(argv: list[str]) -> None:
         site = fake.site(access_log=False)
     elif role == "streamer":
         site = streamer(reactor, float(argv[1]), int(argv[2]))
+    elif role == "constant":
+        site = constant()
     elif role == "stock":
         from twisted.logger import globalLogBeginner, textFileLogObserver
         from twisted.web.proxy import ReverseProxyResource
@@ -123,7 +148,7 @@ def main(argv: list[str]) -> None:
         backend_port, logfile = int(argv[1]), argv[2]
         site = Site(ReverseProxyResource("127.0.0.1", backend_port, b""), logPath=logfile)
     else:
-        raise SystemExit(f"unknown role {role!r}: backend, streamer or stock")
+        raise SystemExit(f"unknown role {role!r}: backend, streamer, constant or stock")
     # The backends queue bursts (1,000 streams at once); the stock proxy keeps Twisted's 50.
     backlog = 50 if role == "stock" else 1024
     port = reactor.listenTCP(0, site, backlog=backlog, interface="127.0.0.1")
