@@ -27,6 +27,9 @@ from zope.interface import implementer
 RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
 NO_BODY = frozenset({204, 304})
 CLOSED = (error.ConnectionDone, error.ConnectionLost)
+# How every whole response ends, made once (as Twisted's own connectionDone): a Failure
+# costs more to make than the rest of a small response's end.
+RESPONSE_DONE = Failure(ResponseDone())
 
 
 class UpstreamAgent:
@@ -338,7 +341,7 @@ class Connection(Protocol):
         reusable = self._keep_alive and not self._unusable
         self.call = self.response = self._parser = None
         if response is not None:
-            response.end(Failure(ResponseDone()))
+            response.end(RESPONSE_DONE)
             reusable = reusable and not response.stopped
             if response.paused:
                 self.transport.resumeProducing()  # type: ignore[union-attr]
@@ -353,7 +356,7 @@ class Connection(Protocol):
         self.call = self.response = self._parser = None
         if response is not None:
             if self._complete:  # whole, but the body was still being sent
-                response.end(Failure(ResponseDone()))
+                response.end(RESPONSE_DONE)
             elif self._until_close and reason.check(*CLOSED) and not response.stopped:
                 response.end(Failure(PotentialDataLoss()))  # such a body ends with the connection
             else:

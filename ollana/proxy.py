@@ -311,7 +311,7 @@ class Exchange:
         self.first_byte: float | None = None
         self.bytes_in = 0
         self._counted = False
-        proxy.metrics.in_flight.inc()
+        proxy.metrics.started()
         self.response: defer.Deferred[IResponse | LocalAnswer] = defer.Deferred(self._cancel)
         request.notifyFinish().addCallbacks(self._request_done, self._client_left)
         channel = request.channel
@@ -546,7 +546,7 @@ class Exchange:
         if self.client_gone:
             return
         self.request.unregisterProducer()
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):  # Failure.check is slow
             self.request.finish()
         else:
             log.warn(
@@ -608,7 +608,6 @@ class Exchange:
         status = request.code if request.startedWriting else CLIENT_CLOSED
         duration = self.proxy.clock.seconds() - self.arrived
         peer = self.upstream.peer if self.upstream is not None else None
-        self.proxy.metrics.in_flight.dec()
         self.proxy.metrics.ended(peer, status, self.first_byte, duration, self.bytes_in,
                                  request.sentLength)  # fmt: skip
         access(request, peer, status, duration, self.bytes_in)
