@@ -77,7 +77,10 @@ class UpstreamAgent:
         endpoint, call.host = self._origin(origin)
         idle = self._idle.get(origin)
         if reuse and idle:
-            idle.pop().send(call, reused=True)
+            connection = idle.pop()
+            if not idle:
+                del self._idle[origin]
+            connection.send(call, reused=True)
             return
         connecting = endpoint.connect(_ConnectionFactory(self, origin))
         call.connecting = connecting
@@ -98,10 +101,11 @@ class UpstreamAgent:
 
     def _release(self, connection: Connection) -> None:
         """A connection is done with its request and may carry another."""
-        idle = self._idle.setdefault(connection.origin, [])
+        idle = self._idle.get(connection.origin, [])
         if self.closed or len(idle) >= self.max_idle:
             connection.close()
             return
+        self._idle[connection.origin] = idle
         idle.append(connection)
         connection.idle_since(self._reactor.callLater(self.idle_timeout, connection.close))
 
@@ -145,6 +149,9 @@ class Call:
 
     def connected(self, connection: Connection) -> None:
         self.connecting = None
+        if self.cancelled:  # too late to stop connecting: the connection is not needed
+            connection.close()
+            return
         connection.send(self, reused=False)
 
     def not_connected(self, failure: Failure) -> None:
@@ -216,7 +223,6 @@ class Connection(Protocol):
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._informational = False
         self._complete = False  # the answer is whole
-        self._answers = 0
         self._keep_alive = False
         self._until_close = False
         self._unusable = False
@@ -272,12 +278,16 @@ class Connection(Protocol):
         self._received_any = True
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as e:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:  # 101 too
             self._unusable = True
             self._broken(Failure(e))
             return
         if self._complete and self._body_sent:
             self._done()
+
+    def on_message_begin(self) -> None:
+        if self._complete:  # bytes after the whole answer: another one, never asked for
+            self._unusable = True
 
     def on_status(self, status: bytes) -> None:
         self._phrase += status
@@ -327,9 +337,6 @@ class Connection(Protocol):
         if self._informational:
             self._informational = False
             return
-        self._answers += 1
-        if self._answers > 1:  # a second answer, never asked for
-            self._unusable = True
         self._complete = True
         self._keep_alive = self._parser.should_keep_alive()  # only known until it returns
 
@@ -547,7 +554,7 @@ class UpstreamResponse:
 
     def resume(self) -> None:
         connection = self._connection
-        if connection is not None and self.paused:
+        if connection is not None and self.paused and not self.stopped:
             self.paused = False
             transport: Any = connection.transport
             if connection.open and not transport.disconnecting:

@@ -893,3 +893,61 @@ class BodyLengthTests(SynchronousTestCase):
         self.up.request()
         self.assertEqual(self.up.attempts, 2)  # this one went on the freed connection
         self.assertEqual(head(transport.value())[0], b"GET /api/tags HTTP/1.1")
+
+
+class StrayAnswerTests(SynchronousTestCase):
+    def test_101_fails_the_call_without_raising(self) -> None:
+        """httptools raises its own exception for a 101; it must not reach the reactor."""
+        up = Upstreams()
+        result = up.request()
+        up.connect()
+        up.answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n")
+        self.failureResultOf(result, ResponseFailed)
+
+    def test_the_start_of_an_unasked_answer_makes_the_connection_unusable(self) -> None:
+        up = Upstreams()
+        first = up.request()
+        transport = up.connect()
+        up.answer(OK + b"HTTP/1.1 200 OK\r\n")  # only the first line of a stray answer
+        self.successResultOf(first).deliverBody(Collect())
+        self.assertTrue(transport.disconnecting, "closed, not kept")
+        up.request()
+        self.assertEqual(up.attempts, 2, "the next request gets a new connection")
+
+
+class _TCPLikeTransport(StringTransport):
+    """Aborts as twisted.internet.tcp does: reading stops, ``disconnecting`` stays False
+    (connectionLost comes a turn later); notes reading resumed after that."""
+
+    aborted = False
+    resumed_after_abort = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        self.producerState = "paused"
+
+    def resumeProducing(self) -> None:
+        self.resumed_after_abort = self.resumed_after_abort or self.aborted
+        super().resumeProducing()
+
+
+class StopDuringEarlyDeliveryTests(SynchronousTestCase):
+    def test_reading_stays_stopped(self) -> None:
+        """Body that came before deliverBody, and a protocol that stops at once (the
+        proxy's _Drop): the aborted connection is not read from again."""
+        up = Upstreams()
+        result = up.request()
+        host, port, factory, _, _ = up.reactor.tcpClients[0]
+        protocol: Any = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = _TCPLikeTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+
+        class Stop(Collect):
+            def connectionMade(self) -> None:
+                transport: Any = self.transport
+                transport.stopProducing()
+
+        self.successResultOf(result).deliverBody(Stop())
+        self.assertTrue(transport.aborted)
+        self.assertFalse(transport.resumed_after_abort)
