@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import URI, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 # Requests that are sent again on a new connection if a kept-alive one turns out to have
@@ -32,6 +32,7 @@ CLOSED = (error.ConnectionDone, error.ConnectionLost)
 RESPONSE_DONE = Failure(ResponseDone())
 
 
+@implementer(IAgent)
 class UpstreamAgent:
     """Sends requests to upstreams over kept-alive connections, reused per origin.
 
@@ -55,7 +56,7 @@ class UpstreamAgent:
         uri: bytes,
         headers: Headers | None = None,
         bodyProducer: IBodyProducer | None = None,
-    ) -> defer.Deferred[UpstreamResponse]:
+    ) -> defer.Deferred[IResponse]:
         """Send method to the absolute uri; the response comes once its headers have."""
         origin, path = split_origin(uri)
         call = Call(method, path, headers, bodyProducer)
@@ -142,7 +143,7 @@ class Call:
         self.path = path
         self.headers = headers
         self.body = body
-        self.result: defer.Deferred[UpstreamResponse] = defer.Deferred(self._cancel)
+        self.result: defer.Deferred[IResponse] = defer.Deferred(self._cancel)
         self.connecting: defer.Deferred[Any] | None = None
         self.connection: Connection | None = None
         self.cancelled = False

@@ -21,6 +21,8 @@ from twisted.web import client
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from ollana.httpclient import UpstreamAgent
+
 IDLE_CONNECTION_TIMEOUT = 50  # seconds a kept-alive upstream connection may stay unused
 
 
@@ -155,11 +157,11 @@ def quiet_pool(reactor: Any) -> client.HTTPConnectionPool:
 TLSPolicy = Callable[[str, int], Any]  # (host, port) -> how to check that server's TLS
 
 
-def make_agent(reactor: Any, connect_timeout: float, tls_for: TLSPolicy | None = None) -> Any:
+def make_agent(
+    reactor: Any, connect_timeout: float, tls_for: TLSPolicy | None = None
+) -> UpstreamAgent:
     """The relaying agent (ollana.httpclient): kept-alive connections, enough for many
     streams per peer, closed before an Ollana server's channel (60 s) would close them
     under a new request. Its closeCachedConnections closes them when Ollana stops."""
-    from ollana.httpclient import UpstreamAgent
-
     endpoints = UpstreamEndpoints(reactor, connect_timeout, tls_for)
     return UpstreamAgent(reactor, endpoints, max_idle=64, idle_timeout=IDLE_CONNECTION_TIMEOUT)

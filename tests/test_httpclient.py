@@ -22,7 +22,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from ollana.httpclient import UpstreamAgent, UpstreamResponse
+from ollana.httpclient import UpstreamAgent
 from ollana.upstream import UpstreamEndpoints, make_agent
 
 ORIGIN = b"http://127.0.0.1:11434"
@@ -104,7 +104,7 @@ class Upstreams:
         path: bytes = b"/api/tags",
         headers: Headers | None = None,
         body: Body | None = None,
-    ) -> Deferred[UpstreamResponse]:
+    ) -> Deferred[Any]:  # of an UpstreamResponse
         return self.agent.request(method, ORIGIN + path, headers, body)
 
     @property
