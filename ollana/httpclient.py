@@ -198,6 +198,7 @@ class Connection(Protocol):
         self._idle_timer: IDelayedCall | None = None
         self._lost: list[defer.Deferred[None]] = []
         self.open = False
+        self.aborted = False
         self._complete = False
         self.reused = False
 
@@ -247,7 +248,7 @@ class Connection(Protocol):
         transport: Any = self.transport
         transport.write(b"".join(lines))
         if body is not None:
-            writer = BodyWriter(transport, body.length)
+            writer = BodyWriter(self, body.length)
             self._writer = writer
             transport.registerProducer(body, True)
             sent = body.startProducing(writer)
@@ -273,6 +274,8 @@ class Connection(Protocol):
     # Receiving: httptools calls these from feed_data.
 
     def dataReceived(self, data: bytes) -> None:
+        if self.aborted:  # what was under way when we dropped it
+            return
         if self._parser is None:  # nothing was asked: the connection is not to be trusted
             self.abort()
             return
@@ -351,7 +354,7 @@ class Connection(Protocol):
         if response is not None:
             response.end(RESPONSE_DONE)
             reusable = reusable and not response.stopped
-            if response.paused:
+            if response.paused and self.usable:
                 self.transport.resumeProducing()  # type: ignore[union-attr]
         if reusable:
             self.agent._release(self)
@@ -413,8 +416,14 @@ class Connection(Protocol):
 
     def abort(self) -> None:
         self.agent._forget(self)  # at once: the transport says it is lost a turn later
-        if self.open:
+        if self.open and not self.aborted:
+            self.aborted = True  # and left alone from now on: not paused, not resumed
             self.transport.abortConnection()  # type: ignore[union-attr]
+
+    @property
+    def usable(self) -> bool:
+        """Whether its transport may still be paused or resumed."""
+        return self.open and not self.aborted and not self.transport.disconnecting  # type: ignore[union-attr]
 
 
 def _keeps_alive(version: str, headers: Headers) -> bool:
@@ -433,8 +442,9 @@ class BodyWriter:
     """The consumer a request body is written to: it frames it (chunked, or as many bytes
     as the Content-Length said) on the connection's transport."""
 
-    def __init__(self, transport: Any, length: int | object) -> None:
-        self.transport = transport
+    def __init__(self, connection: Connection, length: int | object) -> None:
+        self.connection = connection
+        self.transport: Any = connection.transport
         self._chunked = length is UNKNOWN_LENGTH
         self._left: int = 0 if self._chunked else length  # type: ignore[assignment]
 
@@ -446,7 +456,7 @@ class BodyWriter:
             return
         self._left -= len(data)
         if self._left < 0:
-            self.transport.abortConnection()  # more than it said: framing would break
+            self.abort()  # more than it said: framing would break
             return
         self.transport.write(data)
 
@@ -456,6 +466,10 @@ class BodyWriter:
             self.transport.write(b"0\r\n\r\n")
             return True
         return self._left == 0
+
+    def abort(self) -> None:
+        """Drop the connection: the rest of the body will not be sent."""
+        self.connection.abort()
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
         self.transport.registerProducer(producer, streaming)
@@ -549,17 +563,18 @@ class UpstreamResponse:
     # From the body's protocol, through _ResponseTransport.
 
     def pause(self) -> None:
-        if self._connection is not None and not self.paused:
+        connection = self._connection
+        if connection is not None and not self.paused:
             self.paused = True
-            self._connection.transport.pauseProducing()  # type: ignore[union-attr]
+            if connection.usable:
+                connection.transport.pauseProducing()  # type: ignore[union-attr]
 
     def resume(self) -> None:
         connection = self._connection
         if connection is not None and self.paused and not self.stopped:
             self.paused = False
-            transport: Any = connection.transport
-            if connection.open and not transport.disconnecting:
-                transport.resumeProducing()
+            if connection.usable:
+                connection.transport.resumeProducing()  # type: ignore[union-attr]
 
     def stop(self) -> None:
         if self._connection is not None and not self.stopped:

@@ -182,11 +182,11 @@ class RequestBody:
 
     def abandon(self) -> None:
         """The upstream answered before it read the whole body: drop the rest, and the
-        connection, which twisted.web.client would otherwise keep open for the body."""
+        connection, which would otherwise stay open waiting for the body."""
         self.discard()
-        connection = _connection_of(self._consumer)
-        if connection is not None:
-            connection.abortConnection()
+        abort = getattr(self._consumer, "abort", None)  # ollana.httpclient.BodyWriter's
+        if abort is not None:
+            abort()
 
     # IBodyProducer, driven by the upstream connection.
 
@@ -704,11 +704,6 @@ def origin_form(target: bytes) -> bytes:
                 return b"/"
             return rest[start:] if rest[start : start + 1] == b"/" else b"/" + rest[start:]
     raise BadTarget(f"ollana: cannot proxy the request-target {target[:100]!r}")
-
-
-def _connection_of(consumer: Any) -> Any:
-    """The upstream connection under a body's consumer (ollana.httpclient.BodyWriter)."""
-    return getattr(consumer, "transport", None)
 
 
 class _Drop(Protocol):

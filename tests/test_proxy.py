@@ -476,6 +476,13 @@ class UploadTimeoutTests(SynchronousTestCase):
         self.assertTrue(response.startswith(b"HTTP/1.1 413 Request Entity Too Large"), response)
         self.assertTrue(response.endswith(b"\r\n\r\nno"))
         self.assertNotIn(b"b" * 20, self.upstream.value())
+        # The upstream connection, which would wait for the rest of the body, is dropped;
+        # once it is gone (a turn later, for a real transport) the request ends, and the
+        # client's next request on its connection is served.
+        self.assertTrue(self.upstream.disconnected, "aborted")
+        self.proxy.lose_upstream()
+        self.proxy.send(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.proxy.connect_upstream()
 
     def test_upstream_lost_mid_upload(self) -> None:
         logged = capture_logs(self)
