@@ -252,7 +252,9 @@ class Connection(Protocol):
             self._writer = writer
             transport.registerProducer(body, True)
             sent = body.startProducing(writer)
-            sent.addCallbacks(self._body_done, self._body_failed, callbackArgs=(call,))
+            sent.addCallbacks(
+                self._body_done, self._body_failed, callbackArgs=(call,), errbackArgs=(call,)
+            )
 
     def _body_done(self, ignored: object, call: Call) -> None:
         if self.call is not call:
@@ -267,7 +269,9 @@ class Connection(Protocol):
             self._unusable = True
             self.abort()
 
-    def _body_failed(self, failure: Failure) -> None:
+    def _body_failed(self, failure: Failure, call: Call) -> None:
+        if self.call is not call:
+            return  # that request has ended already: the connection may carry another
         self._unusable = True
         self.abort()
 
