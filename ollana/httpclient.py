@@ -430,13 +430,18 @@ class Connection(Protocol):
         return self.open and not self.aborted and not self.transport.disconnecting  # type: ignore[union-attr]
 
 
-def _keeps_alive(version: str, headers: Headers) -> bool:
-    """Whether a response leaves its connection open, by its version and Connection."""
-    tokens = {
+def connection_tokens(headers: Headers) -> set[bytes]:
+    """The options a message's Connection headers name (close, keep-alive, header names)."""
+    return {
         token.strip().lower()
         for value in headers.getRawHeaders(b"connection", [])
         for token in value.split(b",")
     }
+
+
+def _keeps_alive(version: str, headers: Headers) -> bool:
+    """Whether a response leaves its connection open, by its version and Connection."""
+    tokens = connection_tokens(headers)
     if version == "1.1":
         return b"close" not in tokens
     return b"keep-alive" in tokens

@@ -35,6 +35,7 @@ from twisted.web.iweb import (
 from zope.interface import implementer
 
 from ollana.gate import Gate
+from ollana.httpclient import connection_tokens
 from ollana.metrics import Metrics
 from ollana.modelscan import ModelScanner
 from ollana.upstream import (
@@ -108,12 +109,8 @@ def access(request: Any, peer: str | None, status: int, duration: float, bytes_i
 
 def end_to_end(headers: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
     """The headers a proxy passes on: all but hop-by-hop ones and those Connection names."""
-    connection = headers.getRawHeaders(b"connection")
-    dropped = HOP_BY_HOP
-    if connection:
-        dropped = dropped | {
-            token.strip().lower() for value in connection for token in value.split(b",")
-        }
+    named = connection_tokens(headers)
+    dropped = HOP_BY_HOP | named if named else HOP_BY_HOP
     passed = []
     for name, values in headers.getAllRawHeaders():
         lowered = name.lower()
