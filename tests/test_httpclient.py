@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from ollana.httpclient import UpstreamAgent
 from ollana.upstream import UpstreamEndpoints, make_agent
+from tests.test_proxy import head, header_values
 
 ORIGIN = b"http://127.0.0.1:11434"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
@@ -83,6 +84,11 @@ class Collect(Protocol):
     def body(self) -> bytes:
         return b"".join(self.pieces)
 
+    def assert_done(self) -> None:
+        """The body ended whole (ResponseDone); otherwise its failure is raised."""
+        assert self.ended is not None, "not ended"
+        self.ended.trap(ResponseDone)
+
 
 class Upstreams:
     """An UpstreamAgent and the upstream connections it opens, accepted one at a time."""
@@ -135,20 +141,6 @@ class Upstreams:
 
     def lose(self, index: int = -1, reason: Exception | None = None) -> None:
         self.protocols[index].connectionLost(Failure(reason or error.ConnectionDone()))
-
-
-def head(data: bytes) -> tuple[bytes, list[bytes]]:
-    """The first line and header lines of an HTTP message."""
-    lines = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
-    return lines[0], lines[1:]
-
-
-def header_values(data: bytes, name: bytes) -> list[bytes]:
-    return [
-        line.split(b":", 1)[1].strip()
-        for line in head(data)[1]
-        if line.split(b":", 1)[0].lower() == name.lower()
-    ]
 
 
 def after_head(data: bytes) -> bytes:
@@ -256,8 +248,7 @@ class ResponseTests(SynchronousTestCase):
         self.up.answer(b"ab")
         self.up.answer(b"cde")
         self.assertEqual(body.pieces, [b"ab", b"cde"])
-        assert body.ended is not None
-        body.ended.trap(ResponseDone)
+        body.assert_done()
 
     def test_chunked_body_in_pieces(self) -> None:
         self.up.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -274,8 +265,7 @@ class ResponseTests(SynchronousTestCase):
         self.assertIsNone(body.ended)  # the last chunk's trailer section is still to come
         self.up.answer(b"\r\n")
         self.assertEqual(body.body, b"firstsecondthird")
-        assert body.ended is not None
-        body.ended.trap(ResponseDone)
+        body.assert_done()
         self.assertFalse(self.transport.disconnecting)  # kept for another request
 
     def test_body_before_deliverBody_is_kept_and_reading_paused(self) -> None:
@@ -290,8 +280,7 @@ class ResponseTests(SynchronousTestCase):
         self.assertEqual(self.transport.producerState, "producing")
         self.up.answer(b"!")
         self.assertEqual(body.body, b"hello you!")
-        assert body.ended is not None
-        body.ended.trap(ResponseDone)
+        body.assert_done()
 
     def test_whole_body_before_deliverBody(self) -> None:
         self.up.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
@@ -302,8 +291,7 @@ class ResponseTests(SynchronousTestCase):
         body = Collect()
         response.deliverBody(body)
         self.assertEqual(body.body, b"hello")
-        assert body.ended is not None
-        body.ended.trap(ResponseDone)
+        body.assert_done()
 
     def test_pause_during_early_delivery_is_kept(self) -> None:
         self.up.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
@@ -355,8 +343,7 @@ class ResponseTests(SynchronousTestCase):
         body = Collect()
         response.deliverBody(body)
         self.assertEqual(body.body, b"ok")
-        assert body.ended is not None
-        body.ended.trap(ResponseDone)
+        body.assert_done()
         self.assertFalse(self.transport.disconnecting)
 
     def test_interim_answer_in_the_same_packet(self) -> None:
@@ -383,8 +370,7 @@ class NoBodyTests(SynchronousTestCase):
         body = Collect()
         response.deliverBody(body)
         self.assertEqual(body.pieces, [])
-        assert body.ended is not None
-        body.ended.trap(ResponseDone)
+        body.assert_done()
         self.assertFalse(transport.disconnecting)
 
         transport.clear()
@@ -395,8 +381,7 @@ class NoBodyTests(SynchronousTestCase):
         body = Collect()
         self.successResultOf(second).deliverBody(body)
         self.assertEqual(body.body, b"Ollama is running")
-        assert body.ended is not None
-        body.ended.trap(ResponseDone)
+        body.assert_done()
 
     def test_head_answer_without_a_length_keeps_the_connection(self) -> None:
         up = Upstreams()
@@ -405,8 +390,7 @@ class NoBodyTests(SynchronousTestCase):
         up.answer(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
         body = Collect()
         self.successResultOf(result).deliverBody(body)
-        assert body.ended is not None
-        body.ended.trap(ResponseDone)
+        body.assert_done()
         self.assertFalse(transport.disconnecting)
 
     def test_204_gets_no_body_and_the_connection_is_reused(self) -> None:
@@ -419,8 +403,7 @@ class NoBodyTests(SynchronousTestCase):
         body = Collect()
         response.deliverBody(body)
         self.assertEqual(body.pieces, [])
-        assert body.ended is not None
-        body.ended.trap(ResponseDone)
+        body.assert_done()
         self.assertFalse(transport.disconnecting)
         up.request()
         self.assertEqual(up.attempts, 1)
@@ -434,8 +417,7 @@ class NoBodyTests(SynchronousTestCase):
         self.assertEqual(response.length, 0)
         body = Collect()
         response.deliverBody(body)
-        assert body.ended is not None
-        body.ended.trap(ResponseDone)
+        body.assert_done()
         self.assertFalse(transport.disconnecting)
 
 
@@ -465,8 +447,7 @@ class KeepAliveTests(SynchronousTestCase):
         body = Collect()
         self.successResultOf(second).deliverBody(body)
         self.assertEqual(body.body, b"second")
-        assert body.ended is not None
-        body.ended.trap(ResponseDone)
+        body.assert_done()
         self.assertFalse(transport.disconnecting)
 
     def test_connections_are_kept_per_origin(self) -> None:
@@ -477,8 +458,7 @@ class KeepAliveTests(SynchronousTestCase):
 
     def test_connection_close_closes_it(self) -> None:
         body = self.exchange(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}")
-        assert body.ended is not None
-        body.ended.trap(ResponseDone)
+        body.assert_done()
         self.assertTrue(self.up.transports[0].disconnecting)
         self.assertFalse(self.up.transports[0].disconnected)  # closed, not aborted
         self.up.lose(0)
@@ -488,8 +468,7 @@ class KeepAliveTests(SynchronousTestCase):
     def test_http_1_0_answer_closes_it(self) -> None:
         body = self.exchange(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}")
         self.assertEqual(body.body, b"{}")
-        assert body.ended is not None
-        body.ended.trap(ResponseDone)
+        body.assert_done()
         self.assertTrue(self.up.transports[0].disconnecting)
         self.up.request()
         self.assertEqual(self.up.attempts, 2)
@@ -573,8 +552,7 @@ class KeepAliveTests(SynchronousTestCase):
         result.addCallback(lambda response: response.deliverBody(body))  # at once
         self.up.answer(OK + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra")
         self.assertEqual(body.body, b"{}")
-        assert body.ended is not None
-        body.ended.trap(ResponseDone)
+        body.assert_done()
         self.assertTrue(transport.disconnecting)
         self.up.request()
         self.assertEqual(self.up.attempts, 2)
@@ -826,8 +804,7 @@ class CloseCachedConnectionsTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(closed))  # it did not wait for busy ones
         self.assertFalse(transport.disconnecting)
         up.answer(b"{}")
-        assert body.ended is not None
-        body.ended.trap(ResponseDone)
+        body.assert_done()
         self.assertTrue(transport.disconnecting)
         up.request()
         self.assertEqual(up.attempts, 2)
@@ -866,8 +843,7 @@ class BodyLengthTests(SynchronousTestCase):
         self.assertTrue(transport.disconnected)
         self.assertIsNone(transport.producer)
         self.up.lose(reason=error.ConnectionAborted())
-        assert reader.ended is not None
-        reader.ended.trap(ResponseDone)
+        reader.assert_done()
         self.up.request()
         self.assertEqual(self.up.attempts, 2)
 
@@ -884,8 +860,7 @@ class BodyLengthTests(SynchronousTestCase):
         self.assertEqual(self.up.attempts, 2)  # still sending: not free for another
         body.write(b"cd")
         body.finish()
-        assert reader.ended is not None
-        reader.ended.trap(ResponseDone)
+        reader.assert_done()
         self.assertFalse(transport.disconnected)
         self.assertFalse(transport.disconnecting)
         self.assertIsNone(transport.producer)
