@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from twisted.application.service import Service
-from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
-from twisted.web.client import readBody
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from ollana.peers import Peer, PeerPool, Source, model_key
@@ -20,8 +22,17 @@ from ollana.upstream import describe_error
 T = TypeVar("T")
 
 
+VERSION_LIMIT = 64 * 1024  # bytes of an /api/version answer (Ollama's has about 20)
+# A listing is bounded so that parsing one (about 1 ms) and merging four of them (under
+# 10 ms) hold the reactor only briefly: at 1 MiB and 4096 entries a merge took 77 ms.
+# An Ollama with 100 models lists about 50 kB.
+LISTING_LIMIT = 128 * 1024  # bytes of a listing
+MAX_MODELS = 1024  # entries used of one server's listing
+
+
 class HTTPGetter(Protocol):
-    """What we need of a treq HTTPClient (treq.testing.StubTreq fits too)."""
+    """What we need of a treq HTTPClient (treq.testing.StubTreq fits too): a GET whose
+    response has a code and delivers its body as an IResponse does."""
 
     def get(self, url: str, /) -> defer.Deferred[Any]: ...
 
@@ -34,20 +45,49 @@ class AgentGetter:
         self._agent = agent
 
     def get(self, url: str, /, headers: Mapping[bytes, list[bytes]] | None = None) -> Any:
-        requested = self._agent.request(b"GET", url.encode("ascii"), Headers(headers or {}))
-        return requested.addCallback(_Answer)
+        return self._agent.request(b"GET", url.encode("ascii"), Headers(headers or {}))
 
 
-class _Answer:
-    """What OllamaProbe reads of a response: its status, and its body on request."""
+class _BoundedBody(protocol.Protocol):
+    """Collects a response body of at most limit bytes. Past the limit, or when cancelled,
+    it stops the response's transport at once (nothing more is downloaded) and fails."""
 
-    def __init__(self, response: Any) -> None:
-        self.code = response.code
-        self._response = response
+    def __init__(self, limit: int, too_large: str) -> None:
+        self.limit = limit
+        self._too_large = too_large
+        self._parts: list[bytes] = []
+        self._length = 0
+        self.body: defer.Deferred[bytes] = defer.Deferred(lambda _: self._stop())
 
-    def content(self) -> defer.Deferred[bytes]:
-        body: defer.Deferred[bytes] = readBody(self._response)
-        return body
+    @classmethod
+    def read(cls, response: Any, limit: int, too_large: str) -> defer.Deferred[bytes]:
+        """The body of response; OllamaUnavailable(too_large) past limit bytes."""
+        reader = cls(limit, too_large)
+        response.deliverBody(reader)
+        return reader.body
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.body.called:
+            return
+        self._length += len(data)
+        if self._length > self.limit:
+            self._stop()
+            self.body.errback(OllamaUnavailable(self._too_large))
+        else:
+            self._parts.append(data)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.body.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):  # the latter: ended by a close
+            self.body.callback(b"".join(self._parts))
+        else:
+            self.body.errback(reason)
+
+    def _stop(self) -> None:
+        self._parts = []
+        if self.transport is not None:  # IResponse.deliverBody's transport is a producer
+            cast(IPushProducer, self.transport).stopProducing()
 
 
 class OllamaUnavailable(Exception):
@@ -55,28 +95,57 @@ class OllamaUnavailable(Exception):
 
 
 class OllamaProbe:
-    """Asks an Ollama API at base_url (an Ollama, or an Ollana proxy in front of one)."""
+    """Asks an Ollama API at base_url (an Ollama, or an Ollana proxy in front of one). An
+    answer larger than its limit is a failure; of a listing, max_models entries are used."""
 
-    def __init__(self, http: HTTPGetter, clock: IReactorTime, base_url: str) -> None:
+    log = Logger()
+
+    def __init__(
+        self,
+        http: HTTPGetter,
+        clock: IReactorTime,
+        base_url: str,
+        listing_limit: int = LISTING_LIMIT,
+        max_models: int = MAX_MODELS,
+    ) -> None:
         self._http = http
         self._clock = clock
         self.base_url = base_url.rstrip("/")
+        self.listing_limit = listing_limit
+        self.max_models = max_models
 
     def version(self, timeout: float) -> defer.Deferred[str]:
         """The version string from GET /api/version, or OllamaUnavailable after at most
         timeout seconds. Cancelling the result cancels the request (CancelledError)."""
-        return self._ask("/api/version", _version_of, timeout)
+        return self._ask("/api/version", _version_of, timeout, VERSION_LIMIT)
 
     def models(self, timeout: float) -> defer.Deferred[list[str]]:
-        """The names of the models from GET /api/tags, like version() otherwise."""
-        return self._ask("/api/tags", _names_of, timeout)
+        """The names of the (first max_models) models from GET /api/tags, like version()
+        otherwise."""
+        return self._ask("/api/tags", self._names_of, timeout, self.listing_limit)
 
     def json(self, path: str, timeout: float) -> defer.Deferred[Any]:
         """The JSON answer to GET path, like version() otherwise."""
-        return self._ask(path, lambda answer: answer, timeout)
+        return self._ask(path, lambda answer: answer, timeout, self.listing_limit)
 
-    def _ask(self, path: str, parse: Callable[[Any], T], timeout: float) -> defer.Deferred[T]:
-        fetching = defer.Deferred.fromCoroutine(self._fetch(path, parse))
+    def first(self, entries: list[T], path: str) -> list[T]:
+        """The entries of this server's listing at path that are used: the first
+        max_models, with one log line when it cuts some."""
+        if len(entries) <= self.max_models:
+            return entries
+        self.log.info(
+            "{url}{path} lists {count} entries; only the first {used} are used",
+            url=self.base_url,
+            path=path,
+            count=len(entries),
+            used=self.max_models,
+        )
+        return entries[: self.max_models]
+
+    def _ask(
+        self, path: str, parse: Callable[[Any], T], timeout: float, limit: int
+    ) -> defer.Deferred[T]:
+        fetching = defer.Deferred.fromCoroutine(self._fetch(path, parse, limit))
 
         def cancel(result: defer.Deferred[T]) -> None:
             result.errback(defer.CancelledError())  # first, so the fetch's failure is moot
@@ -99,9 +168,10 @@ class OllamaProbe:
         fetching.addCallbacks(succeeded, failed)
         return result
 
-    async def _fetch(self, path: str, parse: Callable[[Any], T]) -> T:
+    async def _fetch(self, path: str, parse: Callable[[Any], T], limit: int) -> T:
         response = await self._http.get(self.base_url + path)
-        body = await response.content()
+        too_large = f"{path} gave an answer larger than {limit} bytes"
+        body = await _BoundedBody.read(response, limit, too_large)
         if response.code != 200:
             raise OllamaUnavailable(f"HTTP {response.code} from {path}")
         try:
@@ -109,16 +179,18 @@ class OllamaProbe:
         except (ValueError, KeyError, TypeError):
             raise OllamaUnavailable(f"{path} gave no valid answer") from None
 
+    def _names_of(self, answer: Any) -> list[str]:
+        models = answer["models"]
+        if not isinstance(models, list):
+            raise TypeError(models)
+        return [str(model["name"]) for model in self.first(models, "/api/tags")]
+
 
 def _version_of(answer: Any) -> str:
     version = answer["version"]
     if not isinstance(version, str):
         raise TypeError(version)
     return version
-
-
-def _names_of(answer: Any) -> list[str]:
-    return [str(model["name"]) for model in answer["models"]]
 
 
 class PeerHealthChecker(Service):
@@ -238,10 +310,15 @@ class PeerHealthChecker(Service):
 
 
 NOT_CHECKED = "not checked yet"
+REFUSED = describe_error(error.ConnectionRefusedError())  # how a check names a refused connection
 
 
 class LocalOllamaMonitor(Service):
-    """Checks the local Ollama every interval seconds and reports when it comes and goes."""
+    """Checks the local Ollama every interval seconds and reports when it comes and goes.
+
+    The proxy's own requests tell it too (``answered``, ``unreachable``), so that an Ollama
+    that comes back is used by the very next request rather than after the next check.
+    """
 
     log = Logger()
 
@@ -251,20 +328,24 @@ class LocalOllamaMonitor(Service):
         clock: IReactorTime,
         interval: float,
         timeout: float,
-        on_up: Callable[[], None] = lambda: None,
-        on_down: Callable[[], None] = lambda: None,
+        on_up: Callable[[], object] = lambda: None,
+        on_down: Callable[[str], object] = lambda reason: None,
     ) -> None:
         self._probe = probe
         self._clock = clock
         self.interval = interval
         self.timeout = timeout
-        self.on_up = on_up
-        self.on_down = on_down
+        self._watchers = [(on_up, on_down)]
         self.healthy = False
         self.version: str | None = None
         self.reason = NOT_CHECKED
+        self.refusing = False  # down, and connections to it are refused (not hung, not broken)
         self._loop: LoopingCall | None = None
         self._checking: defer.Deferred[None] | None = None
+
+    def watch(self, on_up: Callable[[], object], on_down: Callable[[str], object]) -> None:
+        """Call on_up when the Ollama comes up, on_down(reason) when it goes down or hangs."""
+        self._watchers.append((on_up, on_down))
 
     def startService(self) -> None:
         super().startService()
@@ -307,32 +388,50 @@ class LocalOllamaMonitor(Service):
         if not self.running:
             return
         self.version = version
+        self._came_up(f"version {version}")
+
+    def answered(self) -> None:
+        """A request got an answer from the Ollama: it is up, whatever the last check said."""
+        if self.running and not self.healthy and self.reason != NOT_CHECKED:
+            self._came_up("it answered a request")
+
+    def _came_up(self, how: str) -> None:
         self.reason = "answering"
+        self.refusing = False
         if not self.healthy:
             self.healthy = True
-            self.log.info(
-                "Local Ollama at {url} is up (version {version})",
-                url=self._probe.base_url,
-                version=version,
-            )
-            self.on_up()
+            self.log.info("Local Ollama at {url} is up ({how})", url=self.url, how=how)
+            self._tell(0)
+
+    def unreachable(self, reason: str) -> None:
+        """A request could not reach the Ollama (refused, say): it is down until it answers."""
+        if self.running and self.healthy:
+            self._went_down(reason)
 
     def _down(self, failure: Any) -> None:
         if not self.running:
             return  # cancelled by stopService: says nothing about the Ollama
         failure.trap(OllamaUnavailable)
-        reason = str(failure.value)
+        self._went_down(str(failure.value))
+
+    def _went_down(self, reason: str) -> None:
         first_check = self.reason == NOT_CHECKED
         self.reason = reason
-        if self.healthy or first_check:
-            was_healthy, self.healthy = self.healthy, False
-            self.log.warn(
-                "Local Ollama at {url} is down: {reason}",
-                url=self._probe.base_url,
-                reason=reason,
-            )
-            if was_healthy:
-                self.on_down()
+        was_healthy, self.healthy = self.healthy, False
+        refusing = reason == REFUSED
+        hung = self.refusing and not refusing  # refused before, hangs or fails now
+        self.refusing = refusing
+        if was_healthy or first_check:
+            self.log.warn("Local Ollama at {url} is down: {reason}", url=self.url, reason=reason)
+        if was_healthy or hung:
+            self._tell(1, reason)
+
+    def _tell(self, which: int, *args: str) -> None:
+        for watcher in self._watchers:
+            try:
+                watcher[which](*args)
+            except Exception:
+                self.log.failure("Error telling that the local Ollama came or went")
 
 
 async def choose_mode(

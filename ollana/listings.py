@@ -1,5 +1,7 @@
 """Client mode's merged listings: GET /api/tags, /api/ps and /v1/models answered with the
-union over the healthy servers, in Ollama's own JSON shapes, each model once."""
+union over the healthy servers, in Ollama's own JSON shapes, each model once. Each server's
+listing is bounded (LISTING_LIMIT bytes, its first MAX_MODELS entries), so a merge stays
+small whatever a server lists."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ MERGED = {
 
 
 class MergedListings:
-    """Asks every healthy server for a listing and merges the answers."""
+    """Asks every healthy server for a listing and merges the answers (OllamaProbe bounds
+    each one)."""
 
     def __init__(self, pool: PeerPool, http: HTTPGetter, clock: IReactorTime, timeout: float):
         self.pool = pool
@@ -43,20 +46,21 @@ class MergedListings:
         peers = self.pool.candidates("fastest")  # the healthy ones, or else the rest
         if not peers:
             raise NoUpstream(self.pool.why_none())
-        asked = [OllamaProbe(self._http, self._clock, peer.url).json(path, self.timeout)
-                 for peer in peers]  # fmt: skip
+        probes = [OllamaProbe(self._http, self._clock, peer.url) for peer in peers]
+        asked = [probe.json(path, self.timeout) for probe in probes]
         results = await defer.DeferredList(asked, consumeErrors=True)
         list_key, name_key = MERGED[path]
         merged: list[Any] = []
         names: set[str] = set()
         answered: list[Peer] = []
         reasons: list[str] = []
-        for peer, (ok, value) in zip(peers, results, strict=True):
-            entries = _entries(value, list_key) if ok else None
-            if entries is None:
+        for peer, probe, (ok, value) in zip(peers, probes, results, strict=True):
+            listed = _listed(value, list_key) if ok else None
+            if listed is None:
                 why = value.getErrorMessage() if isinstance(value, Failure) else "no listing"
                 reasons.append(f"{peer.url}: {why}")
                 continue
+            entries = [entry for entry in probe.first(listed, path) if isinstance(entry, dict)]
             answered.append(peer)
             named = [(entry.get(name_key), entry) for entry in entries]
             if path == "/api/tags":  # a fresh inventory, as good as the checker's
@@ -81,9 +85,7 @@ class MergedListings:
         return LocalAnswer(200, headers, json.dumps(listing).encode("utf-8"))
 
 
-def _entries(answer: Any, list_key: str) -> list[dict[str, Any]] | None:
-    """The listing's entries, or None when the answer is not a listing."""
-    entries = answer.get(list_key) if isinstance(answer, dict) else None
-    if not isinstance(entries, list):
-        return None
-    return [entry for entry in entries if isinstance(entry, dict)]
+def _listed(answer: Any, list_key: str) -> list[Any] | None:
+    """The listing's list of entries, or None when the answer is not a listing."""
+    listed = answer.get(list_key) if isinstance(answer, dict) else None
+    return listed if isinstance(listed, list) else None

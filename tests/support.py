@@ -24,10 +24,13 @@ from urllib.parse import urlsplit
 from treq.testing import StubTreq
 from twisted.internet import defer, error, task
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IProtocol
 from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
-from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone
 
 from ollana.demo import free_udp_port as free_udp_port  # the demo's own, for tests too
 from tests.fake_ollama import FakeOllama
@@ -239,14 +242,18 @@ class ChildProcess(ProcessProtocol):
 
 
 class FakeResponse:
-    """What OllamaProbe reads of a treq response: the status and the body."""
+    """What OllamaProbe reads of a response: the status, and the body, delivered at once
+    as an IResponse does (over ``transport``, which tells whether it was stopped)."""
 
     def __init__(self, code: int, body: bytes) -> None:
         self.code = code
         self._body = body
+        self.transport = StringTransport()
 
-    def content(self) -> defer.Deferred[bytes]:
-        return defer.succeed(self._body)
+    def deliverBody(self, protocol: IProtocol) -> None:
+        protocol.makeConnection(self.transport)
+        protocol.dataReceived(self._body)
+        protocol.connectionLost(Failure(ResponseDone()))
 
 
 class FakeServers:

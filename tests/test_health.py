@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet import defer, error
 from twisted.internet import reactor as _reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -16,6 +20,9 @@ from twisted.web.server import NOT_DONE_YET
 
 from ollana import wire
 from ollana.health import (
+    LISTING_LIMIT,
+    MAX_MODELS,
+    VERSION_LIMIT,
     AgentGetter,
     LocalOllamaMonitor,
     OllamaProbe,
@@ -190,6 +197,130 @@ class OllamaProbeTests(SynchronousTestCase):
         self.assertEqual(servers.cancelled, [URL + "/api/tags"])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_models_beyond_max_models_are_left_out_in_one_line(self) -> None:
+        servers = FakeServers(self.clock)
+        names = [f"m{i}:latest" for i in range(MAX_MODELS + 5)]
+        listed: list[Any] = [{"name": name} for name in names]
+        servers.answers[URL, "/api/tags"] = (200, {"models": [*listed, {"nom": "x"}]})
+        logs = capture_logs(self)
+        probe = OllamaProbe(servers, self.clock, URL)
+        self.assertEqual(self.successResultOf(probe.models(2)), names[:MAX_MODELS])
+        self.assertEqual(
+            [(e["log_level"], formatEvent(e)) for e in logs],
+            [
+                (
+                    LogLevel.info,
+                    f"{URL}/api/tags lists {MAX_MODELS + 6} entries; "
+                    f"only the first {MAX_MODELS} are used",
+                )
+            ],
+        )
+
+    def test_max_models_are_all_used_quietly(self) -> None:
+        servers = FakeServers(self.clock)
+        names = [f"m{i}:latest" for i in range(MAX_MODELS)]
+        servers.answers[URL, "/api/tags"] = (200, {"models": [{"name": n} for n in names]})
+        logs = capture_logs(self)
+        probe = OllamaProbe(servers, self.clock, URL)
+        self.assertEqual(self.successResultOf(probe.models(2)), names)
+        self.assertEqual(list(logs), [])
+
+    def test_an_oversized_answer_is_no_model_list(self) -> None:
+        servers = FakeServers(self.clock)
+        servers.answers[URL, "/api/tags"] = (200, {"models": [], "pad": "x" * LISTING_LIMIT})
+        self.assertEqual(
+            self.reason(OllamaProbe(servers, self.clock, URL).models(2)),
+            f"/api/tags gave an answer larger than {LISTING_LIMIT} bytes",
+        )
+
+
+class BoundedAnswerTests(SynchronousTestCase):
+    """Answers are read up to a limit, over the production getter (an Agent) on a
+    StringTransport: past the limit, or at the timeout, the download stops at once."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.probe = OllamaProbe(AgentGetter(Agent(self.reactor)), self.reactor, URL)
+
+    def connect(self) -> StringTransport:
+        """Accept the probe's connection: the request goes out on it."""
+        [(_, _, factory, _, _)] = self.reactor.tcpClients
+        protocol: Any = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 11434))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.protocol = protocol
+        return transport
+
+    def answer(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def head(self, length: int | None) -> bytes:
+        sized = b"" if length is None else b"Content-Length: %d\r\n" % length
+        return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + sized + b"\r\n"
+
+    def reason(self, d: defer.Deferred[Any]) -> str:
+        return str(self.failureResultOf(d, OllamaUnavailable).value)
+
+    def test_a_listing_over_the_limit_fails_and_stops_the_download(self) -> None:
+        d = self.probe.models(2)
+        transport = self.connect()
+        self.assertTrue(transport.value().startswith(b"GET /api/tags HTTP/1.1\r\n"))
+        self.answer(self.head(68_000_000) + b" " * (LISTING_LIMIT - 1))
+        self.assertNoResult(d)
+        self.assertEqual(transport.producerState, "producing")
+        self.answer(b"  ")
+        self.assertEqual(
+            self.reason(d), f"/api/tags gave an answer larger than {LISTING_LIMIT} bytes"
+        )
+        self.assertEqual(transport.producerState, "stopped", "read no more")
+        self.answer(b" " * 65536)  # what was under way changes nothing
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_a_listing_of_exactly_the_limit_is_read(self) -> None:
+        body = json.dumps({"models": [{"name": "qwen3:8b"}]}).encode()
+        body += b" " * (LISTING_LIMIT - len(body))
+        d = self.probe.models(2)
+        transport = self.connect()
+        self.answer(self.head(len(body)) + body[:1000])
+        self.answer(body[1000:])
+        self.assertEqual(self.successResultOf(d), ["qwen3:8b"])
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_a_version_answer_has_a_smaller_limit(self) -> None:
+        d = self.probe.version(2)
+        transport = self.connect()
+        self.answer(self.head(None) + b" " * VERSION_LIMIT)
+        self.assertNoResult(d)
+        self.answer(b" ")
+        self.assertEqual(
+            self.reason(d), f"/api/version gave an answer larger than {VERSION_LIMIT} bytes"
+        )
+        self.assertEqual(transport.producerState, "stopped")
+
+    def test_a_body_ended_by_the_close_is_read(self) -> None:
+        d = self.probe.version(2)
+        self.connect()
+        self.answer(self.head(None) + b'{"version": "0.12.3"}')
+        self.protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.successResultOf(d), "0.12.3")
+
+    def test_a_body_cut_short_fails(self) -> None:
+        d = self.probe.version(2)
+        self.connect()
+        self.answer(self.head(100) + b'{"version": "0.12.3"}')
+        self.protocol.connectionLost(Failure(error.ConnectionLost()))
+        self.assertIn("Connection to the other side was lost", self.reason(d))
+
+    def test_the_timeout_stops_a_slow_body(self) -> None:
+        d = self.probe.models(2)
+        transport = self.connect()
+        self.answer(self.head(1000) + b'{"models": [')
+        self.reactor.advance(1.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        self.assertEqual(self.reason(d), "no answer within 2 s")
+        self.assertEqual(transport.producerState, "stopped")
+
 
 class _Static(Resource):
     isLeaf = True
@@ -213,7 +344,7 @@ class LocalOllamaMonitorTests(SynchronousTestCase):
             interval=5,
             timeout=3,
             on_up=lambda: self.events.append("up"),
-            on_down=lambda: self.events.append("down"),
+            on_down=lambda reason: self.events.append("down"),
         )
 
     def test_checks_at_start_and_every_interval(self) -> None:
@@ -255,7 +386,7 @@ class LocalOllamaMonitorTests(SynchronousTestCase):
         def broken() -> None:
             raise RuntimeError("boom")
 
-        self.monitor.on_up = broken
+        self.monitor.watch(broken, lambda reason: None)
         self.monitor.startService()
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.http.answering = False

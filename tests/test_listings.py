@@ -7,8 +7,10 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from ollana.health import LISTING_LIMIT, MAX_MODELS
 from ollana.listings import MergedListings
 from ollana.peers import Peer, PeerPool
 from ollana.upstream import LocalAnswer, NoUpstream, UpstreamsFailed
@@ -149,6 +151,47 @@ class MergedListingsTests(SynchronousTestCase):
             str(self.failureResultOf(d, UpstreamsFailed).value),
             f"ollana: no server could answer: {B}: no listing; {A}: no answer within 3 s",
         )
+
+    def test_an_oversized_listing_leaves_the_others(self) -> None:
+        oversized = {"models": [{"name": "big:latest"}], "pad": "x" * LISTING_LIMIT}
+        self.servers.answers[B, "/api/tags"] = (200, oversized)
+        answer, listing = self.answer(b"/api/tags")
+        names = [entry["name"] for entry in listing["models"]]
+        self.assertEqual(names, ["llama3.2:latest", "qwen3:8b"])
+        self.assertEqual(self.header(answer, b"x-ollana-peer"), "a.example:11435")
+        self.servers.refusing.add(A)
+        self.assertEqual(
+            self.failure(b"/api/tags", UpstreamsFailed),
+            f"ollana: no server could answer: {B}: /api/tags gave an answer larger than "
+            f"{LISTING_LIMIT} bytes; {A}: connection refused",
+        )
+
+    def test_a_listing_exactly_at_the_limit_is_merged(self) -> None:
+        exact: dict[str, Any] = {"models": [ps_entry("big", 1)], "pad": ""}
+        exact["pad"] = "x" * (LISTING_LIMIT - len(json.dumps(exact)))
+        self.assertEqual(len(json.dumps(exact)), LISTING_LIMIT, "as FakeServers sends it")
+        self.servers.answers[B, "/api/ps"] = (200, exact)
+        _, listing = self.answer(b"/api/ps")
+        self.assertEqual(listing, {"models": [ps_entry("big", 1)]})
+
+    def test_each_server_gives_at_most_max_models(self) -> None:
+        many = [ps_entry(f"m{i}:latest", 1) for i in range(MAX_MODELS + 10)]
+        self.servers.answers[B, "/api/ps"] = (200, {"models": many})
+        self.servers.answers[A, "/api/ps"] = (200, {"models": [ps_entry("qwen3:8b", 1)]})
+        logs = capture_logs(self)
+        _, listing = self.answer(b"/api/ps")
+        self.assertEqual(listing, {"models": [*many[:MAX_MODELS], ps_entry("qwen3:8b", 1)]})
+        self.assertEqual(
+            [formatEvent(e) for e in logs],
+            [f"{B}/api/ps lists {MAX_MODELS + 10} entries; only the first {MAX_MODELS} are used"],
+        )
+
+    def test_the_inventory_from_tags_is_cut_too(self) -> None:
+        many = [{"name": f"m{i}"} for i in range(MAX_MODELS + 1)]
+        self.servers.answers[B, "/api/tags"] = (200, {"models": many})
+        self.answer(b"/api/tags")
+        self.assertEqual(len(self.b.models), MAX_MODELS)
+        self.assertNotIn(f"m{MAX_MODELS}:latest", self.b.models)
 
     def test_entries_that_are_not_objects_are_left_out(self) -> None:
         self.servers.answers[B, "/api/ps"] = (200, {"models": [1, "x", None, ps_entry("a", 1)]})
