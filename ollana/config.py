@@ -42,7 +42,8 @@ class Settings:
     health_interval: float = 5.0
     peers: tuple[tuple[str, int, str], ...] = ()  # host, port, scheme
     connect_timeout: float = 5.0
-    idle_timeout: float = 600.0
+    idle_timeout: float = 120.0
+    first_byte_timeout: float = 300.0
     strategy: str = "fastest"
     unhealthy_after: int = 2
     models_interval: float = 30.0

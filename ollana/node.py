@@ -296,6 +296,7 @@ def proxy_services(
         router=router,
         clock=reactor,
         idle_timeout=settings.idle_timeout,
+        first_byte_timeout=settings.first_byte_timeout,
         retry_after=settings.probe_interval,
         metrics=observed.metrics,
         gate=gate,
@@ -350,8 +351,7 @@ def build_server(
             fingerprint=fingerprint,
             clock=reactor,
         )
-        monitor.on_up = responder.announce
-        monitor.on_down = responder.bye
+        monitor.watch(responder.announce, lambda reason: responder.bye())
         discovery = ResponderService(reactor, responder, settings, listener, on_error)
         discovery.setName("discovery")
         services.append(discovery)

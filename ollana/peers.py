@@ -18,6 +18,12 @@ MAX_PEERS = 256  # servers known at once: announcements past this are ignored
 LATENCY_WEIGHT = 0.3  # of the newest check in the moving average
 SAME_LATENCY_SHARE = 0.25  # latencies this much above the best, plus
 SAME_LATENCY_SECONDS = 0.005  # this much, are as fast as the best
+# Outlier ejection, as Envoy does it: a server that fails this many requests in a row is
+# left out for EJECT_SECONDS times the number of times it has been (up to EJECT_MAX), even
+# while its health checks pass (a server that fails fast must not look idle and draw more).
+EJECT_AFTER = 3
+EJECT_SECONDS = 10.0
+EJECT_MAX = 300.0
 
 
 class Source(enum.Enum):
@@ -62,6 +68,9 @@ class Peer:
     models: frozenset[str] = field(default_factory=frozenset)  # model_key()s
     models_checked: float | None = None
     fingerprint: bytes | None = None  # SHA-256 of its TLS certificate, as announced
+    request_failures: int = 0  # requests it failed in a row
+    ejections: int = 0  # times it was ejected, less one per request served since
+    ejected_until: float = 0.0  # left out of the choice until then
 
     @property
     def node_id(self) -> str | None:
@@ -94,6 +103,7 @@ class PeerPool:
         self.unhealthy_after = unhealthy_after
         self._peers: dict[str, Peer] = {}
         self._turn = -1
+        self._down_watchers: list[Callable[[Peer, str], object]] = []
         self.on_added: Callable[[Peer], object] = lambda peer: None  # the health checker's
         self.admits: Callable[[str], bool] = lambda host: True  # sources believed
 
@@ -217,11 +227,19 @@ class PeerPool:
         return True
 
     def check_failed(self, peer: Peer, reason: str) -> None:
-        """Record a failed check: unhealthy after unhealthy_after of them in a row."""
+        """Record a failed check: unhealthy after unhealthy_after of them in a row. The
+        requests still waiting there are then told (watch_down), at each failed check."""
         peer.failures += 1
         peer.reason = reason
         if peer.healthy and peer.failures >= self.unhealthy_after:
             self._mark_down(peer, reason)
+        if not peer.healthy:
+            for watcher in list(self._down_watchers):
+                watcher(peer, reason)
+
+    def watch_down(self, watcher: Callable[[Peer, str], object]) -> None:
+        """Call watcher(peer, reason) whenever a health check fails on an unhealthy peer."""
+        self._down_watchers.append(watcher)
 
     def suspect(self, peer: Peer, reason: str) -> None:
         """A request could not reach the peer: no more requests until a check succeeds."""
@@ -230,6 +248,37 @@ class PeerPool:
         peer.next_check = 0.0
         if peer.healthy:
             self._mark_down(peer, reason)
+
+    def request_failed(self, peer: Peer, reason: str) -> None:
+        """The peer failed a request (it could not be reached, or answered with a server
+        error): after EJECT_AFTER in a row it is ejected, for longer each time."""
+        peer.request_failures += 1
+        if peer.request_failures < EJECT_AFTER:
+            return
+        peer.request_failures = 0
+        peer.ejections += 1
+        seconds = min(EJECT_SECONDS * peer.ejections, EJECT_MAX)
+        peer.ejected_until = self._clock.seconds() + seconds
+        self.log.warn(
+            "Server {url} failed {count} requests in a row ({reason}): not used for {seconds:g} s",
+            url=peer.url, count=EJECT_AFTER, reason=reason, seconds=seconds,
+        )  # fmt: skip
+
+    def request_succeeded(self, peer: Peer) -> None:
+        """The peer served a request: its failures in a row end, and so does any doubt
+        about its health (a check will confirm)."""
+        peer.request_failures = 0
+        if peer.ejections and self._clock.seconds() >= peer.ejected_until:
+            peer.ejections -= 1
+        if not peer.healthy:
+            peer.healthy = True
+            peer.failures = 0
+            peer.reason = ""
+            self.log.info("Server {url} is answering again", url=peer.url)
+
+    def ejected(self, peer: Peer) -> bool:
+        """Whether the peer is left out of the choice for failing requests."""
+        return peer.ejected_until > self._clock.seconds()
 
     def _mark_down(self, peer: Peer, reason: str) -> None:
         peer.healthy = False
@@ -256,14 +305,17 @@ class PeerPool:
     def candidates(self, strategy: str, model: str | None = None) -> list[Peer]:
         """Usable peers in the order to try them for a request.
 
-        Healthy ones, ordered by the strategy; when a model is named and some of them have
-        it, only those. With no healthy peer, the unhealthy ones, last good first: a try
-        may still succeed where a refusal would certainly fail.
+        Healthy ones that are not ejected, ordered by the strategy; when a model is named
+        and some of them have it, only those. When every healthy peer is ejected, those
+        all the same (never eject the last one: Envoy's "panic"). With no healthy peer, the
+        unhealthy ones, last good first: a try may still succeed where a refusal would
+        certainly fail.
         """
         usable = [peer for peer in self._peers.values() if peer.usable]
         healthy = [peer for peer in usable if peer.healthy]
         if not healthy:
             return sorted(usable, key=lambda p: -(p.last_ok or float("-inf")))
+        healthy = [peer for peer in healthy if not self.ejected(peer)] or healthy
         if model is not None:
             wanted = model_key(model)
             having = [peer for peer in healthy if wanted in peer.models]

@@ -69,6 +69,23 @@ HOP_BY_HOP = frozenset(
 )
 VIA = b"1.1 ollana"
 CLIENT_CLOSED = 499  # the status logged for a request whose client left before an answer
+# An answer an Ollana node made itself because it could not serve the request says why in
+# this header: "unreachable" (its upstream could not be reached or was found down),
+# "timeout" (its upstream sent no answer in time), "busy" (a limit of ours was reached) or
+# "refused" (the request itself was at fault). A client-mode node knows from the first three
+# that the request never started there, and tries another server.
+ERROR_HEADER = b"x-ollana-error"
+RETRY_ELSEWHERE = frozenset({"unreachable", "timeout", "busy"})
+# Upstream answers that count against it (a server error), though they are relayed as they
+# are: not 501 (not implemented is no fault) nor 503 (a busy Ollama is load, not failure).
+SERVER_ERRORS = frozenset({500, 502, 504})
+STALLED = 5.0  # seconds a stream may have been silent when its upstream is found down
+
+
+def _error_kind(response: IResponse) -> str | None:
+    """What an Ollana server says went wrong in an answer of its own (ERROR_HEADER)."""
+    kinds = response.headers.getRawHeaders(ERROR_HEADER)
+    return kinds[-1].strip().lower().decode("ascii", "replace") if kinds else None
 
 
 def error_body(message: str) -> bytes:
@@ -288,6 +305,9 @@ class Exchange:
         self.client_gone = False
         self.client_complete = length == 0
         self.timed_out = False
+        self._waited = 0.0  # how long the upstream had owed us when it timed out
+        self.down: str | None = None  # why the upstream was found down during the attempt
+        self.awaiting_head = False  # the attempt has sent its request and awaits the answer
         self.responding = False
         self.relay: ResponseRelay | None = None
         self._idle: IDelayedCall | None = None
@@ -347,8 +367,10 @@ class Exchange:
         upstream = self.candidates.pop(0)
         self.upstream = upstream
         self.timed_out = False
+        self.down = None
+        self.awaiting_head = True
         self._active = upstream
-        self.router.started(upstream)
+        self.router.started(upstream, self)
         if self.length == 0:
             self.body = None
             self.upstream_owes(True)
@@ -368,20 +390,62 @@ class Exchange:
 
     def _answered(self, response: IResponse) -> None:
         """The upstream answered: whatever of the body it has not read, it never will, so
-        the client may send the rest (dropped) and get its answer."""
+        the client may send the rest (dropped) and get its answer. An Ollana server's own
+        error (it could not serve the request) is tried on the next candidate instead."""
         self._pending = None
+        self.awaiting_head = False
         if self.body is not None and self.body.unfinished:
             self.body.abandon()
             self.upstream_owes(False)  # until the client has sent the rest
         if self.response.called:  # the client left meanwhile
             response.deliverBody(_Drop())
             return
+        if self._judge(response) and self._may_retry():
+            response.deliverBody(_Drop())
+            upstream = self.upstream
+            self._end_active()
+            if self.body is not None:
+                self.body.discard()
+            assert upstream is not None
+            self._retry(upstream, f"HTTP {response.code} ({_error_kind(response)})")
+            return
         self._answer = response
         self._received = None  # answered: no other attempt will need the body
         self.response.callback(response)
 
+    def _judge(self, response: IResponse) -> bool:
+        """Tell the router what the answer says of its upstream; True when it is an Ollana
+        server's own error that another server may not give."""
+        upstream = self.upstream
+        assert upstream is not None
+        kind = _error_kind(response)
+        if kind in RETRY_ELSEWHERE:
+            reason = f"HTTP {response.code} ({kind})"
+            if kind == "unreachable":
+                self.router.failed(upstream, reason)
+            elif kind == "timeout":
+                self.router.errored(upstream, reason)
+            return True  # "busy" is load, not failure: nothing to hold against it
+        if response.code in SERVER_ERRORS:
+            self.router.errored(upstream, f"HTTP {response.code}")
+        else:
+            self.router.succeeded(upstream)
+        return False
+
+    def _may_retry(self) -> bool:
+        """Whether another candidate can still be tried: the body so far is kept, and the
+        client is still there."""
+        return bool(self.candidates) and self._received is not None and not self.client_gone
+
+    def _retry(self, upstream: Upstream, reason: str) -> None:
+        self.reasons.append(f"{upstream.url}: {reason}")
+        log.info("Retrying {path} elsewhere: {url}: {reason}",
+                 path=log_text(self.uri), url=upstream.url, reason=reason)  # fmt: skip
+        self._attempt()
+
     def _attempt_failed(self, failure: Failure) -> None:
         self._pending = None
+        self.awaiting_head = False
         self.upstream_owes(False)
         if self.body is not None:
             self.body.discard()
@@ -390,25 +454,41 @@ class Exchange:
         if self._cancelled or self.response.called or upstream is None:
             return  # the client left: says nothing about the upstream
         reason = self._attempt_reason(failure)
-        self.reasons.append(f"{upstream.url}: {reason}")
-        if not self.timed_out:  # slow is not broken: the checks will tell
+        if self.timed_out:  # slow is not broken: it counts, but only ejection takes it out
+            self.router.errored(upstream, reason)
+        elif self.down is None:  # found down: the router knows already
             self.router.failed(upstream, reason)
-        if self.candidates and self._received is not None and not self.client_gone:
-            log.info("Retrying {path} elsewhere: {url}: {reason}",
-                     path=log_text(self.uri), url=upstream.url, reason=reason)  # fmt: skip
-            self._attempt()
+        if self._may_retry():
+            self._retry(upstream, reason)
             return
+        self.reasons.append(f"{upstream.url}: {reason}")
         if len(self.reasons) > 1:
             failure = Failure(UpstreamsFailed("ollana: no server could answer: "
                                               + "; ".join(self.reasons)))  # fmt: skip
         self._give_up(failure)
 
     def _attempt_reason(self, failure: Failure) -> str:
+        if self.down is not None:
+            return f"found down while the request waited: {self.down}"
         if self.timed_out:
-            return f"sent nothing for {self.proxy.idle_timeout:g} s"
+            return f"sent nothing for {self._waited:g} s"
         if failure.check(error.TimeoutError):
             return "cannot connect: timed out"
         return describe_error(failure.value)
+
+    def upstream_down(self, reason: str) -> None:
+        """The router found this attempt's upstream down: a request still waiting for its
+        answer is tried elsewhere at once (nothing has reached the client), and a stream
+        that has been silent for a while is cut rather than left hanging."""
+        if self.awaiting_head and self._pending is not None:
+            self.down = reason
+            self._pending.cancel()
+        elif (self.relay is not None and self._owed_since is not None
+              and self.proxy.clock.seconds() - self._owed_since >= STALLED):  # fmt: skip
+            log.warn("Upstream {url} was found down mid-response: {reason}",
+                     url=self._url(), reason=reason)  # fmt: skip
+            self.relay.stopProducing()
+            self._abort_client()
 
     def _settle(self, answer: LocalAnswer) -> None:
         self._pending = None
@@ -435,7 +515,7 @@ class Exchange:
     def _end_active(self) -> None:
         active, self._active = self._active, None
         if active is not None:
-            self.router.ended(active)
+            self.router.ended(active, self)
 
     def _upstream_headers(self) -> Headers:
         request = self.request
@@ -573,19 +653,25 @@ class Exchange:
         request.finish()
 
     def _describe(self, failure: Failure) -> tuple[int, str, dict[bytes, bytes]]:
+        """The status, message and headers of an error answer of ours, the headers saying
+        whose error it is (ERROR_HEADER)."""
+        unreachable = {ERROR_HEADER: b"unreachable"}
         if failure.check(NoUpstream):
             retry = str(int(self.proxy.retry_after)).encode("ascii")
-            return 503, str(failure.value), {b"retry-after": retry}
+            return 503, str(failure.value), {b"retry-after": retry, **unreachable}
         if failure.check(BadTarget):
-            return 400, str(failure.value), {}
+            return 400, str(failure.value), {ERROR_HEADER: b"refused"}
         if failure.check(UpstreamsFailed):
-            return 502, str(failure.value), {}
+            return 502, str(failure.value), unreachable
         url = self._url()
+        if self.down is not None:
+            return 502, f"ollana: {url} was found down: {self.down}", unreachable
         if self.timed_out:
-            return 504, f"ollana: {url} sent nothing for {self.proxy.idle_timeout:g} s", {}
+            message = f"ollana: {url} sent nothing for {self._waited:g} s"
+            return 504, message, {ERROR_HEADER: b"timeout"}
         if failure.check(error.TimeoutError):
-            return 504, f"ollana: cannot connect to {url}: timed out", {}
-        return 502, f"ollana: no answer from {url}: {describe_error(failure.value)}", {}
+            return 504, f"ollana: cannot connect to {url}: timed out", unreachable
+        return 502, f"ollana: no answer from {url}: {describe_error(failure.value)}", unreachable
 
     def _bug(self, failure: Failure) -> None:
         log.failure("Error while relaying a response", failure)
@@ -645,18 +731,27 @@ class Exchange:
     def _url(self) -> str:
         return self.upstream.url if self.upstream is not None else "(no upstream)"
 
-    # The idle timeout counts only while the upstream is the one to move next. There is one
-    # timer per exchange: a chunk only notes the time, and the timer, when it fires, looks
-    # at how long the upstream has really owed us (a timer per chunk cost too much).
+    # The idle timeout counts only while the upstream is the one to move next; while it
+    # owes the answer itself (the request sent, no response yet), the first-byte timeout
+    # counts instead, as a model may be loading. There is one timer per exchange: a chunk
+    # only notes the time, and the timer, when it fires, looks at how long the upstream has
+    # really owed us (a timer per chunk cost too much).
 
     def upstream_owes(self, owes: bool) -> None:
         """Start the idle timeout afresh (the upstream is to move next) or stop it."""
         if owes and not self.client_gone and not self._ended:
             self._owed_since = self.proxy.clock.seconds()
             if self._idle is None:
-                self._idle = self.proxy.clock.callLater(self.proxy.idle_timeout, self._check_idle)
+                first = min(self.proxy.idle_timeout, self.proxy.first_byte_timeout)
+                self._idle = self.proxy.clock.callLater(first, self._check_idle)
         else:
             self._owed_since = None
+
+    def _limit(self) -> float:
+        """How long the upstream may owe us what it owes now."""
+        if self.awaiting_head and (self.body is None or not self.body.unfinished):
+            return self.proxy.first_byte_timeout
+        return self.proxy.idle_timeout
 
     def _stop_idle(self) -> None:
         self._ended = True
@@ -669,7 +764,7 @@ class Exchange:
         self._idle = None
         if self._owed_since is None:  # owed nothing now: counted afresh when it is
             return
-        left = self._owed_since + self.proxy.idle_timeout - self.proxy.clock.seconds()
+        left = self._owed_since + self._limit() - self.proxy.clock.seconds()
         if left > 0:
             self._idle = self.proxy.clock.callLater(left, self._check_idle)
         else:
@@ -682,6 +777,7 @@ class Exchange:
             self._abort_client()
         elif self._pending is not None:
             self.timed_out = True
+            self._waited = self._limit()
             self._pending.cancel()
 
 
@@ -722,7 +818,8 @@ class ProxySettings:
     agent: IAgent
     router: Router
     clock: IReactorTime
-    idle_timeout: float = 600.0
+    idle_timeout: float = 120.0
+    first_byte_timeout: float = 300.0
     retry_after: float = 5.0
     metrics: Metrics = field(default_factory=Metrics)
     gate: Gate = field(default_factory=Gate)

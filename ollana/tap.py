@@ -97,11 +97,18 @@ class Options(DiscoveryOptions):
         ["health-interval", None, "5", "Seconds between health checks."],
         ["connect-timeout", None, "5", "Seconds to wait for a connection to an upstream."],
         [
+            "first-byte-timeout",
+            None,
+            "300",
+            "Seconds an upstream may take to start answering a request it has read (a model "
+            "may be loading) before it is given up, or tried elsewhere.",
+        ],
+        [
             "idle-timeout",
             None,
-            "600",
-            "Seconds an upstream may keep a request waiting (not reading its body, not "
-            "answering, silent within the response) before the request is given up.",
+            "120",
+            "Seconds an upstream may keep a request waiting otherwise (not reading its body, "
+            "silent within the response) before the request is given up.",
         ],
         [
             "strategy",
@@ -188,7 +195,8 @@ class Options(DiscoveryOptions):
                 self["discovery-interface"], "--discovery-interface"
             )
         seconds = ("probe-interval", "health-interval", "connect-timeout", "idle-timeout",
-                   "models-interval", "drain-timeout", "header-timeout")  # fmt: skip
+                   "first-byte-timeout", "models-interval", "drain-timeout",
+                   "header-timeout")  # fmt: skip
         for name in seconds:
             self[name] = config.parse_seconds(str(self[name]), "--" + name)
         if self["strategy"] not in STRATEGIES:
@@ -250,6 +258,7 @@ class Options(DiscoveryOptions):
             peers=tuple(self["peer"]),
             connect_timeout=self["connect-timeout"],
             idle_timeout=self["idle-timeout"],
+            first_byte_timeout=self["first-byte-timeout"],
             strategy=self["strategy"],
             unhealthy_after=self["unhealthy-after"],
             models_interval=self["models-interval"],

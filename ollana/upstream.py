@@ -3,6 +3,7 @@ and the HTTP/1.1 agent that reaches upstreams, with kept-alive connections and T
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,14 +68,28 @@ class LocalAnswer:
 Listing = Callable[[], defer.Deferred[LocalAnswer]]  # an answer made here, when asked
 
 
+class Watcher(typing.Protocol):
+    """What a router tells about an upstream it has given a request to (the exchange)."""
+
+    def upstream_down(self, reason: str) -> None:
+        """The upstream was found down while this request was with it."""
+
+
 class Router:
     """Where a listener's requests go. This one sends all to one upstream; client mode's
-    (ollana.routing) chooses among servers and learns from failures."""
+    (ollana.routing) chooses among servers and learns from failures.
+
+    The exchange reports each attempt: ``started`` and ``ended`` around it, and in between
+    ``succeeded`` (an answer the upstream is not to blame for), ``failed`` (it could not be
+    reached) or ``errored`` (reached, but it failed the request). A router that finds an
+    upstream down tells the watchers of the attempts under way there.
+    """
 
     scan_limit = 0  # bytes of a request body to scan for a "model" (and to keep for retries)
 
     def __init__(self, upstream: Upstream | None = None) -> None:
         self.upstream = upstream
+        self._watchers: dict[object, set[Watcher]] = {}
 
     def wants_model(self, method: bytes, path: bytes) -> bool:
         """Whether the request's body may name the model that decides where it goes."""
@@ -90,14 +105,36 @@ class Router:
             raise NoUpstream("ollana: no upstream configured")
         return [self.upstream]
 
-    def started(self, upstream: Upstream) -> None:
-        """A request to upstream begins."""
+    def started(self, upstream: Upstream, watcher: Watcher) -> None:
+        """A request to upstream begins; watcher hears if upstream is found down."""
+        self._watchers.setdefault(self._key(upstream), set()).add(watcher)
 
-    def ended(self, upstream: Upstream) -> None:
+    def ended(self, upstream: Upstream, watcher: Watcher) -> None:
         """That request has ended, however it ended."""
+        key = self._key(upstream)
+        watching = self._watchers.get(key)
+        if watching is not None:
+            watching.discard(watcher)
+            if not watching:
+                del self._watchers[key]
+
+    def succeeded(self, upstream: Upstream) -> None:
+        """Upstream answered a request, with an answer it is not to blame for."""
 
     def failed(self, upstream: Upstream, reason: str) -> None:
-        """A request could not reach upstream (refused, reset, timed out)."""
+        """A request could not reach upstream (refused, reset, timed out connecting)."""
+
+    def errored(self, upstream: Upstream, reason: str) -> None:
+        """Upstream was reached but failed a request (a server error, or no answer in time)."""
+
+    def found_down(self, key: object, reason: str) -> None:
+        """Tell the attempts under way at the upstream with this key that it is down."""
+        for watcher in list(self._watchers.get(key, ())):
+            watcher.upstream_down(reason)
+
+    def _key(self, upstream: Upstream) -> object:
+        """What identifies an upstream for found_down: its server, else its URL."""
+        return upstream.server if upstream.server is not None else upstream.url
 
 
 @implementer(IAgentEndpointFactory)

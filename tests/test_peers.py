@@ -7,7 +7,17 @@ from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from ollana import wire
-from ollana.peers import LATENCY_WEIGHT, MAX_PEERS, Peer, PeerPool, Source, model_key
+from ollana.peers import (
+    EJECT_AFTER,
+    EJECT_MAX,
+    EJECT_SECONDS,
+    LATENCY_WEIGHT,
+    MAX_PEERS,
+    Peer,
+    PeerPool,
+    Source,
+    model_key,
+)
 from tests.support import capture_logs
 
 A = bytes(16)
@@ -218,6 +228,82 @@ class SuspectTests(PoolTestCase):
         self.pool.suspect(peer, "connection reset")
         self.assertTrue(self.pool.check_succeeded(peer, 0.1))
         self.assertTrue(peer.healthy)
+
+
+class EjectionTests(PoolTestCase):
+    """Servers that fail requests in a row are left out for a while, longer each time."""
+
+    def test_ejected_after_failures_in_a_row_for_longer_each_time(self) -> None:
+        a, b = self.static("a", 0.01), self.static("b", 0.5)
+        for times in (1, 2, 3):
+            for _ in range(EJECT_AFTER - 1):
+                self.pool.request_failed(a, "HTTP 500")
+            self.assertEqual(self.pool.candidates("fastest"), [a, b])
+            self.pool.request_failed(a, "HTTP 500")
+            self.assertEqual(self.pool.candidates("fastest"), [b], times)
+            self.clock.advance(EJECT_SECONDS * times - 0.1)
+            self.assertEqual(self.pool.candidates("fastest"), [b], times)
+            self.clock.advance(0.1)
+            self.assertEqual(self.pool.candidates("fastest"), [a, b], times)
+        self.assertEqual(len(self.logged(LogLevel.warn)), 3)
+
+    def test_health_checks_that_pass_do_not_end_an_ejection(self) -> None:
+        a, b = self.static("a", 0.01), self.static("b", 0.5)
+        for _ in range(EJECT_AFTER):
+            self.pool.request_failed(a, "HTTP 502 (unreachable)")
+        self.pool.check_succeeded(a, 0.01)
+        self.assertEqual(self.pool.candidates("fastest"), [b])
+
+    def test_a_success_in_between_resets_the_count(self) -> None:
+        a = self.static("a", 0.01)
+        self.static("b", 0.5)
+        for _ in range(5):
+            for _ in range(EJECT_AFTER - 1):
+                self.pool.request_failed(a, "HTTP 500")
+            self.pool.request_succeeded(a)
+        self.assertFalse(self.pool.ejected(a))
+
+    def test_served_requests_shorten_the_next_ejection(self) -> None:
+        a = self.static("a", 0.01)
+        self.static("b", 0.5)
+        for _ in range(2 * EJECT_AFTER):
+            self.pool.request_failed(a, "HTTP 500")
+        self.assertEqual(a.ejections, 2)
+        self.clock.advance(EJECT_SECONDS * 2)
+        self.pool.request_succeeded(a)
+        for _ in range(EJECT_AFTER):
+            self.pool.request_failed(a, "HTTP 500")
+        self.assertEqual(a.ejected_until, self.clock.seconds() + EJECT_SECONDS * 2)
+
+    def test_ejection_is_capped(self) -> None:
+        a = self.static("a", 0.01)
+        for _ in range(100 * EJECT_AFTER):
+            self.pool.request_failed(a, "HTTP 500")
+        self.assertEqual(a.ejected_until, self.clock.seconds() + EJECT_MAX)
+
+    def test_never_the_last_server_panic(self) -> None:
+        a, b = self.static("a", 0.01), self.static("b", 0.5)
+        for peer in (a, b):
+            for _ in range(EJECT_AFTER):
+                self.pool.request_failed(peer, "HTTP 500")
+        self.assertEqual(self.pool.candidates("fastest"), [a, b], "all ejected: all used")
+
+    def test_a_request_served_brings_an_unhealthy_server_back(self) -> None:
+        a = self.static("a", 0.01)
+        self.down(a)
+        self.pool.request_succeeded(a)
+        self.assertTrue(a.healthy)
+        self.assertEqual((a.failures, a.reason), (0, ""))
+
+    def test_failed_checks_on_an_unhealthy_server_are_told(self) -> None:
+        a = self.static("a", 0.01)
+        told: list[tuple[Peer, str]] = []
+        self.pool.watch_down(lambda peer, reason: told.append((peer, reason)))
+        self.pool.check_failed(a, "no answer within 3 s")
+        self.assertEqual(told, [], "still healthy")
+        self.pool.check_failed(a, "no answer within 3 s")
+        self.pool.check_failed(a, "connection refused")
+        self.assertEqual(told, [(a, "no answer within 3 s"), (a, "connection refused")])
 
 
 class ExpireTests(PoolTestCase):

@@ -25,6 +25,7 @@ from ollana.upstream import (
     Router,
     Upstream,
     UpstreamsFailed,
+    Watcher,
     make_agent,
 )
 from tests.support import capture_logs
@@ -246,7 +247,7 @@ class ResponseRelayTests(SynchronousTestCase):
         self.proxy.reactor.advance(1000)
         self.assertFalse(self.proxy.client.disconnecting)
         producer(self.proxy.client).resumeProducing()  # the upstream owes from now on
-        self.proxy.reactor.advance(599)
+        self.proxy.reactor.advance(119)
         self.assertFalse(self.proxy.client.disconnecting)
         self.proxy.reactor.advance(1)
         self.assertTrue(self.proxy.client.disconnecting)
@@ -259,9 +260,9 @@ class ResponseRelayTests(SynchronousTestCase):
 
     def test_idle_upstream_mid_stream_is_dropped(self) -> None:
         self.proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
-        self.proxy.reactor.advance(599)
+        self.proxy.reactor.advance(119)
         self.proxy.answer(b"3\r\ndef\r\n")
-        self.proxy.reactor.advance(599)
+        self.proxy.reactor.advance(119)
         self.assertFalse(self.proxy.client.disconnecting)
         self.proxy.reactor.advance(1)
         self.assertTrue(self.proxy.client.disconnecting)
@@ -273,7 +274,7 @@ class ResponseRelayTests(SynchronousTestCase):
         self.proxy.reactor.advance(3600)
         self.assertFalse(self.proxy.client.disconnecting)
         producer(self.proxy.client).resumeProducing()
-        self.proxy.reactor.advance(599)  # the upstream's turn again: the timeout counts
+        self.proxy.reactor.advance(119)  # the upstream's turn again: the timeout counts
         self.assertFalse(self.proxy.client.disconnecting)
         self.proxy.reactor.advance(1)
         self.assertTrue(self.proxy.client.disconnecting)
@@ -425,7 +426,7 @@ class UploadTimeoutTests(SynchronousTestCase):
         producer(self.upstream).pauseProducing()  # the upstream stops reading for a while
         self.proxy.send(b"a" * 10)
         self.assertEqual(self.proxy.client.producerState, "paused")
-        self.proxy.reactor.advance(300)
+        self.proxy.reactor.advance(100)  # past the client's 60 s, within the upstream's 120
         self.assertFalse(self.proxy.client.disconnecting)
         producer(self.upstream).resumeProducing()
         self.assertEqual(self.proxy.client.producerState, "producing")
@@ -441,7 +442,7 @@ class UploadTimeoutTests(SynchronousTestCase):
     def test_the_last_bytes_held_do_not_leave_the_timeout_off(self) -> None:
         producer(self.upstream).pauseProducing()
         self.proxy.send(b"c" * 30)  # the whole body, held here
-        self.proxy.reactor.advance(300)
+        self.proxy.reactor.advance(100)
         producer(self.upstream).resumeProducing()
         self.assertTrue(self.upstream.value().endswith(b"c" * 30))
         self.proxy.answer(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
@@ -452,7 +453,7 @@ class UploadTimeoutTests(SynchronousTestCase):
     def test_an_upstream_that_stops_reading_is_idle(self) -> None:
         producer(self.upstream).pauseProducing()
         self.proxy.send(b"a" * 10)
-        self.proxy.reactor.advance(599)
+        self.proxy.reactor.advance(119)
         self.assertFalse(self.upstream.disconnecting)
         self.proxy.reactor.advance(1)
         self.assertTrue(self.upstream.disconnecting)
@@ -540,19 +541,37 @@ class ErrorTests(SynchronousTestCase):
             {"error": "ollana: cannot connect to http://127.0.0.1:11434: timed out"},
         )
 
-    def test_silent_upstream_is_a_504_after_the_idle_timeout(self) -> None:
+    def test_silent_upstream_is_a_504_after_the_first_byte_timeout(self) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
         upstream = proxy.connect_upstream()
-        proxy.reactor.advance(599)
+        proxy.reactor.advance(299)
+        self.assertEqual(proxy.response(), b"")
+        proxy.reactor.advance(1)
+        response = proxy.response()
+        self.assertEqual(head(response)[0], b"HTTP/1.1 504 Gateway Time-out")
+        self.assertEqual(header_values(response, b"x-ollana-error"), [b"timeout"])
+        self.assertEqual(
+            self.body(response), {"error": "ollana: http://127.0.0.1:11434 sent nothing for 300 s"}
+        )
+        self.assertTrue(upstream.disconnecting)
+
+    def test_an_upstream_that_stops_reading_the_body_times_out_after_the_idle_timeout(
+        self,
+    ) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"POST /api/blobs/sha256:1 HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
+        upstream = proxy.connect_upstream()
+        upstream.producer.pauseProducing()  # the upstream reads no more of the body
+        proxy.send(b"cd")  # held: the client is not read from meanwhile
+        proxy.reactor.advance(119)
         self.assertEqual(proxy.response(), b"")
         proxy.reactor.advance(1)
         response = proxy.response()
         self.assertEqual(head(response)[0], b"HTTP/1.1 504 Gateway Time-out")
         self.assertEqual(
-            self.body(response), {"error": "ollana: http://127.0.0.1:11434 sent nothing for 600 s"}
+            self.body(response), {"error": "ollana: http://127.0.0.1:11434 sent nothing for 120 s"}
         )
-        self.assertTrue(upstream.disconnecting)
 
     def test_client_leaving_before_the_connection_cancels_it(self) -> None:
         proxy = ProxyHarness(self)
@@ -622,6 +641,7 @@ class Recording(Router):
         self.model_aware = model_aware
         self.asked: list[str | None] = []
         self.events: list[tuple[str, str | None]] = []
+        self.good: list[str | None] = []
 
     def wants_model(self, method: bytes, path: bytes) -> bool:
         return self.model_aware
@@ -630,17 +650,26 @@ class Recording(Router):
         self.asked.append(model)
         return list(self.upstreams)
 
-    def started(self, upstream: Upstream) -> None:
+    def started(self, upstream: Upstream, watcher: Watcher) -> None:
+        super().started(upstream, watcher)
         self.events.append(("started", upstream.peer))
 
-    def ended(self, upstream: Upstream) -> None:
+    def ended(self, upstream: Upstream, watcher: Watcher) -> None:
+        super().ended(upstream, watcher)
         self.events.append(("ended", upstream.peer))
 
     def failed(self, upstream: Upstream, reason: str) -> None:
         self.events.append(("failed " + reason, upstream.peer))
 
+    def errored(self, upstream: Upstream, reason: str) -> None:
+        self.events.append(("errored " + reason, upstream.peer))
+
+    def succeeded(self, upstream: Upstream) -> None:
+        self.good.append(upstream.peer)
+
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+COUNTS = ("failed", "errored")  # what the proxy holds against an upstream
 
 
 class RetryTests(SynchronousTestCase):
@@ -714,19 +743,119 @@ class RetryTests(SynchronousTestCase):
                       "http://127.0.0.1:1003: connection refused"},
         )  # fmt: skip
 
-    def test_a_silent_server_is_replaced_after_the_idle_timeout(self) -> None:
+    def test_a_servers_own_error_is_tried_on_the_next_server(self) -> None:
+        for kind, counted in [
+            (b"unreachable", [("failed HTTP 502 (unreachable)", A.peer)]),
+            (b"timeout", [("errored HTTP 504 (timeout)", A.peer)]),
+            (b"busy", []),
+        ]:
+            router = Recording(A, B)
+            proxy = ProxyHarness(self, router)
+            proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabcdef")
+            first = proxy.connect_upstream(1001)
+            code = {b"unreachable": b"502", b"timeout": b"504", b"busy": b"503"}[kind]
+            proxy.answer(b"HTTP/1.1 " + code + b" Oops\r\nX-Ollana-Error: " + kind
+                         + b"\r\nContent-Length: 2\r\n\r\n{}")  # fmt: skip
+            self.assertTrue(first.disconnecting, kind)
+            second = proxy.connect_upstream(1002)
+            self.assertTrue(second.value().endswith(b"\r\n\r\nabcdef"), kind)
+            proxy.answer(OK)
+            self.assertTrue(proxy.response().startswith(b"HTTP/1.1 200 OK"), kind)
+            self.assertEqual(
+                [e for e in router.events if e[0].split()[0] in COUNTS],
+                counted,
+                kind,  # failed, errored
+            )
+            self.assertEqual(router.good, [B.peer], kind)
+
+    def test_a_servers_own_error_is_relayed_when_no_server_is_left(self) -> None:
+        proxy = ProxyHarness(self, Recording(A))
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        proxy.connect_upstream(1001)
+        proxy.answer(b"HTTP/1.1 503 Service Unavailable\r\nX-Ollana-Error: busy\r\n"
+                     b"Retry-After: 1\r\nContent-Length: 2\r\n\r\n{}")  # fmt: skip
+        response = proxy.response()
+        self.assertEqual(head(response)[0], b"HTTP/1.1 503 Service Unavailable")
+        self.assertEqual(header_values(response, b"retry-after"), [b"1"])
+
+    def test_ollamas_own_errors_are_relayed_and_server_errors_counted(self) -> None:
+        for code, counted in [(b"500", [("errored HTTP 500", A.peer)]), (b"503", []),
+                              (b"404", [])]:  # fmt: skip
+            router = Recording(A, B)
+            proxy = ProxyHarness(self, router)
+            proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+            proxy.connect_upstream(1001)
+            proxy.answer(b"HTTP/1.1 " + code + b" X\r\nContent-Length: 2\r\n\r\n{}")
+            self.assertTrue(proxy.response().startswith(b"HTTP/1.1 " + code), code)
+            self.assertEqual(len(proxy.reactor.tcpClients), 1, code)
+            self.assertEqual([e for e in router.events if e[0].split()[0] in COUNTS], counted, code)
+            self.assertEqual(router.good, [] if counted else [A.peer], code)
+
+    def test_a_request_waiting_on_a_server_found_down_goes_elsewhere_at_once(self) -> None:
+        router = Recording(A, B)
+        proxy = ProxyHarness(self, router)
+        proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        first = proxy.connect_upstream(1001)
+        proxy.reactor.advance(10)
+        router.found_down(A.url, "no answer within 3 s")
+        self.assertTrue(first.disconnecting)
+        second = proxy.connect_upstream(1002)
+        self.assertTrue(second.value().endswith(b"\r\n\r\n{}"))
+        router.found_down(A.url, "again")  # the first attempt is no longer watching
+        proxy.answer(OK)
+        self.assertTrue(proxy.response().startswith(b"HTTP/1.1 200 OK"))
+        self.assertEqual(
+            [e for e in router.events if e[0].split()[0] in COUNTS], [], "the router knew"
+        )
+
+    def test_found_down_with_no_server_left_is_a_502_of_ours(self) -> None:
+        router = Recording(A)
+        proxy = ProxyHarness(self, router)
+        proxy.send(b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n")
+        proxy.connect_upstream(1001)
+        router.found_down(A.url, "no answer within 3 s")
+        response = proxy.response()
+        self.assertEqual(head(response)[0], b"HTTP/1.1 502 Bad Gateway")
+        self.assertEqual(header_values(response, b"x-ollana-error"), [b"unreachable"])
+        self.assertEqual(
+            json.loads(response.split(b"\r\n\r\n", 1)[1]),
+            {"error": "ollana: http://127.0.0.1:1001 was found down: no answer within 3 s"},
+        )
+
+    def test_a_stream_stalled_on_a_server_found_down_is_cut(self) -> None:
+        router = Recording(A, B)
+        proxy = ProxyHarness(self, router)
+        proxy.send(b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n")
+        upstream = proxy.connect_upstream(1001)
+        proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        proxy.reactor.advance(4)
+        router.found_down(A.url, "no answer within 3 s")
+        self.assertFalse(proxy.client.disconnecting, "it spoke 4 s ago: may still be working")
+        proxy.reactor.advance(1)
+        router.found_down(A.url, "no answer within 3 s")
+        self.assertTrue(proxy.client.disconnecting)
+        self.assertTrue(upstream.disconnecting)
+        self.assertEqual(len(proxy.reactor.tcpClients), 1, "a stream under way is not retried")
+
+    def test_a_silent_server_is_replaced_after_the_first_byte_timeout(self) -> None:
         router = Recording(A, B)
         proxy = ProxyHarness(self, router)
         proxy.send(b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n")
         first = proxy.connect_upstream(1001)
-        proxy.reactor.advance(600)
+        proxy.reactor.advance(299)
+        self.assertFalse(first.disconnecting)
+        proxy.reactor.advance(1)
         self.assertTrue(first.disconnecting)
         proxy.lose_upstream()
         proxy.connect_upstream(1002)
         proxy.answer(OK)
         self.assertTrue(proxy.response().startswith(b"HTTP/1.1 200 OK"))
-        # Slow is not broken: the checks, not this request, say whether A is down.
-        self.assertEqual([e for e in router.events if e[0].startswith("failed")], [])
+        # Slow is not broken: the checks, not this request, say whether A is down; but
+        # it counts towards ejection.
+        self.assertEqual(
+            [e for e in router.events if e[0].split()[0] in COUNTS],
+            [("errored sent nothing for 300 s", A.peer)],
+        )
 
     def test_a_client_leaving_does_not_count_against_the_server(self) -> None:
         router = Recording(A, B)

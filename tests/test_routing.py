@@ -24,6 +24,16 @@ ONLY_LEGACY = (
 )
 
 
+class Watching:
+    """An attempt under way, as the router sees it: it hears when its upstream is down."""
+
+    def __init__(self) -> None:
+        self.told: list[str] = []
+
+    def upstream_down(self, reason: str) -> None:
+        self.told.append(reason)
+
+
 class PoolRouterTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -98,14 +108,15 @@ class PoolRouterTests(SynchronousTestCase):
         router = self.make("least-connections", attempts=1)
         [first] = router.candidates(None)
         self.assertIs(first.server, a)
-        router.started(first)
-        router.started(first)
+        one, two, three = Watching(), Watching(), Watching()
+        router.started(first, one)
+        router.started(first, two)
         self.assertEqual((a.active, b.active), (2, 0))
         [second] = router.candidates(None)
         self.assertIs(second.server, b)
-        router.started(second)
-        router.ended(first)
-        router.ended(first)
+        router.started(second, three)
+        router.ended(first, one)
+        router.ended(first, two)
         self.assertEqual((a.active, b.active), (0, 1))
         self.assertIs(router.candidates(None)[0].server, a)
 
@@ -203,11 +214,47 @@ class LocalRouterTests(SynchronousTestCase):
         self.assertTrue(self.monitor.healthy)
         self.assertEqual(self.router.candidates(None), [Upstream(OLLAMA)])
 
-    def test_no_upstream_when_found_down_at_the_first_check(self) -> None:
+    def test_a_refusing_ollama_is_still_tried(self) -> None:
         self.servers.refusing.add(OLLAMA)
         self.monitor.startService()
+        self.assertTrue(self.monitor.known_down)
+        self.assertEqual(self.router.candidates(None), [Upstream(OLLAMA)], "refusal is cheap")
+
+    def test_an_answer_brings_it_back_at_once(self) -> None:
+        self.servers.refusing.add(OLLAMA)
+        self.monitor.startService()
+        self.router.succeeded(Upstream(OLLAMA))
+        self.assertTrue(self.monitor.healthy)
+        self.assertEqual(self.monitor.reason, "answering")
+
+    def test_a_request_refused_takes_it_down_at_once(self) -> None:
+        downs: list[str] = []
+        self.monitor.watch(lambda: None, downs.append)
+        self.monitor.startService()
+        waiting = Watching()
+        self.router.started(Upstream(OLLAMA), waiting)
+        self.router.failed(Upstream(OLLAMA), "connection refused")
+        self.assertFalse(self.monitor.healthy)
+        self.assertEqual((downs, waiting.told), (["connection refused"], ["connection refused"]))
+        self.assertEqual(self.router.candidates(None), [Upstream(OLLAMA)])
+
+    def test_requests_waiting_on_a_hung_ollama_are_told(self) -> None:
+        self.monitor.startService()
+        waiting, done = Watching(), Watching()
+        self.router.started(Upstream(OLLAMA), waiting)
+        self.router.started(Upstream(OLLAMA), done)
+        self.router.ended(Upstream(OLLAMA), done)
+        self.servers.hanging.add(OLLAMA)
+        self.clock.advance(5)
+        self.assertEqual(waiting.told, [])
+        self.clock.advance(2)
+        self.assertEqual((waiting.told, done.told), (["no answer within 2 s"], []))
+
+    def test_no_upstream_when_found_broken_at_the_first_check(self) -> None:
+        self.servers.ollamas[OLLAMA].up = False
+        self.monitor.startService()
         e = self.assertRaises(NoUpstream, self.router.candidates, None)
-        self.assertEqual(str(e), self.down("connection refused"))
+        self.assertEqual(str(e), self.down("HTTP 500 from /api/version"))
 
     def test_no_upstream_while_down_and_back_when_it_answers(self) -> None:
         self.monitor.startService()
