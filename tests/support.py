@@ -213,7 +213,7 @@ class ChildProcess(ProcessProtocol):
         self._end_waiters.append(d)
         return d
 
-    def signal(self, name: str) -> None:
+    def signal(self, name: str | int) -> None:
         if not self.has_ended and self.transport is not None:
             self.transport.signalProcess(name)
 

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +99,7 @@ class Server:
     host: netns.Host
     models: list[str]
     ollana: ChildProcess | None = None
+    ollama: ChildProcess | None = None
     node: str = ""
 
     @property
@@ -126,13 +128,13 @@ class LanProxyTests(TestCase):
 
     async def start(self) -> None:
         """Fake Ollamas, then Ollana on every host; done once the client has found both."""
-        fakes = []
         for server in (self.a, self.b):
             models = [arg for model in server.models for arg in ("--model", model)]
-            fakes.append(spawn(self, server.host, ["-m", "tests.fake_ollama", "--port", "11434",
-                                                   "--pace", PACE, *models]))  # fmt: skip
-        for fake in fakes:
-            await fake.wait_for(r"fake Ollama on http://127\.0\.0\.1:11434")
+            fake = ["-m", "tests.fake_ollama", "--port", "11434", "--pace", PACE, *models]
+            server.ollama = spawn(self, server.host, fake)
+        for server in (self.a, self.b):
+            assert server.ollama is not None
+            await server.ollama.wait_for(r"fake Ollama on http://127\.0\.0\.1:11434")
         for server in (self.a, self.b):
             self.start_ollana(server)
         self.client = spawn(self, self.client_host, [*OLLANA, *CLIENT_OPTIONS])
@@ -222,6 +224,58 @@ class LanProxyTests(TestCase):
         self.assertTrue(back["matched"], back)
         log.info("Back, {peer} answered {model} at try {tries}", peer=victim.peer, model=own,
                  tries=back["tries"])  # fmt: skip
+
+    async def load_until(self, fault: Callable[[Server], Awaitable[object]]) -> None:
+        """Streams under load, then fault on the server that carries the first of them:
+        no request may fail that had not started streaming, and requests waiting there
+        (held ones) and every one started afterwards are served by the other server."""
+        await self.start()
+        load = spawn(self, self.client_host, ["-m", "tests.lan_driver", "load", "shared",
+                                              "--held", "5", "--streams", "40",
+                                              "--every", "0.02", "--after", "30"])  # fmt: skip
+        streaming = json.loads((await load.wait_for(r"^streaming (.*)$")).group(1))
+        victim, survivor = (
+            (self.a, self.b) if streaming["first"] == self.a.peer else (self.b, self.a)
+        )
+        await fault(victim)
+        load.send("killed")
+        report = json.loads((await load.wait_for(r"^report (.*)$", timeout=90)).group(1))
+        outcomes = report["outcomes"]
+        failed = [o for o in outcomes if not o["ok"]]
+        cut = [o for o in failed if o["headers"] and o["status"] == 200]
+        self.assertEqual([o for o in failed if o not in cut], [], "failed before streaming")
+        self.assertEqual({o["peer"] for o in cut} - {victim.peer}, set())
+        for phase, count in (("held", 5), ("after", 30)):
+            group = [o for o in outcomes if o["phase"] == phase]
+            self.assertEqual(len(group), count)
+            self.assertEqual([o for o in group if not o["ok"] or o["peer"] != survivor.peer], [])
+        waited = max(o["ended"] - report["killed_at"] for o in outcomes if o["phase"] == "held")
+        log.info(
+            "Fault under load on {victim}: {total} requests, {cut} cut mid-stream, none failed "
+            "before streaming; the held ones done {waited:.1f} s after the fault",
+            victim=victim.peer, total=len(outcomes), cut=len(cut), waited=waited,
+        )  # fmt: skip
+
+    async def test_ollama_killed_mid_load(self) -> None:
+        """The Ollama behind one server dies: that server's own errors send the requests
+        that had not started to the other server at once."""
+
+        async def kill(victim: Server) -> None:
+            assert victim.ollama is not None
+            await victim.ollama.kill()
+
+        await self.load_until(kill)
+
+    async def test_ollama_hung_mid_load(self) -> None:
+        """The Ollama behind one server hangs (SIGSTOP): requests waiting there go to the
+        other server once the hang is found, not after the first-byte timeout (300 s)."""
+
+        async def hang(victim: Server) -> None:
+            assert victim.ollama is not None
+            victim.ollama.signal(signal.SIGSTOP)
+            self.addCleanup(lambda: victim.ollama.signal(signal.SIGCONT) if victim.ollama else None)
+
+        await self.load_until(hang)
 
     async def test_clean_stop_says_bye(self) -> None:
         """A server stopped with SIGTERM says bye; the client drops it at once, so its model's
