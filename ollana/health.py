@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar, cast
 
 from twisted.application.service import Service
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -91,7 +91,13 @@ class _BoundedBody(protocol.Protocol):
 
 
 class OllamaUnavailable(Exception):
-    """The Ollama did not give a valid answer; the message says why, in a few words."""
+    """The Ollama did not give a valid answer; the message says why, in a few words.
+    ``unreachable``: the connection failed (refused, reset), rather than an answer that
+    never came or was not valid."""
+
+    def __init__(self, message: str, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 class OllamaProbe:
@@ -162,7 +168,10 @@ class OllamaProbe:
 
         def failed(failure: Any) -> None:
             if not result.called:
-                result.errback(OllamaUnavailable(describe_error(failure.value)))
+                reason = failure.value
+                if not isinstance(reason, OllamaUnavailable):
+                    reason = OllamaUnavailable(describe_error(reason), unreachable=True)
+                result.errback(reason)
 
         fetching.addTimeout(timeout, self._clock, onTimeoutCancel=timed_out)
         fetching.addCallbacks(succeeded, failed)
@@ -310,7 +319,6 @@ class PeerHealthChecker(Service):
 
 
 NOT_CHECKED = "not checked yet"
-REFUSED = describe_error(error.ConnectionRefusedError())  # how a check names a refused connection
 
 
 class LocalOllamaMonitor(Service):
@@ -339,7 +347,7 @@ class LocalOllamaMonitor(Service):
         self.healthy = False
         self.version: str | None = None
         self.reason = NOT_CHECKED
-        self.refusing = False  # down, and connections to it are refused (not hung, not broken)
+        self.cheap_to_try = False  # down, but only connecting failed (not hung, not broken)
         self._loop: LoopingCall | None = None
         self._checking: defer.Deferred[None] | None = None
 
@@ -397,7 +405,7 @@ class LocalOllamaMonitor(Service):
 
     def _came_up(self, how: str) -> None:
         self.reason = "answering"
-        self.refusing = False
+        self.cheap_to_try = False
         if not self.healthy:
             self.healthy = True
             self.log.info("Local Ollama at {url} is up ({how})", url=self.url, how=how)
@@ -406,21 +414,20 @@ class LocalOllamaMonitor(Service):
     def unreachable(self, reason: str) -> None:
         """A request could not reach the Ollama (refused, say): it is down until it answers."""
         if self.running and self.healthy:
-            self._went_down(reason)
+            self._went_down(reason, cheap_to_try=True)
 
     def _down(self, failure: Any) -> None:
         if not self.running:
             return  # cancelled by stopService: says nothing about the Ollama
         failure.trap(OllamaUnavailable)
-        self._went_down(str(failure.value))
+        self._went_down(str(failure.value), failure.value.unreachable)
 
-    def _went_down(self, reason: str) -> None:
+    def _went_down(self, reason: str, cheap_to_try: bool) -> None:
         first_check = self.reason == NOT_CHECKED
         self.reason = reason
         was_healthy, self.healthy = self.healthy, False
-        refusing = reason == REFUSED
-        hung = self.refusing and not refusing  # refused before, hangs or fails now
-        self.refusing = refusing
+        hung = self.cheap_to_try and not cheap_to_try  # refused before, hangs or fails now
+        self.cheap_to_try = cheap_to_try
         if was_healthy or first_check:
             self.log.warn("Local Ollama at {url} is down: {reason}", url=self.url, reason=reason)
         if was_healthy or hung:

@@ -1,8 +1,8 @@
 """Where proxied requests go.
 
 Server mode sends everything to the local Ollama, even while its monitor last found it
-down unless it hangs (a refused connection costs microseconds, and an Ollama that is back
-is used at once), and tells the monitor what requests find. Client mode chooses servers
+down, unless it hangs or answers wrongly (a refused connection costs microseconds, and an
+Ollama that is back is used at once), and tells the monitor what requests find. Client mode chooses servers
 from the pool by strategy and by the model a request names, counts the requests each
 server has, reports the ones it cannot reach to the health checker, and ejects servers
 that fail requests in a row. Both tell the requests waiting on an upstream that was found
@@ -28,7 +28,7 @@ class LocalRouter(Router):
         monitor.watch(lambda: None, lambda reason: self.found_down(ollama_url, reason))
 
     def candidates(self, model: str | None) -> list[Upstream]:
-        if self.monitor.known_down and not self.monitor.refusing:
+        if self.monitor.known_down and not self.monitor.cheap_to_try:
             raise NoUpstream(
                 f"ollana: the Ollama behind this server ({self.monitor.url}) is down: "
                 f"{self.monitor.reason}"

@@ -46,7 +46,7 @@ class Recorder(AnnouncementListener):
     """Hears what servers broadcast on the discovery port."""
 
     def __init__(self) -> None:
-        super().__init__(bytes(16), PeerPool(reactor, ttl=60))
+        super().__init__(bytes(16), PeerPool(reactor, ttl=60), clock=reactor)
         self.messages: list[wire.Message] = []
         self.arrived: list[defer.Deferred[None]] = []
 
@@ -187,6 +187,29 @@ class ServerProcessTests(TestCase):
         response = await treq.get(url, pool=pool)
         self.assertEqual(response.code, 200)
         await response.content()
+
+    async def test_ollama_back_is_used_by_the_very_next_request(self) -> None:
+        port = self.ollama.getHost().port
+        ollama = f"http://127.0.0.1:{port}"
+        server = ChildProcess.spawn(
+            reactor, self.ollana("server", "--ollama", ollama, "--health-interval", "3600")
+        )
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(server.stop()))
+        listening = await server.wait_for(r"Listening for HTTP on 127\.0\.0\.1:(\d+)")
+        url = f"http://127.0.0.1:{listening.group(1)}/api/tags"
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        await self.ollama.stopListening()  # Ollama stops: connections are refused
+        response = await treq.get(url, pool=pool)
+        self.assertEqual(response.code, 502, await response.content())
+        self.assertEqual(response.headers.getRawHeaders(b"x-ollana-error"), [b"unreachable"])
+        await response.content()
+        await server.wait_for(r"Local Ollama at .* is down: ")
+        self.ollama = reactor.listenTCP(port, self.fake.site(), interface="127.0.0.1")
+        self.addCleanup(self.ollama.stopListening)
+        response = await treq.get(url, pool=pool)  # long before the next check (an hour)
+        self.assertEqual(response.code, 200)
+        await response.content()
+        await server.wait_for(r"Local Ollama at .* is up \(it answered a request\)")
 
     async def test_port_in_use_is_one_clear_line(self) -> None:
         busy = socket.socket()
