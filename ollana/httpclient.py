@@ -5,15 +5,27 @@ It answers the same calls as twisted.web.client's Agent (``request`` gives a Def
 response whose body is delivered to a protocol), but it does only what a relay needs, and
 leaves the parsing of responses to httptools (the llhttp parser, in C). Twisted's Agent
 spent half of the proxy's time per request; this one spends a small part of that.
+
+What an upstream can make it hold is bounded: connections per origin (requests beyond wait
+their turn), the size and time of a response head, and the time of a TLS handshake.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import httptools
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    ISSLTransport,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import URI, ResponseDone, ResponseFailed, ResponseNeverReceived
@@ -31,6 +43,30 @@ CLOSED = (error.ConnectionDone, error.ConnectionLost)
 # costs more to make than the rest of a small response's end.
 RESPONSE_DONE = Failure(ResponseDone())
 
+# An Ollana server admits 256 connections per source; this leaves room under that for the
+# same machine's other clients (health checks, listings) and a second Ollana.
+MAX_PER_ORIGIN = 192
+MAX_HEAD = 65536  # bytes of a response head (status line and headers, interim heads too)
+MAX_HEADERS = 256  # header lines in one response head
+HEAD_TIMEOUT = 30.0  # seconds from a head's first byte to its end (not to its first byte)
+HANDSHAKE_TIMEOUT = 5.0  # seconds for a TLS handshake
+
+
+class ResponseHeadTooLarge(Exception):
+    """An upstream's response head went over our limit on its bytes or header lines."""
+
+
+class ResponseHeadTimeout(Exception):
+    """An upstream began a response head and did not end it in time."""
+
+
+class TLSHandshakeTimeout(Exception):
+    """An upstream did not complete a TLS handshake in time (a plain-HTTP port, say)."""
+
+
+class SwitchedProtocols(Exception):
+    """An upstream answered 101: what follows is not HTTP, and a relay cannot carry it."""
+
 
 @implementer(IAgent)
 class UpstreamAgent:
@@ -38,16 +74,38 @@ class UpstreamAgent:
 
     ``endpoints`` gives the endpoint for an origin (ollana.upstream.UpstreamEndpoints, which
     also wraps TLS). At most ``max_idle`` unused connections per origin are kept, each for
-    at most ``idle_timeout`` seconds.
+    at most ``idle_timeout`` seconds. At most ``max_per_origin`` connections to one origin
+    are open or opening, in use or not; a request beyond waits, first come first served,
+    for one to be free or closed. A response head (interim ones included) may have
+    ``max_head`` bytes and ``max_headers`` header lines, and may take ``head_timeout``
+    seconds from its first byte; a TLS handshake may take ``handshake_timeout`` seconds.
     """
 
-    def __init__(self, reactor: Any, endpoints: Any, max_idle: int, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        endpoints: Any,
+        max_idle: int,
+        idle_timeout: float,
+        max_per_origin: int = MAX_PER_ORIGIN,
+        max_head: int = MAX_HEAD,
+        max_headers: int = MAX_HEADERS,
+        head_timeout: float = HEAD_TIMEOUT,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> None:
         self._reactor = reactor
         self._endpoints = endpoints
         self._origins: dict[bytes, tuple[IStreamClientEndpoint, bytes]] = {}
         self._idle: dict[bytes, list[Connection]] = {}
+        self._opened: dict[bytes, int] = {}  # connections open or opening, per origin
+        self._waiting: dict[bytes, deque[Call]] = {}  # requests waiting for one, per origin
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
+        self.max_per_origin = max_per_origin
+        self.max_head = max_head
+        self.max_headers = max_headers
+        self.head_timeout = head_timeout
+        self.handshake_timeout = handshake_timeout
         self.closed = False
 
     def request(
@@ -60,12 +118,13 @@ class UpstreamAgent:
         """Send method to the absolute uri; the response comes once its headers have."""
         origin, path = split_origin(uri)
         call = Call(method, path, headers, bodyProducer)
-        self._send(origin, call, reuse=True)
+        self._send(origin, call)
         return call.result
 
     def closeCachedConnections(self) -> defer.Deferred[None]:
         """Close the unused connections (and, from now on, each one a request is done with);
-        the Deferred fires once they are closed."""
+        the Deferred fires once they are closed. Requests still waiting for a connection
+        are sent as before (they are requests under way, as when Ollana drains)."""
         self.closed = True
         idle = [connection for connections in self._idle.values() for connection in connections]
         self._idle.clear()
@@ -74,18 +133,73 @@ class UpstreamAgent:
 
     # The connections.
 
-    def _send(self, origin: bytes, call: Call, reuse: bool) -> None:
-        endpoint, call.host = self._origin(origin)
+    def _send(self, origin: bytes, call: Call) -> None:
+        """Send call on an idle connection, else on a new one, else when one is free."""
+        call.host = self._origin(origin)[1]
         idle = self._idle.get(origin)
-        if reuse and idle:
+        if idle:
             connection = idle.pop()
             if not idle:
                 del self._idle[origin]
             connection.send(call, reused=True)
             return
+        opened = self._opened.get(origin, 0)
+        if opened >= self.max_per_origin:
+            waiting = self._waiting.get(origin)
+            if waiting is None:
+                waiting = self._waiting[origin] = deque()
+            waiting.append(call)
+            call.queued = partial(self._unqueue, origin, call)
+            return
+        self._opened[origin] = opened + 1
+        self._connect(origin, call)
+
+    def _connect(self, origin: bytes, call: Call) -> None:
+        """Open a connection for call, on a place among origin's counted by the caller."""
+        endpoint = self._origin(origin)[0]
         connecting = endpoint.connect(_ConnectionFactory(self, origin))
         call.connecting = connecting
-        connecting.addCallbacks(call.connected, call.not_connected)
+        connecting.addCallbacks(
+            self._connected, self._not_connected, callbackArgs=(call,), errbackArgs=(origin, call)
+        )
+
+    def _connected(self, connection: Connection, call: Call) -> None:
+        connection.holds_place = True  # given up when it is lost
+        call.connected(connection)
+
+    def _not_connected(self, failure: Failure, origin: bytes, call: Call) -> None:
+        call.not_connected(failure)
+        self._ended(origin)
+
+    def _ended(self, origin: bytes) -> None:
+        """A connection to origin (or an attempt at one) is over: its place goes to the
+        first request waiting, if any."""
+        call = self._next_waiting(origin)
+        if call is not None:
+            self._connect(origin, call)
+            return
+        left = self._opened[origin] - 1
+        if left:
+            self._opened[origin] = left
+        else:
+            del self._opened[origin]
+
+    def _next_waiting(self, origin: bytes) -> Call | None:
+        waiting = self._waiting.get(origin)
+        if not waiting:
+            return None
+        call = waiting.popleft()
+        if not waiting:
+            del self._waiting[origin]
+        call.queued = None
+        return call
+
+    def _unqueue(self, origin: bytes, call: Call) -> None:
+        """A waiting request was cancelled."""
+        waiting = self._waiting[origin]
+        waiting.remove(call)
+        if not waiting:
+            del self._waiting[origin]
 
     def _origin(self, origin: bytes) -> tuple[IStreamClientEndpoint, bytes]:
         known = self._origins.get(origin)
@@ -97,11 +211,14 @@ class UpstreamAgent:
             self._origins[origin] = known
         return known
 
-    def _retry(self, origin: bytes, call: Call) -> None:
-        self._send(origin, call, reuse=False)
-
     def _release(self, connection: Connection) -> None:
-        """A connection is done with its request and may carry another."""
+        """A connection is done with its request and may carry another: the first one
+        waiting, else none for now."""
+        if self._waiting:
+            call = self._next_waiting(connection.origin)
+            if call is not None:
+                connection.send(call, reused=True)
+                return
         idle = self._idle.get(connection.origin, [])
         if self.closed or len(idle) >= self.max_idle:
             connection.close()
@@ -135,6 +252,7 @@ class Call:
     """One request, from sending to the response's headers (its ``result``)."""
 
     host = b""
+    queued: Callable[[], None] | None = None  # while it waits: what takes it out of the queue
 
     def __init__(
         self, method: bytes, path: bytes, headers: Headers | None, body: IBodyProducer | None
@@ -169,6 +287,9 @@ class Call:
 
     def _cancel(self, result: defer.Deferred[Any]) -> None:
         self.cancelled = True
+        if self.queued is not None:
+            self.queued()
+            self.queued = None
         if self.connecting is not None:
             self.connecting.cancel()
         if self.connection is not None:
@@ -186,8 +307,11 @@ class _ConnectionFactory(Factory):
         return Connection(self.agent, self.origin)
 
 
+@implementer(IHandshakeListener)
 class Connection(Protocol):
     """One connection to an upstream, carrying one request at a time."""
+
+    holds_place = False  # counted among its origin's connections (until it is lost)
 
     def __init__(self, agent: UpstreamAgent, origin: bytes) -> None:
         self.agent = agent
@@ -196,6 +320,8 @@ class Connection(Protocol):
         self.response: UpstreamResponse | None = None
         self._parser: Any = None
         self._idle_timer: IDelayedCall | None = None
+        self._head_timer: IDelayedCall | None = None
+        self._handshake_timer: IDelayedCall | None = None
         self._lost: list[defer.Deferred[None]] = []
         self.open = False
         self.aborted = False
@@ -207,6 +333,15 @@ class Connection(Protocol):
         no_delay = getattr(self.transport, "setTcpNoDelay", None)  # absent under TLS
         if no_delay is not None:
             no_delay(True)  # token streams are many small writes: send each at once
+        if ISSLTransport.providedBy(self.transport):  # the handshake has just begun
+            self._handshake_timer = self.agent._reactor.callLater(
+                self.agent.handshake_timeout, self._handshake_timed_out
+            )
+
+    def handshakeCompleted(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
 
     def idle_since(self, timer: IDelayedCall) -> None:
         self._idle_timer = timer
@@ -223,6 +358,8 @@ class Connection(Protocol):
         self.response = None
         self._phrase = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._head_room = self.agent.max_head  # bytes the heads may still take
+        self._in_head = False  # a head has begun and not ended
         self._informational = False
         self._complete = False  # the answer is whole
         self._keep_alive = False
@@ -283,17 +420,81 @@ class Connection(Protocol):
         if self._parser is None:  # nothing was asked: the connection is not to be trusted
             self.abort()
             return
-        self._received_any = True
-        try:
-            self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:  # 101 too
-            self._unusable = True
-            self._broken(Failure(e))
+        if self.response is None:
+            if not self._receive_head(data):
+                return
+        elif self._unusable:  # an answer never asked for has begun: not read, nor kept
             return
+        else:
+            try:
+                self._parser.feed_data(data)
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+                self._parse_failed(e)
+                return
         if self._complete and self._body_sent:
             self._done()
 
+    def _receive_head(self, data: bytes) -> bool:
+        """Parse bytes that come before the response's head has ended, within the limits on
+        its size and time; False if the exchange is over."""
+        self._received_any = True
+        room = self._head_room
+        if len(data) <= room:
+            self._head_room = room - len(data)
+            if not self._feed(data):
+                return False
+        else:
+            self._head_room = 0
+            if not self._feed(data[:room]):
+                return False
+            if self.response is None:
+                limit = self.agent.max_head
+                self._refuse(ResponseHeadTooLarge(f"response head larger than {limit} bytes"))
+                return False
+            if self._parser is None or self.aborted or not self._feed(data[room:]):
+                return False
+        if self._in_head and self._head_timer is None:  # cancelled when the head ends
+            self._head_timer = self.agent._reactor.callLater(
+                self.agent.head_timeout, self._head_timed_out
+            )
+        return True
+
+    def _feed(self, data: bytes) -> bool:
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+            self._parse_failed(e)
+            return False
+        return True
+
+    def _parse_failed(self, e: Exception) -> None:
+        if isinstance(e, httptools.HttpParserUpgrade):  # its message is only an error code
+            reason: BaseException = SwitchedProtocols(
+                "upstream switched protocols (101), which cannot be relayed"
+            )
+        elif isinstance(e.__context__, ResponseHeadTooLarge):  # raised by on_headers_complete
+            reason = e.__context__
+        else:
+            reason = e
+        self._refuse(reason)
+
+    def _refuse(self, reason: BaseException) -> None:
+        """The answer breaks the protocol or a limit of ours: fail it, drop the connection."""
+        self._unusable = True
+        self._broken(Failure(reason))
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        timeout = self.agent.handshake_timeout
+        self._refuse(TLSHandshakeTimeout(f"TLS handshake timed out after {timeout:g} s"))
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        timeout = self.agent.head_timeout
+        self._refuse(ResponseHeadTimeout(f"response head timed out after {timeout:g} s"))
+
     def on_message_begin(self) -> None:
+        self._in_head = True
         if self._complete:  # bytes after the whole answer: another one, never asked for
             self._unusable = True
 
@@ -306,9 +507,16 @@ class Connection(Protocol):
     def on_headers_complete(self) -> None:
         call = self.call
         assert call is not None
+        self._in_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         if self.response is not None:  # a second answer, never asked for: not ours
             self._unusable = True
             return
+        if len(self._raw_headers) > self.agent.max_headers:
+            limit = self.agent.max_headers
+            raise ResponseHeadTooLarge(f"response head has more than {limit} header lines")
         code = self._parser.get_status_code()
         if 100 <= code < 200:  # an interim answer (100 Continue): the real one follows
             self._informational = True
@@ -385,8 +593,7 @@ class Connection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.open = False
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
+        self._stop_timers()
         self.agent._forget(self)
         call = self.call
         if (
@@ -398,15 +605,26 @@ class Connection(Protocol):
             and call.body is None
             and call.method in RETRYABLE
         ):
-            # A kept-alive connection the upstream had closed: try once on a new one.
+            # A kept-alive connection the upstream had closed: try once on a new one, which
+            # takes this one's place among its origin's.
             self.call = self._parser = None
             call.connection = None
-            self.agent._retry(self.origin, call)
+            self.holds_place = False
+            self.agent._connect(self.origin, call)
         elif call is not None:
             self._broken(reason)
+        if self.holds_place:
+            self.holds_place = False
+            self.agent._ended(self.origin)
         lost, self._lost = self._lost, []
         for waiting in lost:
             waiting.callback(None)
+
+    def _stop_timers(self) -> None:
+        for timer in (self._idle_timer, self._head_timer, self._handshake_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._idle_timer = self._head_timer = self._handshake_timer = None
 
     def close(self) -> defer.Deferred[None]:
         """Close the connection; the Deferred fires once it is closed."""
@@ -420,6 +638,7 @@ class Connection(Protocol):
 
     def abort(self) -> None:
         self.agent._forget(self)  # at once: the transport says it is lost a turn later
+        self._stop_timers()
         if self.open and not self.aborted:
             self.aborted = True  # and left alone from now on: not paused, not resumed
             self.transport.abortConnection()  # type: ignore[union-attr]

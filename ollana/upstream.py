@@ -22,7 +22,7 @@ from twisted.web import client
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from ollana.httpclient import UpstreamAgent
+from ollana.httpclient import MAX_PER_ORIGIN, UpstreamAgent
 
 IDLE_CONNECTION_TIMEOUT = 50  # seconds a kept-alive upstream connection may stay unused
 
@@ -195,10 +195,22 @@ TLSPolicy = Callable[[str, int], Any]  # (host, port) -> how to check that serve
 
 
 def make_agent(
-    reactor: Any, connect_timeout: float, tls_for: TLSPolicy | None = None
+    reactor: Any,
+    connect_timeout: float,
+    tls_for: TLSPolicy | None = None,
+    max_per_origin: int = MAX_PER_ORIGIN,
 ) -> UpstreamAgent:
     """The relaying agent (ollana.httpclient): kept-alive connections, enough for many
     streams per peer, closed before an Ollana server's channel (60 s) would close them
-    under a new request. Its closeCachedConnections closes them when Ollana stops."""
+    under a new request; at most max_per_origin to one upstream, under a server's cap per
+    source; TLS handshakes given as long as connecting. Its closeCachedConnections closes
+    them when Ollana stops."""
     endpoints = UpstreamEndpoints(reactor, connect_timeout, tls_for)
-    return UpstreamAgent(reactor, endpoints, max_idle=64, idle_timeout=IDLE_CONNECTION_TIMEOUT)
+    return UpstreamAgent(
+        reactor,
+        endpoints,
+        max_idle=64,
+        idle_timeout=IDLE_CONNECTION_TIMEOUT,
+        max_per_origin=max_per_origin,
+        handshake_timeout=connect_timeout,
+    )

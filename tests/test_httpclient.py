@@ -1,5 +1,6 @@
 """ollana.httpclient's UpstreamAgent in memory: upstream connections on a MemoryReactorClock,
-each one a StringTransport, answered by feeding bytes to its protocol.
+each one a StringTransport, answered by feeding bytes to its protocol. (The TLS handshake
+timer is also tried on real TLS over loopback, at the end.)
 
 Flow control is asserted through the transports' ``producerState`` (reading from the
 upstream) and ``producer`` (the request body), as Twisted's own HTTP tests do.
@@ -10,22 +11,33 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import error
+from twisted.internet import reactor as _reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived, readBody
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
-from ollana.httpclient import UpstreamAgent
-from ollana.upstream import UpstreamEndpoints, make_agent
+from ollana import tls
+from ollana.httpclient import (
+    ResponseHeadTimeout,
+    ResponseHeadTooLarge,
+    SwitchedProtocols,
+    TLSHandshakeTimeout,
+    UpstreamAgent,
+)
+from ollana.upstream import UpstreamEndpoints, describe_error, make_agent
 from tests.test_proxy import head, header_values
 
+reactor: Any = _reactor  # for the loopback tests only
 ORIGIN = b"http://127.0.0.1:11434"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
 
@@ -91,15 +103,18 @@ class Collect(Protocol):
 
 
 class Upstreams:
-    """An UpstreamAgent and the upstream connections it opens, accepted one at a time."""
+    """An UpstreamAgent and the upstream connections it opens, accepted one at a time;
+    make_agent's unless a max_idle or a limit (an UpstreamAgent argument) is given."""
 
-    def __init__(self, max_idle: int | None = None) -> None:
+    def __init__(self, max_idle: int | None = None, **limits: Any) -> None:
         self.reactor = MemoryReactorClock()
-        if max_idle is None:
+        if max_idle is None and not limits:
             self.agent = make_agent(self.reactor, connect_timeout=5)
         else:
             endpoints = UpstreamEndpoints(self.reactor, 5)
-            self.agent = UpstreamAgent(self.reactor, endpoints, max_idle, idle_timeout=50)
+            self.agent = UpstreamAgent(
+                self.reactor, endpoints, max_idle or 64, idle_timeout=50, **limits
+            )
         self.handled = 0  # connection attempts accepted or refused so far
         self.protocols: list[Any] = []
         self.transports: list[StringTransport] = []
@@ -117,14 +132,15 @@ class Upstreams:
     def attempts(self) -> int:
         return len(self.reactor.tcpClients)
 
-    def connect(self) -> StringTransport:
+    def connect(self, transport: StringTransport | None = None) -> StringTransport:
         """Accept the agent's next connection attempt, which must go to 127.0.0.1:11434."""
         host, port, factory, timeout, _ = self.reactor.tcpClients[self.handled]
         assert (host, port, timeout) == ("127.0.0.1", 11434, 5), (host, port, timeout)
         self.handled += 1
         address = IPv4Address("TCP", host, port)
         protocol: Any = factory.buildProtocol(address)
-        transport = StringTransport(peerAddress=address)
+        if transport is None:
+            transport = StringTransport(peerAddress=address)
         protocol.makeConnection(transport)
         self.protocols.append(protocol)
         self.transports.append(transport)
@@ -871,13 +887,42 @@ class BodyLengthTests(SynchronousTestCase):
 
 
 class StrayAnswerTests(SynchronousTestCase):
+    def test_an_unasked_answer_during_an_upload_is_not_read(self) -> None:
+        """An answer came early and whole; while the body is still being sent, the bytes of
+        another one (endless headers, say) are neither parsed nor kept."""
+        up = Upstreams()
+        body = Body(length=4)
+        result = up.request(b"POST", b"/api/chat", None, body)
+        transport = up.connect()
+        up.answer(OK + b"HTTP/1.1 200 OK\r\n")
+        reader = Collect()
+        self.successResultOf(result).deliverBody(reader)
+        for _ in range(100):
+            up.answer(b"X-Endless: " + b"e" * 1000)
+        up.answer(b"\x00 not HTTP")  # were it parsed, an error would drop the connection
+        self.assertFalse(transport.disconnecting)
+        body.write(b"abcd")
+        body.finish()
+        reader.assert_done()
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)  # closed, not aborted
+
     def test_101_fails_the_call_without_raising(self) -> None:
-        """httptools raises its own exception for a 101; it must not reach the reactor."""
+        """httptools raises its own exception for a 101 (its message only an error code,
+        "69"); it must not reach the reactor, and the failure says what happened."""
         up = Upstreams()
         result = up.request()
-        up.connect()
+        transport = up.connect()
         up.answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n")
-        self.failureResultOf(result, ResponseFailed)
+        failure = self.failureResultOf(result, ResponseFailed)
+        self.assertTrue(failure.value.reasons[0].check(SwitchedProtocols))
+        self.assertEqual(
+            describe_error(failure.value),
+            "upstream switched protocols (101), which cannot be relayed",
+        )
+        self.assertTrue(transport.disconnected)
+        up.request()
+        self.assertEqual(up.attempts, 2)
 
     def test_the_start_of_an_unasked_answer_makes_the_connection_unusable(self) -> None:
         up = Upstreams()
@@ -926,3 +971,521 @@ class StopDuringEarlyDeliveryTests(SynchronousTestCase):
         self.successResultOf(result).deliverBody(Stop())
         self.assertTrue(transport.aborted)
         self.assertFalse(transport.resumed_after_abort)
+
+
+def head_of(size: int, status: bytes = b"HTTP/1.1 200 OK") -> bytes:
+    """A response head (of a 2-byte body) of exactly size bytes, padded in one header."""
+    start = status + b"\r\nContent-Length: 2\r\nX-Pad: "
+    return start + b"p" * (size - len(start) - 4) + b"\r\n\r\n"
+
+
+def with_headers(count: int) -> bytes:
+    """A response head (of a 2-byte body) with count header lines."""
+    lines = [b"X-Header-%d: v\r\n" % index for index in range(count - 1)]
+    return b"HTTP/1.1 200 OK\r\n" + b"".join(lines) + b"Content-Length: 2\r\n\r\n"
+
+
+class HeadSizeTests(SynchronousTestCase):
+    def assert_refused(self, up: Upstreams, result: Deferred[Any], message: str) -> None:
+        """The call failed for message, and its connection was dropped, not reused."""
+        failure = self.failureResultOf(result, ResponseFailed)
+        self.assertTrue(failure.value.reasons[0].check(ResponseHeadTooLarge))
+        self.assertEqual(describe_error(failure.value), message)
+        self.assertTrue(up.transports[-1].disconnected)
+        up.answer(OK)  # what was under way is not read
+        up.lose(reason=error.ConnectionAborted())
+        up.request()
+        self.assertEqual(up.attempts, len(up.transports) + 1)
+
+    def test_a_head_of_exactly_the_limit_is_read(self) -> None:
+        up = Upstreams()
+        result = up.request()
+        transport = up.connect()
+        up.answer(head_of(65536) + b"{}")  # the body in the same packet is not counted
+        body = Collect()
+        self.successResultOf(result).deliverBody(body)
+        self.assertEqual(body.body, b"{}")
+        body.assert_done()
+        self.assertFalse(transport.disconnecting)
+
+    def test_one_byte_more_fails_the_call(self) -> None:
+        up = Upstreams()
+        result = up.request()
+        up.connect()
+        up.answer(head_of(65537) + b"{}")
+        self.assert_refused(up, result, "response head larger than 65536 bytes")
+
+    def test_byte_by_byte_up_to_the_limit(self) -> None:
+        up = Upstreams(max_head=100)
+        result = up.request()
+        up.connect()
+        head = head_of(100)
+        for index in range(100):
+            up.answer(head[index : index + 1])
+        self.assertEqual(self.successResultOf(result).code, 200)
+
+    def test_byte_by_byte_over_the_limit(self) -> None:
+        up = Upstreams(max_head=100)
+        result = up.request()
+        up.connect()
+        head = head_of(101)
+        for index in range(100):
+            up.answer(head[index : index + 1])
+        self.assertNoResult(result)
+        up.answer(head[100:])
+        self.assert_refused(up, result, "response head larger than 100 bytes")
+
+    def test_endless_headers(self) -> None:
+        up = Upstreams()
+        result = up.request()
+        up.connect()
+        up.answer(b"HTTP/1.1 200 OK\r\n")
+        line = b"X-Endless: " + b"e" * 1011 + b"\r\n"  # 1 KiB
+        for _ in range(63):
+            up.answer(line)
+        self.assertNoResult(result)  # 17 bytes short of 64 KiB
+        up.answer(line)
+        self.assert_refused(up, result, "response head larger than 65536 bytes")
+
+    def test_endless_status_line(self) -> None:
+        up = Upstreams()
+        result = up.request()
+        up.connect()
+        up.answer(b"HTTP/1.1 200 " + b"O" * 70000)
+        self.assert_refused(up, result, "response head larger than 65536 bytes")
+
+    def test_interim_heads_count(self) -> None:
+        interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+        up = Upstreams(max_head=200)
+        fits = up.request()
+        up.connect()
+        up.answer(interim)
+        up.answer(head_of(200 - len(interim)) + b"{}")
+        self.assertEqual(self.successResultOf(fits).code, 200)
+
+        up = Upstreams(max_head=200)
+        over = up.request()
+        up.connect()
+        up.answer(interim)
+        up.answer(head_of(201 - len(interim)) + b"{}")
+        self.assert_refused(up, over, "response head larger than 200 bytes")
+
+    def test_an_interim_head_of_exactly_the_limit_leaves_no_room(self) -> None:
+        interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+        up = Upstreams(max_head=len(interim))
+        result = up.request()
+        up.connect()
+        up.answer(interim)
+        self.assertNoResult(result)
+        up.answer(b"H")
+        self.assert_refused(up, result, f"response head larger than {len(interim)} bytes")
+
+    def test_256_header_lines_are_read(self) -> None:
+        up = Upstreams()
+        result = up.request()
+        up.connect()
+        up.answer(with_headers(256) + b"{}")
+        response = self.successResultOf(result)
+        self.assertEqual(len(list(response.headers.getAllRawHeaders())), 256)
+
+    def test_257_fail_the_call(self) -> None:
+        up = Upstreams()
+        result = up.request()
+        up.connect()
+        up.answer(with_headers(257) + b"{}")
+        self.assert_refused(up, result, "response head has more than 256 header lines")
+
+    def test_a_limit_reached_on_a_reused_connection_is_not_retried(self) -> None:
+        up = Upstreams(max_head=100)
+        first = up.request()
+        up.connect()
+        up.answer(OK)
+        self.successResultOf(first).deliverBody(Collect())
+        result = up.request()
+        up.answer(head_of(101))
+        self.assert_refused(up, result, "response head larger than 100 bytes")
+
+
+class CountedTimers:
+    """Counts the timers an agent starts on its reactor."""
+
+    def __init__(self, case: SynchronousTestCase, reactor: MemoryReactorClock) -> None:
+        self.started = 0
+        call_later = reactor.callLater
+
+        def counted(delay: float, f: Any, *args: Any, **kwargs: Any) -> Any:
+            self.started += 1
+            return call_later(delay, f, *args, **kwargs)
+
+        case.patch(reactor, "callLater", counted)
+
+
+class HeadTimeoutTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.up = Upstreams()
+        self.timers = CountedTimers(self, self.up.reactor)
+        self.result = self.up.request()
+        self.transport = self.up.connect()
+
+    def test_a_trickled_head_fails_the_call(self) -> None:
+        self.up.answer(b"HTTP/1.1 200 OK\r\n")
+        self.up.reactor.advance(15)
+        self.up.answer(b"Content-Type: text/plain\r\n")  # more of it does not help
+        self.up.reactor.advance(14.9)
+        self.assertNoResult(self.result)
+        self.up.reactor.advance(0.1)
+        failure = self.failureResultOf(self.result, ResponseFailed)
+        self.assertTrue(failure.value.reasons[0].check(ResponseHeadTimeout))
+        self.assertEqual(describe_error(failure.value), "response head timed out after 30 s")
+        self.assertTrue(self.transport.disconnected)
+        self.up.lose(reason=error.ConnectionAborted())
+        self.up.request()
+        self.assertEqual(self.up.attempts, 2)
+
+    def test_the_first_byte_may_take_minutes(self) -> None:
+        self.assertEqual(self.up.reactor.getDelayedCalls(), [])
+        self.up.reactor.advance(600)  # a model loading: not the head timer's business
+        self.up.answer(OK)
+        self.assertEqual(self.successResultOf(self.result).code, 200)
+
+    def test_a_head_in_one_piece_starts_no_timer(self) -> None:
+        self.up.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+        self.successResultOf(self.result)
+        self.assertEqual(self.timers.started, 0)
+
+    def test_the_timer_stops_when_the_head_ends(self) -> None:
+        self.up.answer(b"HTTP/1.1 200 OK\r\nContent-")
+        self.assertEqual(self.timers.started, 1)
+        self.up.reactor.advance(29)
+        self.up.answer(b"Length: 2\r\n\r\n")
+        response = self.successResultOf(self.result)
+        self.assertEqual(self.up.reactor.getDelayedCalls(), [])
+        self.up.reactor.advance(60)  # the body may take its time
+        body = Collect()
+        response.deliverBody(body)
+        self.up.answer(b"{}")
+        body.assert_done()
+        self.assertEqual(self.timers.started, 2)  # and the idle timer
+
+    def test_each_head_has_its_own_time(self) -> None:
+        """After a 100 Continue the real answer may take minutes (the body is read and a
+        model loaded); its head is timed from its own first byte."""
+        self.up.answer(b"HTTP/1.1 100 Cont")
+        self.up.reactor.advance(29)
+        self.up.answer(b"inue\r\n\r\n")
+        self.assertEqual(self.up.reactor.getDelayedCalls(), [])
+        self.up.reactor.advance(300)
+        self.up.answer(b"HTTP/1.1 200 OK\r\n")
+        self.up.reactor.advance(29.9)
+        self.assertNoResult(self.result)
+        self.up.reactor.advance(0.1)
+        self.failureResultOf(self.result, ResponseFailed)
+
+    def test_a_head_begun_in_the_same_packet_as_an_interim_one_is_timed(self) -> None:
+        self.up.answer(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
+        self.up.reactor.advance(30)
+        self.failureResultOf(self.result, ResponseFailed)
+
+    def test_the_timer_stops_when_the_connection_is_lost(self) -> None:
+        self.up.answer(b"HTTP/1.1 200 OK\r\n")
+        self.up.lose()
+        self.failureResultOf(self.result, ResponseFailed)
+        self.assertEqual(self.up.reactor.getDelayedCalls(), [])
+
+    def test_the_timer_stops_when_the_call_is_cancelled(self) -> None:
+        self.up.answer(b"HTTP/1.1 200 OK\r\n")
+        self.result.cancel()
+        self.failureResultOf(self.result, CancelledError)
+        self.assertEqual(self.up.reactor.getDelayedCalls(), [])
+
+
+def tls_transport() -> StringTransport:
+    """A transport that says it is TLS, as TLSMemoryBIOProtocol does (handshake or not)."""
+    transport = StringTransport()
+    alsoProvides(transport, ISSLTransport)
+    return transport
+
+
+class HandshakeTimeoutTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.up = Upstreams()
+        self.result = self.up.request()
+
+    def test_no_handshake_in_time_fails_the_call(self) -> None:
+        transport = self.up.connect(tls_transport())
+        self.up.reactor.advance(4.9)
+        self.assertNoResult(self.result)
+        self.up.reactor.advance(0.1)
+        failure = self.failureResultOf(self.result, ResponseNeverReceived)
+        self.assertTrue(failure.value.reasons[0].check(TLSHandshakeTimeout))
+        self.assertEqual(describe_error(failure.value), "TLS handshake timed out after 5 s")
+        self.assertTrue(transport.disconnected)
+        self.up.lose(reason=error.ConnectionAborted())
+        self.up.request()
+        self.assertEqual(self.up.attempts, 2)
+
+    def test_the_handshake_timeout_is_the_connect_timeout(self) -> None:
+        clock = MemoryReactorClock()
+        agent = make_agent(clock, connect_timeout=2)
+        result = agent.request(b"GET", ORIGIN + b"/")
+        protocol: Any = clock.tcpClients[0][2].buildProtocol(None)
+        protocol.makeConnection(tls_transport())
+        clock.advance(2)
+        failure = self.failureResultOf(result, ResponseNeverReceived)
+        self.assertEqual(describe_error(failure.value), "TLS handshake timed out after 2 s")
+
+    def test_a_completed_handshake_stops_the_timer(self) -> None:
+        transport = self.up.connect(tls_transport())
+        self.up.reactor.advance(4.9)
+        self.up.protocols[-1].handshakeCompleted()
+        self.assertEqual(self.up.reactor.getDelayedCalls(), [])
+        self.up.reactor.advance(60)  # the answer may take its time
+        self.up.answer(OK)
+        self.assertEqual(self.successResultOf(self.result).code, 200)
+        self.assertFalse(transport.disconnecting)
+
+    def test_the_timer_stops_when_the_connection_is_lost(self) -> None:
+        self.up.connect(tls_transport())
+        self.up.lose(reason=error.ConnectionLost())
+        self.failureResultOf(self.result, ResponseNeverReceived)
+        self.assertEqual(self.up.reactor.getDelayedCalls(), [])
+
+    def test_plain_tcp_has_no_handshake_timer(self) -> None:
+        self.up.connect()
+        self.assertEqual(self.up.reactor.getDelayedCalls(), [])
+
+
+class PerOriginTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.up = Upstreams(max_per_origin=2)
+
+    def finish(self, index: int) -> None:
+        """The answer to the request on connection index comes, whole, and is read."""
+        self.up.answer(OK, index)
+
+    def test_requests_beyond_the_cap_wait_their_turn(self) -> None:
+        results = [self.up.request(b"GET", b"/%d" % n) for n in range(4)]
+        self.assertEqual(self.up.attempts, 2)
+        transports = [self.up.connect(), self.up.connect()]
+        for transport in transports:
+            transport.clear()
+        self.up.answer(OK, 1)
+        self.assertEqual(head(transports[1].value())[0], b"GET /2 HTTP/1.1")
+        self.up.answer(OK, 0)
+        self.assertEqual(head(transports[0].value())[0], b"GET /3 HTTP/1.1")
+        self.up.answer(OK, 0)
+        self.up.answer(OK, 1)
+        self.assertEqual([self.successResultOf(r).code for r in results], [200] * 4)
+        self.assertEqual(self.up.attempts, 2)
+
+    def test_a_lost_connection_makes_room_for_a_new_one(self) -> None:
+        first, _, third = [self.up.request() for _ in range(3)]
+        self.up.connect()
+        self.up.connect()
+        self.up.lose(0, error.ConnectionLost())
+        self.failureResultOf(first, ResponseNeverReceived)
+        self.assertEqual(self.up.attempts, 3)
+        self.up.connect()
+        self.up.answer(OK)
+        self.assertEqual(self.successResultOf(third).code, 200)
+
+    def test_a_failed_attempt_makes_room(self) -> None:
+        first, _, third = [self.up.request() for _ in range(3)]
+        self.up.refuse()
+        self.failureResultOf(first, error.ConnectionRefusedError)
+        self.assertEqual(self.up.attempts, 3)
+
+    def test_a_cancelled_attempt_makes_room(self) -> None:
+        first, _, third = [self.up.request() for _ in range(3)]
+        first.cancel()
+        self.failureResultOf(first, error.ConnectingCancelledError)
+        self.assertEqual(self.up.attempts, 3)
+
+    def test_a_waiting_request_cancelled_leaves_the_queue(self) -> None:
+        results = [self.up.request(b"GET", b"/%d" % n) for n in range(4)]
+        transports = [self.up.connect(), self.up.connect()]
+        results[2].cancel()
+        self.failureResultOf(results[2], CancelledError)
+        transports[0].clear()
+        self.up.answer(OK, 0)
+        self.assertEqual(head(transports[0].value())[0], b"GET /3 HTTP/1.1")
+        transports[1].clear()
+        self.up.answer(OK, 1)
+        self.assertEqual(transports[1].value(), b"")  # nothing left waiting
+        self.assertEqual(self.up.attempts, 2)
+        self.assertEqual(self.up.agent._waiting, {})
+
+    def test_idle_connections_count(self) -> None:
+        results = [self.up.request() for _ in range(2)]
+        self.up.connect()
+        self.up.connect()
+        self.up.answer(OK, 0)
+        self.up.answer(OK, 1)
+        for result in results:
+            self.successResultOf(result).deliverBody(Collect())
+        self.up.request()
+        self.up.request()
+        third = self.up.request()
+        self.assertEqual(self.up.attempts, 2)
+        self.up.reactor.advance(50)  # neither was idle that long
+        self.assertNoResult(third)
+
+    def test_an_idle_connection_closed_makes_room(self) -> None:
+        first = self.up.request()
+        self.up.connect()
+        self.up.answer(OK)
+        self.successResultOf(first).deliverBody(Collect())
+        self.up.request()  # on the idle one
+        self.up.request()
+        third = self.up.request()
+        self.assertEqual(self.up.attempts, 2)
+        self.up.lose(0)  # closed before it answered: retried, in its place
+        self.assertEqual(self.up.attempts, 3)
+        self.assertNoResult(third)
+
+    def test_other_origins_are_not_held_up(self) -> None:
+        for _ in range(3):
+            self.up.request()
+        self.up.agent.request(b"GET", b"http://127.0.0.1:11435/")
+        self.assertEqual(self.up.attempts, 3)
+
+    def test_a_retry_takes_the_place_of_the_lost_connection(self) -> None:
+        up = Upstreams(max_per_origin=1)
+        first = up.request()
+        up.connect()
+        up.answer(OK)
+        self.successResultOf(first).deliverBody(Collect())
+        retried = up.request(b"GET", b"/retried")
+        waiting = up.request(b"GET", b"/waiting")
+        up.lose(0)
+        self.assertEqual(up.attempts, 2)
+        transport = up.connect()
+        self.assertEqual(head(transport.value())[0], b"GET /retried HTTP/1.1")
+        transport.clear()
+        up.answer(OK)
+        self.assertEqual(self.successResultOf(retried).code, 200)
+        self.assertEqual(head(transport.value())[0], b"GET /waiting HTTP/1.1")
+        up.answer(OK)
+        self.assertEqual(self.successResultOf(waiting).code, 200)
+        self.assertEqual(up.attempts, 2)
+
+    def test_closing_lets_the_waiting_requests_go_out(self) -> None:
+        """closeCachedConnections as Ollana stops: requests already made are served (they
+        are being drained); a connection is closed once nothing waits for it."""
+        up = Upstreams(max_per_origin=1)
+        first = up.request()
+        waiting = up.request()
+        transport = up.connect()
+        closed = up.agent.closeCachedConnections()
+        self.assertIsNone(self.successResultOf(closed))
+        up.answer(OK)
+        self.successResultOf(first).deliverBody(Collect())
+        self.assertFalse(transport.disconnecting)
+        up.answer(OK)
+        self.successResultOf(waiting).deliverBody(Collect())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(up.attempts, 1)
+
+    def test_the_count_comes_back_to_nothing(self) -> None:
+        results = [self.up.request() for _ in range(5)]  # 0 and 1 connecting, 3 waiting
+        self.up.refuse()  # 0 fails; 2 connects
+        self.up.connect()
+        self.up.lose(0, error.ConnectionLost())  # 1 fails; 3 connects
+        self.up.connect()
+        self.up.answer(OK, 1)  # 2 answered; 4 on its connection
+        self.up.connect()
+        self.up.answer(OK, 2)  # 3 answered
+        self.up.answer(OK, 1)  # 4 answered
+        self.assertEqual(self.up.attempts, 4)
+        self.failureResultOf(results[0], error.ConnectionRefusedError)
+        self.failureResultOf(results[1], ResponseNeverReceived)
+        self.assertEqual([self.successResultOf(r).code for r in results[2:]], [200] * 3)
+        self.assertEqual(self.up.agent._opened, {ORIGIN: 2})  # both idle
+        self.up.reactor.advance(50)
+        self.up.lose(1)
+        self.up.lose(2)
+        self.assertEqual(self.up.agent._opened, {})
+        self.assertEqual(self.up.agent._waiting, {})
+
+    def test_the_default_cap_is_192(self) -> None:
+        up = Upstreams()
+        for _ in range(193):
+            up.request()
+        self.assertEqual(up.attempts, 192)
+
+    def test_make_agent_takes_the_cap(self) -> None:
+        clock = MemoryReactorClock()
+        agent = make_agent(clock, connect_timeout=5, max_per_origin=3)
+        for _ in range(4):
+            agent.request(b"GET", ORIGIN + b"/")
+        self.assertEqual(len(clock.tcpClients), 3)
+
+
+class _Upstream(Protocol):
+    """A loopback upstream's connection: silent, or answering OK after a delay."""
+
+    def __init__(self, delay: float | None) -> None:
+        self.delay = delay
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.delay is not None and b"\r\n\r\n" in data:
+            self.answer = reactor.callLater(self.delay, self.transport.write, OK)  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.delay is not None and self.answer.active():
+            self.answer.cancel()
+        self.lost.callback(None)
+
+
+class _Upstreams(Factory):
+    """Makes _Upstream connections and keeps them, for the test to wait until they are gone."""
+
+    def __init__(self, delay: float | None) -> None:
+        self.delay = delay
+        self.accepted: list[_Upstream] = []
+
+    def buildProtocol(self, addr: Any) -> _Upstream:
+        protocol = _Upstream(self.delay)
+        self.accepted.append(protocol)
+        return protocol
+
+
+class LoopbackHandshakeTests(TestCase):
+    """The handshake timer on real TLS (Twisted's TLSMemoryBIOProtocol) over loopback."""
+
+    timeout = 10
+
+    def agent(self, tls_for: Any) -> UpstreamAgent:
+        endpoints = UpstreamEndpoints(reactor, 5, tls_for)
+        agent = UpstreamAgent(reactor, endpoints, 1, idle_timeout=50, handshake_timeout=0.3)
+        self.addCleanup(agent.closeCachedConnections)
+        return agent
+
+    def listen(self, delay: float | None, tls_options: Any = None) -> tuple[int, _Upstreams]:
+        factory = _Upstreams(delay)
+        if tls_options is None:
+            port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        else:
+            port = reactor.listenSSL(0, factory, tls_options, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port, factory
+
+    async def test_a_plain_port_that_never_answers_the_handshake(self) -> None:
+        port, upstreams = self.listen(delay=None)
+        agent = self.agent(lambda host, port: optionsForClientTLS("localhost"))
+        started = reactor.seconds()
+        with self.assertRaises(ResponseNeverReceived) as raised:
+            await agent.request(b"GET", b"https://127.0.0.1:%d/" % port)
+        self.assertLess(reactor.seconds() - started, 3)
+        self.assertEqual(describe_error(raised.exception), "TLS handshake timed out after 0.3 s")
+        await upstreams.accepted[0].lost
+
+    async def test_a_completed_handshake_lets_the_answer_take_longer(self) -> None:
+        certificate = tls.ensure_self_signed(self.mktemp())
+        port, upstreams = self.listen(delay=0.6, tls_options=certificate.server_options())
+        agent = self.agent(lambda host, port: tls.pinned_client_tls(certificate.fingerprint, host))
+        response = await agent.request(b"GET", b"https://127.0.0.1:%d/" % port)
+        self.assertEqual(await readBody(response), b"{}")
+        await agent.closeCachedConnections()
+        await upstreams.accepted[0].lost
