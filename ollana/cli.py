@@ -27,7 +27,8 @@ STATUS_PATH = "/ollana/api/status"
 # Where ollana status looks without --url: client mode's port, then server mode's.
 STATUS_URLS = ("http://127.0.0.1:11434", "http://127.0.0.1:11435")
 JSON_LOGGER = "ollana.logs.json_observer"
-LOGFILE_ENV = "OLLANA_LOGFILE"  # where ollana.logs.json_observer writes, if set
+TEXT_LOGGER = "ollana.logs.text_observer"  # twistd's lines, with the rotated files capped
+LOGFILE_ENV = "OLLANA_LOGFILE"  # where ollana.logs' observers write, if set
 
 
 class DiscoverOptions(DiscoveryOptions):
@@ -90,8 +91,9 @@ def twistd_command(
     """twistd's arguments for ollana serve: in the foreground, no pidfile and the log on
     standard output unless given; with daemon, a pidfile and a log file, in the default
     places unless given. The plugin's arguments follow ``ollana`` unchanged; relative
-    paths become absolute. JSON lines go to the file that $OLLANA_LOGFILE names (see
-    ollana.logs), since twistd's --logger takes no file."""
+    paths become absolute. The log is written by an observer of ollana.logs (rotated
+    files capped, no debug lines), to the file that $OLLANA_LOGFILE names, since twistd's
+    --logger takes no file (and its --logfile keeps every rotated file)."""
     pid: str | None = _path(pidfile) if pidfile else None
     log: str | None = _path(logfile) if logfile and logfile != "-" else None
     if daemon:
@@ -100,14 +102,8 @@ def twistd_command(
         args = ["--pidfile=" + pid]
     else:
         args = ["-n", "--pidfile=" + (pid or "")]
-    if log_format == "json":
-        args.append("--logger=" + JSON_LOGGER)
-    elif log is not None:
-        args.append("--logfile=" + log)
-    variables: dict[str, str | None] = {}
-    if log_format == "json":
-        variables[LOGFILE_ENV] = log
-    return TwistdCommand([*args, "ollana", *plugin_args], pid, log, variables)
+    args.append("--logger=" + (JSON_LOGGER if log_format == "json" else TEXT_LOGGER))
+    return TwistdCommand([*args, "ollana", *plugin_args], pid, log, {LOGFILE_ENV: log})
 
 
 def split_serve_args(
@@ -281,11 +277,11 @@ def serve(options: ServeOptions) -> NoReturn:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    if options["log-format"] == "json":
-        try:
-            namedAny(JSON_LOGGER)
-        except Exception as e:
-            _fail(f"--log-format json: cannot load {JSON_LOGGER}: {e}", 2)
+    logger = JSON_LOGGER if options["log-format"] == "json" else TEXT_LOGGER
+    try:
+        namedAny(logger)
+    except Exception as e:
+        _fail(f"--log-format {options['log-format']}: cannot load {logger}: {e}", 2)
     twistd = _twistd_options()
     try:
         twistd.parseOptions(command.argv)
@@ -554,7 +550,7 @@ async def discover(
     secret = options["secret"]
     seeker = Seeker(
         os.urandom(16), pool, lambda: [(a, options["discovery-port"]) for a in addresses],
-        auth=PacketAuth(secret, reactor) if secret is not None else None,
+        clock=reactor, auth=PacketAuth(secret, reactor) if secret is not None else None,
     )  # fmt: skip
     port = reactor.listenUDP(0, seeker)
     port.setBroadcastAllowed(True)

@@ -11,38 +11,117 @@ Given a PacketAuth, a protocol signs what it sends and ignores (counting it in
 original Ollana's bare magic included. A responder answers only hosts its ``allowed``
 predicate accepts, and each host at most ``reply_rate`` times a second (after a burst of
 ``reply_burst``), so that spoofed probes cannot turn it into an amplifier.
+
+Nothing that arrives writes a log line per datagram above debug level: what is ignored is
+counted by reason and told in one line a minute (``IgnoredDatagrams``), and failed sends
+are told once and then counted (``ollana.logs.Summary``).
 """
 
 from __future__ import annotations
 
-import time
+from collections import Counter
 from collections.abc import Callable
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from ollana import wire
 from ollana.auth import PacketAuth
-from ollana.peers import PeerPool
+from ollana.logs import Summary
+from ollana.peers import LEGACY_PORT, PeerPool
 
 Address = tuple[str, int]
 Targets = Callable[[], list[Address]]
+SUMMARY_INTERVAL = 60.0  # seconds between lines about ignored datagrams
+
+
+class IgnoredDatagrams:
+    """Datagrams ignored or left unanswered, counted by reason and source host, and told
+    in one line per interval in which there were any: a flood is a line a minute."""
+
+    MAX_HOSTS = 1000  # distinct hosts counted in an interval: spoofed ones are endless
+
+    def __init__(
+        self, log: Logger, clock: IReactorTime, interval: float = SUMMARY_INTERVAL
+    ) -> None:
+        self.log = log
+        self.clock = clock
+        self.interval = interval
+        self._reasons: Counter[str] = Counter()
+        self._hosts: set[str] = set()
+        self._started = 0.0
+        self._due: IDelayedCall | None = None
+
+    def count(self, reason: str, host: str) -> None:
+        """One more datagram ignored for reason ("unsigned", "malformed"...)."""
+        if self._due is None:
+            self._started = self.clock.seconds()
+            self._due = self.clock.callLater(self.interval, self._interval_ended)
+        self._reasons[reason] += 1
+        if len(self._hosts) < self.MAX_HOSTS:
+            self._hosts.add(host)
+
+    def _interval_ended(self) -> None:
+        self._due = None
+        try:
+            self.flush()
+        except Exception:
+            self.log.failure("Error while counting ignored datagrams")
+
+    def flush(self) -> None:
+        """Tell what was counted since the interval began, if anything, and start afresh."""
+        reasons, self._reasons = self._reasons, Counter()
+        hosts, self._hosts = len(self._hosts), set()
+        if not reasons:
+            return
+        count = sum(reasons.values())
+        self.log.info(
+            "Ignored {datagrams} from {sources} in the last {seconds:.0f} s: {reasons}",
+            count=count,
+            hosts=hosts,
+            datagrams=f"{count:,} datagram{'s' if count > 1 else ''}",
+            sources=_hosts(hosts, self.MAX_HOSTS),
+            seconds=self.clock.seconds() - self._started,
+            reasons=", ".join(f"{n:,} {reason}" for reason, n in reasons.most_common()),
+        )
+
+    def stop(self) -> None:
+        """Tell what is counted and stop the timer (the socket is closing)."""
+        due, self._due = self._due, None
+        if due is not None and due.active():
+            due.cancel()
+        self.flush()
+
+
+def _hosts(count: int, most: int) -> str:
+    if count >= most:
+        return f"{most:,} hosts or more"
+    return "1 host" if count == 1 else f"{count:,} hosts"
 
 
 class _LanaProtocol(DatagramProtocol):
-    """Decodes datagrams, ignores our own, and never lets an error escape."""
+    """Decodes datagrams, ignores our own, and never lets an error escape. ``clock``
+    times the lines that sum up what was ignored or could not be sent."""
 
     log = Logger()
     noisy = False
 
-    def __init__(self, node_id: bytes, *, auth: PacketAuth | None = None) -> None:
+    def __init__(
+        self, node_id: bytes, *, clock: IReactorTime, auth: PacketAuth | None = None
+    ) -> None:
         self.node_id = node_id
         self.auth = auth
         self.received = 0
         self.rejected = 0
         self.sent = 0
         self.last_send_error: str | None = None
+        self.ignored = IgnoredDatagrams(self.log, clock)
+        self._send_errors = Summary(self.log, clock, SUMMARY_INTERVAL, LogLevel.warn)
+
+    def stopProtocol(self) -> None:
+        self.ignored.stop()
+        self._send_errors.stop()
 
     def datagramReceived(self, datagram: bytes, addr: Address) -> None:
         try:
@@ -50,6 +129,7 @@ class _LanaProtocol(DatagramProtocol):
             message = wire.decode(packet)
         except wire.MalformedPacket as e:
             self.rejected += 1
+            self.ignored.count(getattr(e, "category", "malformed"), addr[0])
             self.log.debug(
                 "Ignored datagram from {host}:{port}: {reason}",
                 host=addr[0],
@@ -89,7 +169,7 @@ class _LanaProtocol(DatagramProtocol):
             self.transport.write(packet, addr)
         except OSError as e:
             self.last_send_error = f"{addr[0]}:{addr[1]}: {e.strerror or e}"
-            self.log.warn(
+            self._send_errors(
                 "Cannot send discovery datagram to {host}:{port}: {error}",
                 host=addr[0],
                 port=addr[1],
@@ -155,7 +235,7 @@ class ProbeResponder(_LanaProtocol):
     Probes from hosts that ``allowed`` refuses, or beyond a host's rate, get no reply;
     they are counted in ``refused`` and ``limited``. Announcements carry ``fingerprint``
     (the SHA-256 of the server's TLS certificate) when given. ``clock`` times the rate
-    limit (the monotonic clock when not given).
+    limit too.
     """
 
     def __init__(
@@ -166,14 +246,14 @@ class ProbeResponder(_LanaProtocol):
         version: str,
         is_serving: Callable[[], bool],
         *,
+        clock: IReactorTime,
         auth: PacketAuth | None = None,
         allowed: Callable[[str], bool] = lambda host: True,
         fingerprint: bytes | None = None,
-        clock: IReactorTime | None = None,
         reply_rate: float = 4.0,
         reply_burst: int = 8,
     ) -> None:
-        super().__init__(node_id, auth=auth)
+        super().__init__(node_id, clock=clock, auth=auth)
         if fingerprint is not None and len(fingerprint) != wire.FINGERPRINT_SIZE:
             raise ValueError(f"fingerprint must be {wire.FINGERPRINT_SIZE} bytes")
         self.targets = targets
@@ -183,8 +263,7 @@ class ProbeResponder(_LanaProtocol):
         self.allowed = allowed
         self.fingerprint = fingerprint
         self.proxy_port: int | None = None
-        now = clock.seconds if clock is not None else time.monotonic
-        self.limiter = ReplyLimiter(now, reply_rate, reply_burst)
+        self.limiter = ReplyLimiter(clock.seconds, reply_rate, reply_burst)
         self.refused = 0
         self.limited = 0
 
@@ -211,9 +290,11 @@ class ProbeResponder(_LanaProtocol):
             return
         if not self.allowed(addr[0]):
             self.refused += 1
+            self.ignored.count("from hosts not allowed", addr[0])
             self.log.debug("No reply to {host}: not an allowed source", host=addr[0])
         elif not self.limiter.allow(addr[0]):
             self.limited += 1
+            self.ignored.count("over the reply rate", addr[0])
             self.log.debug("No reply to {host}: over its rate", host=addr[0])
         else:
             self.send(reply, addr)
@@ -237,14 +318,23 @@ class ProbeResponder(_LanaProtocol):
 class AnnouncementListener(_LanaProtocol):
     """Client side, on the shared port: records announcements and byes in the pool."""
 
-    def __init__(self, node_id: bytes, pool: PeerPool, *, auth: PacketAuth | None = None) -> None:
-        super().__init__(node_id, auth=auth)
+    def __init__(
+        self,
+        node_id: bytes,
+        pool: PeerPool,
+        *,
+        clock: IReactorTime,
+        auth: PacketAuth | None = None,
+    ) -> None:
+        super().__init__(node_id, clock=clock, auth=auth)
         self.pool = pool
 
     def handle(self, message: wire.Message, addr: Address) -> None:
         if isinstance(message, wire.Announce):
-            if self.pool.believes(addr[0], message.node_id.hex()):
+            if self.pool.believes(addr[0], message.node_id.hex(), message.port):
                 self.pool.announced(message, addr[0])
+            else:
+                self.ignored.count("announcements not believed", addr[0])
         elif isinstance(message, wire.Bye):
             self.pool.said_bye(message.node_id)
         # Probes, bare or not, come from other clients: nothing to do.
@@ -254,9 +344,15 @@ class Seeker(AnnouncementListener):
     """Client side, on a socket of its own: sends probes and records the replies."""
 
     def __init__(
-        self, node_id: bytes, pool: PeerPool, targets: Targets, *, auth: PacketAuth | None = None
+        self,
+        node_id: bytes,
+        pool: PeerPool,
+        targets: Targets,
+        *,
+        clock: IReactorTime,
+        auth: PacketAuth | None = None,
     ) -> None:
-        super().__init__(node_id, pool, auth=auth)
+        super().__init__(node_id, pool, clock=clock, auth=auth)
         self.targets = targets
 
     def probe(self) -> None:
@@ -267,7 +363,9 @@ class Seeker(AnnouncementListener):
     def handle(self, message: wire.Message, addr: Address) -> None:
         if isinstance(message, wire.LegacyHello):
             # On our own socket a bare magic is an original Ollana server's reply.
-            if self.pool.believes(addr[0], f"legacy:{addr[0]}"):
+            if self.pool.believes(addr[0], f"legacy:{addr[0]}", LEGACY_PORT):
                 self.pool.legacy_replied(addr[0])
+            else:
+                self.ignored.count("announcements not believed", addr[0])
         else:
             super().handle(message, addr)

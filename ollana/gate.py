@@ -7,12 +7,13 @@ import functools
 import ipaddress
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.python.usage import UsageError
 from twisted.web.http_headers import Headers
 
 from ollana.auth import CREDENTIAL_HEADER, credential_ok
+from ollana.limits import open_files_cap
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -64,7 +65,8 @@ class Gate:
     secret: bytes | None = None  # set: requests must carry the credential
     max_body: int | None = None  # bytes; None: no limit (model blobs are huge)
     max_connections_per_source: int | None = None
-    max_connections: int | None = 4096  # in all: file descriptors are finite
+    # In all: 4096, or fewer if open files allow fewer (two per proxied request).
+    max_connections: int | None = field(default_factory=open_files_cap)
     header_timeout: float = 30.0  # seconds from a request's first byte to its last header
     check_host: bool = False  # True: only Host values a local Ollama accepts (client mode)
 
@@ -81,7 +83,7 @@ class Gate:
         """Why a request may not pass, as (status, message), or None."""
         if not self.admits_source(host):
             return 403, f"ollana: {host} is not allowed to use this server (see --allow)"
-        if self.check_host and not local_host_header(headers.getRawHeaders(b"host", [b""])[-1]):
+        if self.check_host and not local_hosts(headers.getRawHeaders(b"host", [b""])):
             # A web page that rebinds its own name to 127.0.0.1 must not reach Ollama
             # through us: Ollama itself refuses such Host values on its loopback port.
             return 403, "ollana: this Host is not a local name or address"
@@ -90,6 +92,12 @@ class Gate:
             if not credential_ok(self.secret, given):
                 return 401, "ollana: this server needs Ollana's shared secret (see --secret-file)"
         return None
+
+
+def local_hosts(values: Sequence[bytes]) -> bool:
+    """Whether a request's Host values are one local name: several are never (which
+    would a browser's be?)."""
+    return len(values) == 1 and local_host_header(values[0])
 
 
 def local_host_header(value: bytes) -> bool:

@@ -211,8 +211,8 @@ class SeekerService(Service):
         self._settings = settings
         self._on_error = on_error
         auth = packet_auth(settings, reactor)
-        self.seeker = Seeker(settings.node_id, pool, targets, auth=auth)
-        self.listener = AnnouncementListener(settings.node_id, pool, auth=auth)
+        self.seeker = Seeker(settings.node_id, pool, targets, clock=reactor, auth=auth)
+        self.listener = AnnouncementListener(settings.node_id, pool, clock=reactor, auth=auth)
         self._ports: list[Any] = []
         self._loop: LoopingCall | None = None
 

@@ -8,13 +8,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from ollana import wire
 
 LEGACY_PORT = 11435
 STRATEGIES = ("fastest", "least-connections", "round-robin")
-MAX_PEERS = 256  # servers known at once: announcements past this are ignored
+MAX_PEERS = 256  # servers known at once: see PeerPool.believes
+MAX_PEERS_PER_HOST = 16  # servers known at one address: one host cannot fill the pool
+FOUND_LINES = 8  # "Found server" lines at info per FOUND_INTERVAL; the rest are counted
+FOUND_INTERVAL = 60.0
 LATENCY_WEIGHT = 0.3  # of the newest check in the moving average
 SAME_LATENCY_SHARE = 0.25  # latencies this much above the best, plus
 SAME_LATENCY_SECONDS = 0.005  # this much, are as fast as the best
@@ -92,6 +95,37 @@ class Peer:
         return self.source is not Source.LEGACY
 
 
+class LineQuota:
+    """Lets ``burst`` log lines of one kind through per ``interval`` seconds and counts the
+    rest, so that a flood of them is a few lines and a count."""
+
+    def __init__(self, clock: IReactorTime, burst: int, interval: float) -> None:
+        self._clock = clock
+        self.burst = burst
+        self.interval = interval
+        self._ends = float("-inf")
+        self._let_through = 0
+        self._held = 0
+
+    def take(self) -> bool:
+        """Whether one more line may be logged now; if not, it is counted as held back."""
+        now = self._clock.seconds()
+        if now >= self._ends:
+            self._ends, self._let_through, self._held = now + self.interval, 0, 0
+        if self._let_through < self.burst:
+            self._let_through += 1
+            return True
+        self._held += 1
+        return False
+
+    def held_back(self) -> int:
+        """The lines held back in an interval that has ended, once (then 0)."""
+        if self._held and self._clock.seconds() >= self._ends:
+            held, self._held = self._held, 0
+            return held
+        return 0
+
+
 class PeerPool:
     """Known servers by key; discovered and legacy ones expire when they fall silent."""
 
@@ -103,6 +137,7 @@ class PeerPool:
         self.unhealthy_after = unhealthy_after
         self._peers: dict[str, Peer] = {}
         self._turn = -1
+        self._found_lines = LineQuota(clock, FOUND_LINES, FOUND_INTERVAL)
         self._down_watchers: list[Callable[[Peer, str], object]] = []
         self.on_added: Callable[[Peer], object] = lambda peer: None  # the health checker's
         self.admits: Callable[[str], bool] = lambda host: True  # sources believed
@@ -116,15 +151,69 @@ class PeerPool:
     def get(self, key: str) -> Peer | None:
         return self._peers.get(key)
 
-    def believes(self, host: str, key: str) -> bool:
-        """Whether to take in what host says of the server key: only from sources a
-        server would admit, and no new server past MAX_PEERS."""
-        return self.admits(host) and (key in self._peers or len(self._peers) < MAX_PEERS)
+    def believes(self, host: str, key: str, port: int) -> bool:
+        """Whether to take in what host says of the server key at port: only from sources
+        a server would admit, and only if room can be made for it (see _room_for)."""
+        return self.admits(host) and self._room_for(key, host, port) is not None
+
+    def _room_for(self, key: str, host: str, port: int) -> list[Peer] | None:
+        """The peers that must go for the server key to be at host:port (often none), or
+        None if it may not be: one server per address, MAX_PEERS_PER_HOST per host and
+        MAX_PEERS in all. Only a peer that gives way (see _gives_way) goes: the one at that
+        address, else the oldest at that host or, when the pool is full, the oldest that
+        never passed a check."""
+        peer = self._peers.get(key)
+        if peer is not None and ((peer.host, peer.port) == (host, port) or self._answers(peer)):
+            return []  # a refresh, or a server that stays where it answers (see announced)
+        at_host = [p for p in self._peers.values() if p.host == host and p is not peer]
+        at_host = [p for p in at_host if p.source is not Source.STATIC]
+        gone = [p for p in at_host if p.port == port]
+        if not all(self._gives_way(p) for p in gone):
+            return None
+        if len(at_host) - len(gone) >= MAX_PEERS_PER_HOST:
+            oldest = next((p for p in at_host if p not in gone and self._gives_way(p)), None)
+            if oldest is None:
+                return None
+            gone.append(oldest)
+        if peer is None and len(self._peers) - len(gone) >= MAX_PEERS:
+            # _gives_way for peers never checked OK, inline: every datagram of a flood of
+            # new ids asks this of a full pool (46 instead of 160 us a datagram).
+            legacy, discovered = Source.LEGACY, Source.DISCOVERED
+            oldest = next((p for p in self._peers.values() if p.last_ok is None
+                           and (p.source is legacy or (p.failures and p.source is discovered))
+                           and p not in gone), None)  # fmt: skip
+            if oldest is None:
+                return None
+            gone.append(oldest)
+        return gone
+
+    def _answers(self, peer: Peer) -> bool:
+        """Whether health checks reach the peer lately: announcements never displace it."""
+        return (
+            peer.healthy
+            and peer.last_ok is not None
+            and peer.last_ok > self._clock.seconds() - self.ttl
+        )
+
+    def _gives_way(self, peer: Peer) -> bool:
+        """Whether an announcement may take the peer's place: a legacy one (never checked),
+        or a discovered one that does not answer, once a check has told so. (Not one still
+        waiting for its first check: else announcements could start checks, each with a
+        socket, faster than checks end.)"""
+        if peer.source is Source.LEGACY:
+            return True
+        checked = peer.failures > 0 or peer.last_ok is not None
+        return peer.source is Source.DISCOVERED and checked and not self._answers(peer)
 
     def announced(self, message: wire.Announce, host: str) -> Peer:
-        """Add or refresh the server that sent this announcement from host (the
-        discovery listener asks ``believes`` first)."""
+        """Add or refresh the server that sent this announcement from host, in place of
+        the peers that give way to it (the discovery listener asks ``believes`` first)."""
         key = message.node_id.hex()
+        self._tell_found_lines_held()
+        for gone in self._room_for(key, host, message.port) or ():
+            del self._peers[gone.key]
+            self.log.debug("Server {node} at {url} gives way to {new}",
+                           node=gone.key, url=gone.url, new=key)  # fmt: skip
         peer = self._peers.get(key)
         if peer is None:
             peer = Peer(key, host, message.port, message.scheme, message.version,
@@ -138,11 +227,7 @@ class PeerPool:
                 peer.version = message.version
                 peer.fingerprint = message.fingerprint
                 return peer
-            if (
-                peer.healthy
-                and peer.last_ok is not None
-                and peer.last_ok > peer.last_seen - self.ttl
-            ):
+            if self._answers(peer):
                 # It still answers where it is: the same id from elsewhere is a server
                 # with two interfaces, or a replayed datagram. Either way, stay.
                 return peer
@@ -150,13 +235,25 @@ class PeerPool:
             peer.host, peer.port, peer.scheme = host, message.port, message.scheme
             self.on_added(peer)  # somewhere new: check it there at once
         peer.version = message.version
-        self.log.info(
+        self.log.emit(
+            LogLevel.info if self._found_lines.take() else LogLevel.debug,
             "Found server {node} at {url} (Ollana {version})",
             node=key,
             url=peer.url,
             version=peer.version,
         )
         return peer
+
+    def _tell_found_lines_held(self) -> None:
+        """Say how many "Found server" lines an ended interval held back, if any."""
+        held = self._found_lines.held_back()
+        if held:
+            self.log.info(
+                "Found {count} more servers within {interval:g} s (not logged one by one: "
+                "ollana status lists the servers)",
+                count=held,
+                interval=self._found_lines.interval,
+            )
 
     def legacy_replied(self, host: str) -> Peer:
         """Record an original-Ollana server that answered a probe from host (the

@@ -288,6 +288,10 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     exit_code_from_failure = reactor is None
     if reactor is None:
         from twisted.internet import reactor
+
+        from ollana.limits import raise_open_files
+
+        raise_open_files()  # first: the listeners' connection caps are sized from it
     # One kept-alive connection for the health checks, not a new one (and two log
     # lines) every few seconds.
     settings = options.settings()

@@ -230,27 +230,29 @@ class ServeArgumentTests(SynchronousTestCase):
     def test_foreground_by_default(self) -> None:
         c = command("--mode", "server", "--broadcast", "127.255.255.255")
         self.assertEqual(
-            c.argv, ["-n", "--pidfile=", "ollana", "--mode", "server", "--broadcast",
-                     "127.255.255.255"],
+            c.argv, ["-n", "--pidfile=", "--logger=ollana.logs.text_observer", "ollana",
+                     "--mode", "server", "--broadcast", "127.255.255.255"],
         )  # fmt: skip
-        self.assertEqual((c.pidfile, c.logfile, c.env), (None, None, {}))
+        self.assertEqual((c.pidfile, c.logfile, c.env), (None, None, {"OLLANA_LOGFILE": None}))
 
     def test_foreground_with_pidfile_and_logfile(self) -> None:
         c = command("--pidfile", "run/o.pid", "--logfile=/var/log/o.log")
         pidfile = os.path.abspath("run/o.pid")
         self.assertEqual(
-            c.argv, ["-n", "--pidfile=" + pidfile, "--logfile=/var/log/o.log", "ollana"]
+            c.argv, ["-n", "--pidfile=" + pidfile, "--logger=ollana.logs.text_observer", "ollana"]
         )
         self.assertEqual((c.pidfile, c.logfile), (pidfile, "/var/log/o.log"))
-        self.assertEqual(command("--logfile", "-").argv, ["-n", "--pidfile=", "ollana"])
+        self.assertEqual(c.env, {"OLLANA_LOGFILE": "/var/log/o.log"})
+        self.assertEqual(command("--logfile", "-").env, {"OLLANA_LOGFILE": None})
 
     def test_daemon_defaults(self) -> None:
         c = command("-d")
         self.assertEqual(
             c.argv,
-            ["--pidfile=/run/user/1000/ollana.pid",
-             "--logfile=/home/ann/.local/state/ollana/ollana.log", "ollana"],
+            ["--pidfile=/run/user/1000/ollana.pid", "--logger=ollana.logs.text_observer",
+             "ollana"],
         )  # fmt: skip
+        self.assertEqual(c.env, {"OLLANA_LOGFILE": "/home/ann/.local/state/ollana/ollana.log"})
         c = command("--daemon", env={"HOME": "/home/ann"})
         self.assertEqual(c.pidfile, "/home/ann/.local/state/ollana/ollana.pid")
         c = command("-d", env={"HOME": "/home/ann", "XDG_STATE_HOME": "/srv/state"})
@@ -264,8 +266,10 @@ class ServeArgumentTests(SynchronousTestCase):
         c = command("-d", "--pidfile", "/tmp/o.pid", "--logfile", "/tmp/o.log", "--mode", "client")
         self.assertEqual(
             c.argv,
-            ["--pidfile=/tmp/o.pid", "--logfile=/tmp/o.log", "ollana", "--mode", "client"],
-        )
+            ["--pidfile=/tmp/o.pid", "--logger=ollana.logs.text_observer", "ollana", "--mode",
+             "client"],
+        )  # fmt: skip
+        self.assertEqual(c.env, {"OLLANA_LOGFILE": "/tmp/o.log"})
 
     def test_json_logs(self) -> None:
         c = command("--log-format", "json")
@@ -291,7 +295,7 @@ class ServeArgumentTests(SynchronousTestCase):
         c = command(*argv)
         self.assertEqual(
             c.argv,
-            ["--pidfile=/tmp/o.pid", "--logfile=/home/ann/.local/state/ollana/ollana.log",
+            ["--pidfile=/tmp/o.pid", "--logger=ollana.logs.text_observer",
              "ollana", "--mode", "client", "--peer", "198.18.0.2:11435", "--broad",
              "127.255.255.255", "--no-discovery", "--listen", "tcp:0:interface=127.0.0.1"],
         )  # fmt: skip

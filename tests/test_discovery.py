@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import random
+from collections.abc import Iterable
 
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
@@ -21,7 +22,7 @@ from ollana.auth import PacketAuth
 from ollana.config import Settings
 from ollana.discovery import AnnouncementListener, ProbeResponder, ReplyLimiter, Seeker
 from ollana.node import HTTPListener, ResponderService, SeekerService
-from ollana.peers import PeerPool, Source
+from ollana.peers import FOUND_LINES, MAX_PEERS_PER_HOST, PeerPool, Source
 from tests.support import FakeDatagramPort, FakeNetworkReactor, capture_logs
 
 ME = b"\x11" * 16
@@ -111,9 +112,11 @@ class ProbeResponderTests(SynchronousTestCase):
         self.port.write_error = OSError(errno.ENETUNREACH, "Network is unreachable")
         self.responder.announce()
         self.responder.datagramReceived(wire.encode(wire.Probe(OTHER)), CLIENT)
-        warnings = logs.at(LogLevel.warn)
-        self.assertEqual(len(warnings), 3)
-        self.assertEqual(warnings[0]["error"], "Network is unreachable")
+        [warning] = logs.at(LogLevel.warn)  # the first at once, the others counted
+        self.assertEqual(warning["error"], "Network is unreachable")
+        self.clock.advance(60)
+        [_, repeats] = logs.at(LogLevel.warn)
+        self.assertEqual((repeats["repeated"], repeats["host"]), (2, CLIENT[0]))
         self.port.write_error = None
         self.responder.datagramReceived(wire.encode(wire.Probe(OTHER)), CLIENT)
         self.assertEqual(self.port.take(), [(self.announce, CLIENT)])
@@ -134,9 +137,9 @@ class SeekerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.pool = PeerPool(self.clock, ttl=15)
-        self.seeker = Seeker(ME, self.pool, lambda: TARGETS)
+        self.seeker = Seeker(ME, self.pool, lambda: TARGETS, clock=self.clock)
         self.own = FakeDatagramPort(self.seeker, 40001)
-        self.listener = AnnouncementListener(ME, self.pool)
+        self.listener = AnnouncementListener(ME, self.pool, clock=self.clock)
         self.shared = FakeDatagramPort(self.listener, 11436)
 
     def test_probe_goes_to_every_target(self) -> None:
@@ -294,8 +297,9 @@ class ResponderServiceTests(SynchronousTestCase):
             self.errors.append,
         )
         self.responder = ProbeResponder(
-            ME, lambda: [("127.255.255.255", 11436)], "http", "0.1.0", lambda: self.serving
-        )
+            ME, lambda: [("127.255.255.255", 11436)], "http", "0.1.0", lambda: self.serving,
+            clock=self.reactor,
+        )  # fmt: skip
         self.service = ResponderService(
             self.reactor, self.responder, settings(), self.listener, self.errors.append
         )
@@ -638,6 +642,7 @@ class FingerprintTests(SynchronousTestCase):
             "1",
             lambda: True,
             fingerprint=b"short",
+            clock=Clock(),
         )
 
 
@@ -648,9 +653,9 @@ class AuthSeekerTests(SynchronousTestCase):
         self.clock = wall_clock()
         self.pool = PeerPool(self.clock, ttl=15)
         auth = PacketAuth(SECRET, self.clock)
-        self.seeker = Seeker(ME, self.pool, lambda: TARGETS, auth=auth)
+        self.seeker = Seeker(ME, self.pool, lambda: TARGETS, clock=self.clock, auth=auth)
         self.own = FakeDatagramPort(self.seeker, 40001)
-        self.listener = AnnouncementListener(ME, self.pool, auth=auth)
+        self.listener = AnnouncementListener(ME, self.pool, clock=self.clock, auth=auth)
         self.shared = FakeDatagramPort(self.listener, 11436)
         self.server = PacketAuth(SECRET, wall_clock())
 
@@ -699,7 +704,7 @@ class AuthSeekerTests(SynchronousTestCase):
 
     def test_without_auth_signed_datagrams_are_read_as_plain(self) -> None:
         pool = PeerPool(self.clock, ttl=15)
-        plain = Seeker(ME, pool, lambda: TARGETS)
+        plain = Seeker(ME, pool, lambda: TARGETS, clock=self.clock)
         FakeDatagramPort(plain, 40002)
         plain.datagramReceived(self.announce(), SERVER)
         [peer] = pool
@@ -725,7 +730,8 @@ class AuthEndToEndTests(SynchronousTestCase):
         found = []
         for secret in (SECRET, WRONG_SECRET):
             pool = PeerPool(client_clock, ttl=15)
-            seeker = Seeker(ME, pool, lambda: [SERVER], auth=PacketAuth(secret, client_clock))
+            seeker = Seeker(ME, pool, lambda: [SERVER], clock=client_clock,
+                            auth=PacketAuth(secret, client_clock))  # fmt: skip
             client_port = FakeDatagramPort(seeker, 40001)
             seeker.probe()
             for data, _ in client_port.take():
@@ -735,3 +741,141 @@ class AuthEndToEndTests(SynchronousTestCase):
             found.append([(peer.url, peer.fingerprint) for peer in pool])
         self.assertEqual(found, [[("https://198.18.0.2:11435", FINGERPRINT)], []])
         self.assertEqual(responder.rejected, 1)
+
+
+def loud(events: Iterable[dict]) -> list[dict]:
+    """The events at info level or above: what a node's log shows by default."""
+    return [e for e in events if e["log_level"] >= LogLevel.info]
+
+
+class FloodTests(SynchronousTestCase):
+    """10,000 datagrams that are ignored write a line a minute, not a line each."""
+
+    def setUp(self) -> None:
+        self.clock = wall_clock()
+        self.rng = random.Random(12)
+        self.logs = LogCapture(self)
+
+    def source(self) -> tuple[str, int]:
+        return f"198.18.0.{self.rng.randrange(3)}", self.rng.randrange(1024, 65536)
+
+    def test_junk_unsigned_and_replayed_datagrams_with_a_secret(self) -> None:
+        auth = PacketAuth(SECRET, self.clock)
+        responder = ProbeResponder(ME, lambda: [], "http", "1", lambda: True, clock=self.clock,
+                                   auth=auth)  # fmt: skip
+        responder.proxy_port = 11435
+        port = FakeDatagramPort(responder, 11436)
+        client = PacketAuth(SECRET, self.clock)
+        probe = client.sign(wire.encode(wire.Probe(OTHER)))
+        forger = PacketAuth(WRONG_SECRET, self.clock)
+        makers = [
+            lambda: self.rng.randbytes(self.rng.randrange(0, 600)),
+            lambda: wire.encode(wire.Probe(self.rng.randbytes(16))),
+            lambda: forger.sign(wire.encode(wire.Probe(self.rng.randbytes(16)))),
+            lambda: probe,
+        ]
+        for i in range(10_000):
+            responder.datagramReceived(makers[i % len(makers)](), self.source())
+        self.assertEqual(len(port.take()), 1, "the first probe, answered")
+        self.assertEqual(loud(self.logs.events), [])
+        self.clock.advance(59)
+        self.assertEqual(loud(self.logs.events), [])
+        self.clock.advance(1)
+        [line] = loud(self.logs.events)
+        self.assertEqual(line["count"], 9_999)
+        self.assertRegex(
+            formatEvent(line), "^Ignored 9,999 datagrams from 3 hosts in the last 60 s: "
+        )
+        for reason in ("2,500 unsigned", "2,500 forged", "2,499 replayed", "2,500 malformed"):
+            self.assertIn(reason, line["reasons"])
+        self.clock.advance(600)
+        self.assertEqual(len(loud(self.logs.events)), 1, "nothing more to tell")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_junk_and_fake_servers_without_a_secret(self) -> None:
+        pool = PeerPool(self.clock, ttl=15)
+        seeker = Seeker(ME, pool, lambda: TARGETS, clock=self.clock)
+        listener = AnnouncementListener(ME, pool, clock=self.clock)
+        FakeDatagramPort(seeker, 40001)
+        FakeDatagramPort(listener, 11436)
+        makers = [
+            lambda: self.rng.randbytes(self.rng.randrange(0, 600)),
+            lambda: b"LANA" + self.rng.randbytes(self.rng.randrange(0, 40)),
+            lambda: wire.encode(wire.Announce(self.rng.randbytes(16),
+                                              self.rng.randrange(1, 65536), "http", "x")),
+            lambda: wire.encode(wire.Bye(self.rng.randbytes(16))),
+            lambda: wire.encode(wire.Probe(self.rng.randbytes(16))),
+            lambda: b"LANA",
+        ]  # fmt: skip
+        for i in range(10_000):
+            protocol = (listener, seeker)[i % 2]
+            protocol.datagramReceived(makers[i % len(makers)](), ("198.18.0.66", 11436))
+        self.assertEqual(len(pool), MAX_PEERS_PER_HOST, "from one host")
+        self.clock.advance(60)
+        lines = [formatEvent(e) for e in loud(self.logs.events)]
+        found = [line for line in lines if line.startswith("Found server")]
+        self.assertEqual(len(found), FOUND_LINES)
+        legacy = [line for line in lines if line.startswith("Found legacy")]
+        self.assertEqual(legacy, ["Found legacy Ollana server at http://198.18.0.66:11435"])
+        ignored = [line for line in lines if line.startswith("Ignored")]
+        self.assertEqual(len(ignored), 2, "one for each socket")
+        self.assertEqual(len(lines), FOUND_LINES + 3, lines)
+        self.assertIn("announcements not believed", ignored[0] + ignored[1])
+        self.assertIn("malformed", ignored[0])
+
+    def test_probes_left_unanswered(self) -> None:
+        responder = ProbeResponder(ME, lambda: [], "http", "1", lambda: True, clock=self.clock,
+                                   allowed=lambda host: host != "203.0.113.9")  # fmt: skip
+        responder.proxy_port = 11435
+        port = FakeDatagramPort(responder, 11436)
+        probe = wire.encode(wire.Probe(OTHER))
+        for _ in range(5_000):
+            responder.datagramReceived(probe, ("203.0.113.9", 40000))
+            responder.datagramReceived(probe, CLIENT)
+        self.assertEqual(len(port.take()), responder.limiter.burst)
+        self.clock.advance(60)
+        [line] = loud(self.logs.events)
+        self.assertEqual(
+            formatEvent(line),
+            "Ignored 9,992 datagrams from 2 hosts in the last 60 s: 5,000 from hosts not "
+            "allowed, 4,992 over the reply rate",
+        )
+
+    def test_stopping_tells_what_was_counted(self) -> None:
+        listener = AnnouncementListener(ME, PeerPool(self.clock, ttl=15), clock=self.clock)
+        port = FakeDatagramPort(listener, 11436)
+        listener.datagramReceived(b"junk", CLIENT)
+        self.clock.advance(12)
+        port.stopListening()
+        [line] = loud(self.logs.events)
+        self.assertEqual(
+            formatEvent(line), "Ignored 1 datagram from 1 host in the last 12 s: 1 malformed"
+        )
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_broken_summary_is_logged_not_raised(self) -> None:
+        listener = AnnouncementListener(ME, PeerPool(self.clock, ttl=15), clock=self.clock)
+        FakeDatagramPort(listener, 11436)
+        listener.datagramReceived(b"junk", CLIENT)
+
+        def broken() -> None:
+            raise RuntimeError("boom")
+
+        self.patch(listener.ignored, "flush", broken)
+        self.clock.advance(60)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        listener.datagramReceived(b"junk", CLIENT)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1, "counting again")
+
+    def test_spoofed_sources_are_counted_up_to_a_bound(self) -> None:
+        listener = AnnouncementListener(ME, PeerPool(self.clock, ttl=15), clock=self.clock)
+        FakeDatagramPort(listener, 11436)
+        for n in range(3000):
+            listener.datagramReceived(b"junk", (f"198.18.{n // 256}.{n % 256}", 11436))
+        self.clock.advance(60)
+        [line] = loud(self.logs.events)
+        self.assertEqual((line["count"], line["hosts"]), (3000, 1000))
+        self.assertEqual(
+            formatEvent(line),
+            "Ignored 3,000 datagrams from 1,000 hosts or more in the last 60 s: 3,000 malformed",
+        )

@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import sys
 from typing import Any
 
 import treq
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
-from twisted.logger import Logger, LogPublisher
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import FilteringLogObserver, Logger, LogPublisher, textFileLogObserver
 from twisted.python import log as legacy
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from ollana.logs import JSONLines
-from tests.support import ChildProcess, free_udp_port
+from ollana import logs
+from ollana.logs import (
+    LOG_LEVEL_ENV,
+    LOGFILE_ENV,
+    JSONLines,
+    json_observer,
+    log_observer,
+    text_observer,
+)
+from tests.support import ChildProcess, eventually, free_udp_port, read_text
 
 reactor: Any = _reactor
 TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
@@ -79,3 +90,86 @@ class TwistdJSONLoggerTests(TestCase):
         await server.stop()
         records = [json.loads(line) for line in server.lines if line.strip()]
         self.assertIn("Server Shut Down.", [record["message"] for record in records])
+
+
+class LogObserverTests(SynchronousTestCase):
+    """What twistd's --logger factories of ollana.logs write: by level, rotated."""
+
+    def emit(self, observer: Any, level: str, text: str) -> None:
+        getattr(Logger(namespace="ollana.test", observer=observer), level)(text)
+
+    def test_debug_only_when_asked_for(self) -> None:
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        quiet = log_observer(JSONLines, {})
+        for level in ("debug", "info", "warn"):
+            self.emit(quiet, level, level)
+        chatty = log_observer(JSONLines, {LOG_LEVEL_ENV: "DEBUG "})
+        self.emit(chatty, "debug", "debug, asked for")
+        records = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual([r["message"] for r in records], ["info", "warn", "debug, asked for"])
+
+    def test_an_unknown_level_is_said_and_info_used(self) -> None:
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        observer = log_observer(textFileLogObserver, {LOG_LEVEL_ENV: "loud"})
+        self.emit(observer, "debug", "not this")
+        self.emit(observer, "info", "this")
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertIn(
+            "[ollana.logs#warn] $OLLANA_LOG_LEVEL must be one of debug, info, warn, error, "
+            "critical, not 'loud': logging at info",
+            lines[0],
+        )
+        self.assertTrue(lines[1].endswith("[ollana.test#info] this"))
+
+    def test_the_file_rotates_with_a_few_old_ones_kept(self) -> None:
+        self.patch(logs, "ROTATE_BYTES", 2000)
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "ollana.log")
+        observer = log_observer(textFileLogObserver, {LOGFILE_ENV: path})
+        for n in range(1000):
+            self.emit(observer, "info", f"line {n:04} " + "x" * 80)
+        self.assertEqual(
+            sorted(os.listdir(directory)), ["ollana.log", *(f"ollana.log.{n}" for n in range(1, 6))]
+        )
+        with open(path) as f:
+            self.assertIn("line 0999", f.read())
+        with open(path + ".1") as f:
+            self.assertNotIn("line 0999", f.read())
+
+    def test_a_factory_for_twistd_of_each_format(self) -> None:
+        self.assertIsInstance(text_observer(), FilteringLogObserver)
+        self.assertIsInstance(json_observer(), FilteringLogObserver)
+
+
+class TwistdTextLoggerTests(TestCase):
+    timeout = 30
+
+    async def test_junk_datagrams_are_one_line_and_debug_is_left_out(self) -> None:
+        directory = os.path.abspath(self.mktemp())  # the child runs elsewhere
+        os.makedirs(directory)
+        path = os.path.join(directory, "ollana.log")
+        discovery = free_udp_port()
+        server = ChildProcess.spawn(reactor, [
+            *TWISTD, "-n", "--pidfile=", "--logger", "ollana.logs.text_observer", "ollana",
+            "--mode", "client", "--peer", "127.0.0.1:9", "--broadcast", "127.255.255.255",
+            "--listen", "tcp:0:interface=127.0.0.1", "--discovery-port", str(discovery),
+        ], prefix=["env", f"{LOGFILE_ENV}={path}"])  # fmt: skip
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(server.stop()))
+        await eventually(reactor, lambda: "Listening for HTTP" in read_text(path))
+        sender = reactor.listenUDP(0, DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(sender.stopListening)
+        for n in range(500):  # loopback only
+            sender.write(b"junk %d" % n, ("127.0.0.1", discovery))
+        await task.deferLater(reactor, 0.5)
+        await server.stop()
+        text = read_text(path)
+        self.assertIn("Open files:", text)
+        self.assertRegex(
+            text, r"Ignored \d+ datagrams from 1 host in the last \d+ s: \d+ malformed"
+        )
+        self.assertNotIn("#debug]", text)
+        self.assertLess(len(text.splitlines()), 40)

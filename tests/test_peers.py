@@ -13,6 +13,7 @@ from ollana.peers import (
     EJECT_SECONDS,
     LATENCY_WEIGHT,
     MAX_PEERS,
+    MAX_PEERS_PER_HOST,
     Peer,
     PeerPool,
     Source,
@@ -561,11 +562,168 @@ class BeliefTests(SynchronousTestCase):
 
     def test_sources_and_numbers_believed(self) -> None:
         self.pool.admits = lambda host: host.startswith("198.18.")
-        self.assertTrue(self.pool.believes("198.18.0.2", A.hex()))
-        self.assertFalse(self.pool.believes("8.8.8.8", A.hex()))
+        self.assertTrue(self.pool.believes("198.18.0.2", A.hex(), 11435))
+        self.assertFalse(self.pool.believes("8.8.8.8", A.hex(), 11435))
         for n in range(MAX_PEERS):
-            self.pool.announced(
-                wire.Announce(n.to_bytes(16, "big"), 11435, "http", ""), "198.18.0.2"
-            )
-        self.assertFalse(self.pool.believes("198.18.0.2", B.hex()), "full: nothing new")
-        self.assertTrue(self.pool.believes("198.18.0.2", (5).to_bytes(16, "big").hex()))
+            host, port = f"198.18.1.{n // MAX_PEERS_PER_HOST}", 11435 + n % MAX_PEERS_PER_HOST
+            peer = self.pool.announced(wire.Announce(n.to_bytes(16, "big"), port, "http", ""), host)
+            self.pool.check_succeeded(peer, 0.01)
+        self.assertFalse(self.pool.believes("198.18.0.2", B.hex(), 11435), "full: nothing new")
+        self.assertTrue(self.pool.believes("198.18.1.0", (5).to_bytes(16, "big").hex(), 11440))
+
+
+def node(n: int) -> bytes:
+    return n.to_bytes(16, "big")
+
+
+class HardeningTestCase(SynchronousTestCase):
+    """Announcements taken in as the discovery listener does: believes, then announced."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.pool = PeerPool(self.clock, ttl=15)
+        self.events = capture_logs(self)
+
+    def announce(self, n: int, host: str = "198.18.0.66", port: int = 11435) -> Peer | None:
+        if not self.pool.believes(host, node(n).hex(), port):
+            return None
+        return self.pool.announced(wire.Announce(node(n), port, "http", "0.1.0"), host)
+
+    def keys(self) -> set[str]:
+        return {peer.key for peer in self.pool}
+
+    def logged(self, level: LogLevel) -> list[str]:
+        return [e["log_format"] for e in self.events if e.get("log_level") == level]
+
+
+class OneServerPerAddressTests(HardeningTestCase):
+    def test_a_new_id_waits_for_the_first_check_of_the_one_there(self) -> None:
+        first = self.announce(1)
+        assert first is not None
+        self.assertIsNone(self.announce(2), "its first check has not ended yet")
+        self.pool.check_failed(first, "connection refused")
+        second = self.announce(2)
+        assert second is not None
+        self.assertEqual(self.keys(), {node(2).hex()})
+        self.assertEqual((second.host, second.port), ("198.18.0.66", 11435))
+        self.assertIsNone(self.pool.get(node(1).hex()))
+
+    def test_a_server_that_answers_is_never_displaced(self) -> None:
+        real = self.announce(1, "198.18.0.2")
+        assert real is not None
+        self.pool.check_succeeded(real, 0.01)
+        for n in range(2, 302):
+            self.clock.advance(0.1)
+            if n % 50 == 0:
+                self.pool.check_succeeded(real, 0.01)  # checked every 5 s, and answering
+            self.assertIsNone(self.announce(n, "198.18.0.2"))
+        self.assertEqual(list(self.pool), [real])
+        self.pool.check_failed(real, "connection refused")
+        self.assertIsNone(self.announce(400, "198.18.0.2"), "one failed check: still healthy")
+        self.pool.check_failed(real, "connection refused")
+        self.assertIsNotNone(self.announce(400, "198.18.0.2"), "down now: it gives way")
+        self.assertEqual(self.keys(), {node(400).hex()})
+
+    def test_a_server_whose_checks_passed_long_ago_gives_way(self) -> None:
+        old = self.announce(1)
+        assert old is not None
+        self.pool.check_succeeded(old, 0.01)
+        self.clock.advance(self.pool.ttl + 1)
+        self.assertIsNotNone(self.announce(2))
+        self.assertEqual(self.keys(), {node(2).hex()})
+
+    def test_a_server_does_not_move_onto_one_that_answers(self) -> None:
+        there = self.announce(1, "198.18.0.2")
+        moving = self.announce(2, "198.18.0.3")
+        assert there is not None and moving is not None
+        self.pool.check_succeeded(there, 0.01)
+        self.pool.suspect(moving, "connection refused")
+        self.assertIsNone(self.announce(2, "198.18.0.2"))
+        self.assertEqual((moving.host, there.host), ("198.18.0.3", "198.18.0.2"))
+
+    def test_static_servers_are_apart(self) -> None:
+        static = self.pool.add_static("198.18.0.66", 11435)
+        self.assertIsNotNone(self.announce(1))
+        self.assertIn(static, list(self.pool))
+        self.assertEqual(len(self.pool), 2)
+
+    def test_a_legacy_server_gives_way_at_once(self) -> None:
+        self.assertTrue(self.pool.believes("198.18.0.9", "legacy:198.18.0.9", 11435))
+        self.pool.legacy_replied("198.18.0.9")
+        self.assertIsNotNone(self.announce(1, "198.18.0.9", 11435))
+        self.assertEqual(self.keys(), {node(1).hex()})
+
+
+class ServersPerHostTests(HardeningTestCase):
+    def test_one_host_cannot_fill_the_pool(self) -> None:
+        for n in range(300):  # the run of issue 12: fake ids from one address
+            self.announce(n, "198.18.0.66", 20000 + n)
+        self.assertEqual(len(self.pool), MAX_PEERS_PER_HOST)
+        real = self.announce(1000, "198.18.0.2")
+        self.assertIsNotNone(real, "a restarted server elsewhere is taken in at once")
+
+    def test_the_oldest_one_that_does_not_answer_gives_way(self) -> None:
+        peers = [self.announce(n, port=20000 + n) for n in range(MAX_PEERS_PER_HOST)]
+        self.assertIsNone(self.announce(99, port=30000), "all waiting for their first check")
+        for peer in peers[:3]:
+            assert peer is not None
+            self.pool.check_succeeded(peer, 0.01)
+        for peer in peers[3:6]:
+            assert peer is not None
+            self.pool.check_failed(peer, "connection refused")
+        self.assertIsNotNone(self.announce(99, port=30000))
+        self.assertNotIn(node(3).hex(), self.keys())
+        self.assertEqual(len(self.pool), MAX_PEERS_PER_HOST)
+        self.assertTrue({node(n).hex() for n in (0, 1, 2, 4, 5)} <= self.keys())
+
+
+class FullPoolTests(HardeningTestCase):
+    def fill(self) -> list[Peer]:
+        peers = []
+        for n in range(MAX_PEERS):
+            host = f"198.18.1.{n // MAX_PEERS_PER_HOST}"
+            peer = self.announce(n, host, 20000 + n % MAX_PEERS_PER_HOST)
+            assert peer is not None
+            peers.append(peer)
+        self.assertEqual(len(self.pool), MAX_PEERS)
+        return peers
+
+    def test_the_oldest_never_checked_ok_gives_way(self) -> None:
+        peers = self.fill()
+        self.assertIsNone(self.announce(999, "198.18.0.2"), "none has had a check yet")
+        for peer in peers[:2]:
+            self.pool.check_succeeded(peer, 0.01)
+            self.down(peer)
+        for peer in peers[2:4]:
+            self.pool.check_failed(peer, "connection refused")
+        self.assertIsNotNone(self.announce(999, "198.18.0.2"))
+        self.assertEqual(len(self.pool), MAX_PEERS)
+        self.assertNotIn(peers[2].key, self.keys())
+        self.assertTrue({peers[0].key, peers[1].key, peers[3].key} <= self.keys())
+
+    def test_never_one_that_passed_a_check(self) -> None:
+        for peer in self.fill():
+            self.pool.check_succeeded(peer, 0.01)
+            self.down(peer)
+        self.assertIsNone(self.announce(999, "198.18.0.2"))
+        self.assertEqual(len(self.pool), MAX_PEERS)
+
+    def down(self, peer: Peer) -> None:
+        for _ in range(self.pool.unhealthy_after):
+            self.pool.check_failed(peer, "connection refused")
+
+
+class FoundLinesTests(HardeningTestCase):
+    def test_a_few_found_lines_a_minute_then_a_count(self) -> None:
+        for n in range(20):
+            self.announce(n, f"198.18.0.{n + 10}")
+        found = "Found server {node} at {url} (Ollana {version})"
+        self.assertEqual(self.logged(LogLevel.info), [found] * 8)
+        self.assertEqual(self.logged(LogLevel.debug), [found] * 12)
+        self.clock.advance(60)
+        self.announce(0, "198.18.0.10")  # any announcement after the minute tells the count
+        [count] = [e for e in self.events if e.get("count") is not None]
+        self.assertEqual((count["log_level"], count["count"]), (LogLevel.info, 12))
+        self.announce(100, "198.18.0.100")
+        self.assertEqual(self.logged(LogLevel.info)[-1], found, "a new minute, a new quota")
