@@ -93,14 +93,18 @@ def error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode("utf-8") + b"\n"
 
 
-def error_response(code: int, message: str) -> bytes:
+MISSING_PHRASES = {431: b"Request Header Fields Too Large"}  # not in twisted.web's table
+
+
+def error_response(code: int, message: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
     """A whole HTTP/1.1 error response that closes the connection, for answers given
     before twisted.web would (before the body, or instead of a request)."""
     body = error_body(message)
-    phrase = RESPONSES.get(code, b"Error")
+    phrase = RESPONSES.get(code) or MISSING_PHRASES.get(code, b"Error")
+    added = b"".join(b"%s: %s\r\n" % header for header in headers)
     return (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"
-        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (code, phrase, len(body))
+        b"HTTP/1.1 %d %s\r\n%sContent-Type: application/json; charset=utf-8\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (code, phrase, added, len(body))
     ) + body
 
 

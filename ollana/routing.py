@@ -2,11 +2,11 @@
 
 Server mode sends everything to the local Ollama, even while its monitor last found it
 down, unless it hangs or answers wrongly (a refused connection costs microseconds, and an
-Ollama that is back is used at once), and tells the monitor what requests find. Client mode chooses servers
-from the pool by strategy and by the model a request names, counts the requests each
-server has, reports the ones it cannot reach to the health checker, and ejects servers
-that fail requests in a row. Both tell the requests waiting on an upstream that was found
-down, so that they go elsewhere (or fail) at once.
+Ollama that is back is used at once), and tells the monitor what requests find. Client
+mode chooses servers from the pool by strategy and by the model a request names, counts
+the requests each server has, reports the ones it cannot reach to the health checker, and
+ejects servers that fail requests in a row. Both tell the requests waiting on an upstream
+that was found down, so that they go elsewhere (or fail) at once.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The listener's side of the proxy: the request factory that starts an exchange as soon
 as the headers are in, the channel (timeouts, limits, its own error answers), Ollana's own
-pages under /ollana/, the access log, and the site with its graceful drain.
+pages under /ollana/, the access log, and the site with its connection caps (answered 503
+busy by ``BusyAnswer``) and its graceful drain.
 
 ``gotLength`` runs before twisted.web has set the request's method and URI, so they are
 read from the channel; that is private to Twisted, which is why setup.cfg pins its range.
@@ -15,19 +16,40 @@ from twisted.internet import defer
 from twisted.internet.interfaces import (
     IDelayedCall,
     IPushProducer,
+    IReactorTime,
 )
-from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from ollana.auth import CREDENTIAL_HEADER
 from ollana.gate import Gate
-from ollana.proxy import Exchange, ProxySettings, access, error_body, error_response
+from ollana.logs import Summary
+from ollana.proxy import (
+    ERROR_HEADER,
+    Exchange,
+    ProxySettings,
+    access,
+    error_body,
+    error_response,
+)
 
 log = Logger()
+
+
+# Reason phrases twisted.web.http.RESPONSES lacks, for our own answers.
+def host_refusal(version: bytes, headers: Headers) -> str | None:
+    """Why a request's Host header makes it malformed (RFC 9112 3.2), or None."""
+    hosts = headers.getRawHeaders(b"host", [])
+    if len(hosts) > 1:
+        return "ollana: a request must have one Host header, not several"
+    if not hosts and version == b"HTTP/1.1":
+        return "ollana: an HTTP/1.1 request must have a Host header"
+    return None
 
 
 class ProxyRequest(Request):
@@ -40,7 +62,11 @@ class ProxyRequest(Request):
     _saved_timeout: tuple[float | None] | None = None
     refused = False  # answered (and the connection closed) before its body
     _body_size = 0
+    clock: IReactorTime
+    _rate_since: float | None = None  # the start of the body's current rate window
+    _rate_bytes = 0  # body bytes in that window
     _max_body: int | None = None  # the gate's, kept for each chunk of the body
+    http_version = b"HTTP/1.1"  # the request line's (ProxyChannel.checkPersistence sets it)
 
     def gotLength(self, length: int | None) -> None:
         target = self.channel._path  # see the module docstring
@@ -48,11 +74,13 @@ class ProxyRequest(Request):
         if proxy is None:
             super().gotLength(length)
             return
+        self.clock = proxy.clock
         self.arrived = proxy.clock.seconds()
         host = getattr(self.getClientAddress(), "host", "")
         gate: Gate = proxy.gate
         self._max_body = gate.max_body
-        refusal = gate.refusal(host, self.requestHeaders)
+        malformed = host_refusal(self.http_version, self.requestHeaders)
+        refusal = (400, malformed) if malformed else gate.refusal(host, self.requestHeaders)
         self.requestHeaders.removeHeader(CREDENTIAL_HEADER)  # never passed on
         if refusal is None and gate.max_body is not None and (length or 0) > gate.max_body:
             refusal = 413, f"ollana: request bodies are limited to {gate.max_body} bytes"
@@ -81,9 +109,28 @@ class ProxyRequest(Request):
             self.refuse(413, f"ollana: request bodies are limited to {limit} bytes")
             return
         if self.exchange is not None:
+            if self._too_slow(len(data)):
+                self.refuse(408, f"ollana: the request body came slower than "
+                                 f"{MIN_BODY_RATE} bytes/s")  # fmt: skip
+                return
             self.exchange.received(data)
         elif self.content is not None and self.content.tell() < LOCAL_BODY_LIMIT:
             super().handleContentChunk(data)
+
+    def _too_slow(self, size: int) -> bool:
+        """Whether the body has come slower than MIN_BODY_RATE over the last window while
+        we were reading it (a trickle would keep an upstream connection forever; a client
+        that sends nothing at all meets the channel's timeout instead)."""
+        now = self.clock.seconds()
+        if self._rate_since is None:
+            self._rate_since, self._rate_bytes = now, 0
+        self._rate_bytes += size
+        elapsed = now - self._rate_since
+        if elapsed < BODY_RATE_WINDOW:
+            return False
+        slow = self._rate_bytes < MIN_BODY_RATE * elapsed and not self.startedWriting
+        self._rate_since, self._rate_bytes = now, 0
+        return slow
 
     def body_complete(self) -> None:
         """The whole body is in (ProxyChannel calls this before requestReceived)."""
@@ -109,6 +156,7 @@ class ProxyRequest(Request):
         """Read from the client again."""
         if self._held and not self._disconnected:
             self._held = False
+            self._rate_since, self._rate_bytes = self.clock.seconds(), 0  # held: ours
             self._restore_timeout()
             self.client_connection.resumeProducing()
 
@@ -129,10 +177,17 @@ class ProxyRequest(Request):
 class ProxyChannel(HTTPChannel):
     """An HTTP channel that tells its request that the body is complete before it turns
     its own idle timeout off for the response (and restores it after), so the timeout a
-    held upload suspended is the one restored. Its site knows it while it is open."""
+    held upload suspended is the one restored. Its site knows it while it is open.
+
+    Its idle timeout (the site's, 60 s) is also the request body's: a body from which no
+    byte comes for that long (unless we hold the client, see ProxyRequest.hold) is
+    answered 408, or the connection dropped once the answer has started; either way the
+    request's exchange hears that the client left and drops its upstream attempt."""
 
     site: ProxySite
     _headers_due: IDelayedCall | None = None
+    _parsing = False  # in dataReceived: Twisted's parser is the one acting
+    _answered = False  # an answer of our own was written: the connection is closing
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -155,7 +210,38 @@ class ProxyChannel(HTTPChannel):
         if self._headers_due is None and data and self.line_mode and not self._handlingRequest:
             timeout = self.site.proxy.gate.header_timeout
             self._headers_due = self.callLater(timeout, self._headers_overdue)
-        super().dataReceived(data)
+        parsing, self._parsing = self._parsing, True
+        try:
+            super().dataReceived(data)
+        finally:
+            self._parsing = parsing
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        request.http_version = version  # the one public place the request line's is given
+        return bool(super().checkPersistence(request, version))
+
+    def loseConnection(self) -> None:
+        # Twisted answers a malformed request (request line, header, chunked body) itself,
+        # with a bare "400 Bad Request" head, and then closes through here. That head has
+        # no length, so its body runs to the close: give it Ollama's JSON error as body,
+        # and a log line. A close while parsing for any other reason is a finished
+        # response's (the request is no longer listed) or one of ours (_answered).
+        request = self.requests[-1] if self.requests else None
+        if (self._parsing and request is not None and not request.startedWriting
+                and not self._answered and self.transport is not None):  # fmt: skip
+            self._answered = True
+            self.site.report_answer(400, _peer_host(self) or "-", MALFORMED)
+            self.transport.write(error_body(MALFORMED))
+        super().loseConnection()
+
+    def timeoutConnection(self) -> None:
+        """Nothing came from the client for timeOut seconds: a request it had started
+        sending is answered 408 (unless its answer has started), then the connection ends."""
+        request = self.requests[-1] if self.requests else None
+        if request is not None and not request.startedWriting:
+            self.answer_and_close(408, f"ollana: nothing more of the request came for "
+                                       f"{self.timeOut or 0:g} s")  # fmt: skip
+        super().timeoutConnection()
 
     def allHeadersReceived(self) -> None:
         self._stop_header_timer()
@@ -182,15 +268,20 @@ class ProxyChannel(HTTPChannel):
     def answer_and_close(self, code: int, message: str) -> None:
         """An error answer of our own, then the end of the connection."""
         transport: Any = self.transport
-        if transport is None:
+        if transport is None or self._answered:
             return
-        log.info("{code} for {client}: {message}", code=code, message=message,
-                 client=getattr(transport.getPeer(), "host", "-"))  # fmt: skip
+        self._answered = True
+        self.site.report_answer(code, _peer_host(self) or "-", message)
         transport.write(error_response(code, message))
         self.persistent = False
         transport.loseConnection()
 
 
+MALFORMED = "ollana: malformed request (request line, headers or chunked body)"
+
+
+MIN_BODY_RATE = 1024  # bytes/s a request body must keep up, over each BODY_RATE_WINDOW
+BODY_RATE_WINDOW = 60.0
 LOCAL_PREFIX = b"/ollana"
 LOCAL_BODY_LIMIT = 1 << 20  # bytes of a request body kept for a page of our own
 
@@ -233,26 +324,63 @@ class ProxySite(Site):
         self.local = local  # what answers /ollana/...: status, dashboard, metrics
         self.displayTracebacks = False
         self.channels: set[ProxyChannel] = set()
+        self.turning_away = 0  # connections being answered 503 busy (BusyAnswer)
         self._drained: defer.Deferred[None] | None = None
+        self._summaries: dict[object, Summary] = {}
 
     def buildProtocol(self, addr: Any) -> Any:
-        """A channel for an admitted source, within the connection limits; else None,
-        which closes the connection at once."""
+        """A channel for an admitted source within the connection caps; past a cap, a
+        BusyAnswer; None, which closes the connection at once, for a source not admitted
+        or past BUSY_AT_ONCE."""
         gate = self.proxy.gate
         host = getattr(addr, "host", None)
         if host is not None and not gate.admits_source(host):
             return None  # no 403 to write before there is a request: just close
-        if gate.max_connections is not None and len(self.channels) >= gate.max_connections:
-            log.warn("Refused a connection: {limit} already open", limit=gate.max_connections)
+        busy = self._over_a_cap(gate, host)
+        if busy is None:
+            return super().buildProtocol(addr)
+        if self.turning_away >= BUSY_AT_ONCE:
+            self.summary("ceiling")("Closed a connection from {client} at once: {count} "
+                                    "are being answered busy already",
+                                    client=host or "-", count=self.turning_away)  # fmt: skip
             return None
+        return BusyAnswer(self, busy)
+
+    def _over_a_cap(self, gate: Gate, host: str | None) -> str | None:
+        """Why a new connection is over a cap (the busy answer's message), or None."""
+        limit = gate.max_connections
+        if limit is not None and len(self.channels) >= limit:
+            self.summary("in all")("Refused a connection (503 busy): {limit} already open",
+                                   limit=limit)  # fmt: skip
+            return f"ollana: this server is busy: {limit} connections are open, the most it takes"
         limit = gate.max_connections_per_source
         if limit is not None and host is not None:
             open_here = sum(1 for channel in self.channels if _peer_host(channel) == host)
             if open_here >= limit:
-                log.warn("Refused a connection from {client}: {limit} already open",
-                         client=host, limit=limit)  # fmt: skip
-                return None
-        return super().buildProtocol(addr)
+                self.summary("per source")(
+                    "Refused a connection from {client} (503 busy): {limit} already open",
+                    client=host, limit=limit,
+                )  # fmt: skip
+                return (f"ollana: this server is busy: {host} has {limit} connections open, "
+                        "the most it may")  # fmt: skip
+        return None
+
+    def summary(self, kind: object, level: LogLevel = LogLevel.warn) -> Summary:
+        """The log line of one kind that a flood could repeat, summarised each minute."""
+        summary = self._summaries.get(kind)
+        if summary is None:
+            summary = self._summaries[kind] = Summary(log, self.proxy.clock, level=level)
+        return summary
+
+    def report_answer(self, code: int, client: str, message: str) -> None:
+        """Log an error answer of the channel's own (one line a minute per status)."""
+        self.summary(code, LogLevel.info)("{code} for {client}: {message}", code=code,
+                                          client=client, message=message)  # fmt: skip
+
+    def stopFactory(self) -> None:
+        super().stopFactory()
+        for summary in self._summaries.values():
+            summary.stop()
 
     def opened(self, channel: ProxyChannel) -> None:
         self.channels.add(channel)
@@ -300,5 +428,69 @@ class ProxySite(Site):
             access(request, None, request.code, duration, 0)
 
 
-def _peer_host(channel: ProxyChannel) -> str | None:
-    return getattr(channel.transport.getPeer(), "host", None) if channel.transport else None
+def _peer_host(connection: Protocol) -> str | None:
+    transport = connection.transport
+    return getattr(transport.getPeer(), "host", None) if transport is not None else None
+
+
+# A connection over a cap waits at most BUSY_WAIT seconds for its request head and is read
+# BUSY_READ bytes at most; it is answered, and read on (dropped) until it closes or its time
+# is up, so that the rest of its request does not reach a closed socket, whose reset could
+# lose the answer before the client reads it.
+BUSY_WAIT = 2.0
+BUSY_READ = 1 << 16
+RETRY_BUSY = b"1"  # seconds, in Retry-After
+# At most this many connections are answered busy at once; past that, a connection is closed
+# at once, without a word: each costs a file descriptor for up to BUSY_WAIT seconds, and a
+# flood must not exhaust them. So the listener holds at most its caps plus this many.
+BUSY_AT_ONCE = 64
+
+
+class BusyAnswer(Protocol):
+    """A connection over a connection cap: its request is answered 503 with Retry-After
+    and X-Ollana-Error: busy, which a client-mode Ollana takes as "try again or elsewhere",
+    not as this server failing (a silent close would be)."""
+
+    def __init__(self, site: ProxySite, message: str) -> None:
+        self.site = site
+        self.message = message
+        self.answered = False
+        self._read = 0
+        self._tail = b""  # the last bytes read, for a head end split between reads
+        self._due: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self.site.turning_away += 1
+        self._due = self.site.proxy.clock.callLater(BUSY_WAIT, self._time_up)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._read += len(data)
+        if self._read > BUSY_READ:
+            self.answer()
+            self._close()
+        elif not self.answered:
+            seen = self._tail + data
+            self._tail = seen[-3:]
+            if b"\r\n\r\n" in seen:
+                self.answer()
+
+    def answer(self) -> None:
+        if not self.answered and self.transport is not None:
+            self.answered = True
+            headers = [(b"Retry-After", RETRY_BUSY), (ERROR_HEADER, b"busy")]
+            self.transport.write(error_response(503, self.message, headers))
+
+    def _time_up(self) -> None:
+        self._due = None
+        self.answer()
+        self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.site.turning_away -= 1
+        due, self._due = self._due, None
+        if due is not None and due.active():
+            due.cancel()

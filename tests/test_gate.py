@@ -1,5 +1,6 @@
 """The server's gate: the source allow-list (403), the credential between nodes (401), the
-limits (413, 408, connections per source), and bad input that must not stop the others."""
+limits (413, 408, connections per source: 503 busy), the Host rules (400, 403), and bad
+input that must not stop the others."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from twisted.web.http_headers import Headers
 
 from ollana.auth import request_credential
 from ollana.gate import Gate, local_network_address, parse_network
+from ollana.site import BusyAnswer, ProxyChannel
+from tests.support import capture_logs
 from tests.test_proxy import ProxyHarness, head, header_values
 
 SECRET = b"correct horse battery staple"
@@ -164,33 +167,107 @@ class LimitTests(SynchronousTestCase):
     def test_connections_per_source_are_limited(self) -> None:
         proxy = ProxyHarness(self, gate=Gate(max_connections_per_source=2))
         second = proxy.site.buildProtocol(proxy.client.getPeer())
-        self.assertIsNotNone(second)
+        self.assertIsInstance(second, ProxyChannel)
         second.makeConnection(StringTransport(peerAddress=proxy.client.getPeer()))
-        self.assertIsNone(proxy.site.buildProtocol(proxy.client.getPeer()), "a third")
-        self.assertIsNotNone(proxy.site.buildProtocol(LAN), "another source")
+        third = proxy.site.buildProtocol(proxy.client.getPeer())
+        self.assertIsInstance(third, BusyAnswer, "answered 503 busy")
+        self.assertIsInstance(proxy.site.buildProtocol(LAN), ProxyChannel, "another source")
         second.connectionLost(Failure(error.ConnectionDone()))
-        self.assertIsNotNone(proxy.site.buildProtocol(proxy.client.getPeer()))
+        self.assertIsInstance(proxy.site.buildProtocol(proxy.client.getPeer()), ProxyChannel)
+
+    def test_a_connection_over_the_cap_is_answered_busy(self) -> None:
+        proxy = ProxyHarness(self, gate=Gate(max_connections_per_source=1))
+        busy = proxy.site.buildProtocol(proxy.client.getPeer())
+        transport = StringTransport(peerAddress=proxy.client.getPeer())
+        busy.makeConnection(transport)
+        busy.dataReceived(GET)
+        response = transport.value()
+        line, message = error_of(response)
+        self.assertEqual(line, b"HTTP/1.1 503 Service Unavailable")
+        self.assertEqual(header_values(response, b"retry-after"), [b"1"])
+        self.assertEqual(header_values(response, b"x-ollana-error"), [b"busy"])
+        self.assertEqual(
+            message,
+            "ollana: this server is busy: 198.18.0.50 has 1 connections open, the most it may",
+        )
+        self.assertEqual(proxy.reactor.tcpClients, [], "nothing went upstream")
+
+
+# What Twisted writes for a malformed request, and the body we give it (its body runs to
+# the close). If a Twisted upgrade changes its answer, these tests say so.
+MALFORMED = (
+    b"HTTP/1.1 400 Bad Request\r\n\r\n"
+    b'{"error": "ollana: malformed request (request line, headers or chunked body)"}\n'
+)
 
 
 class BadInputTests(SynchronousTestCase):
     def answer_to(self, data: bytes) -> bytes:
         proxy = ProxyHarness(self)
         proxy.send(data)
+        self.assertTrue(proxy.client.disconnecting)
         return proxy.response()
 
     def test_malformed_request_line(self) -> None:
-        self.assertTrue(self.answer_to(b"NONSENSE\r\n\r\n").startswith(b"HTTP/1.1 400 "))
+        self.assertEqual(self.answer_to(b"NONSENSE\r\n\r\n"), MALFORMED)
+
+    def test_malformed_headers(self) -> None:
+        for bad in (b"No colon", b"Bad Name: x", b"Content-Length: 1x",
+                    b"Transfer-Encoding: gzip"):  # fmt: skip
+            self.assertEqual(self.answer_to(b"GET / HTTP/1.1\r\nHost: x\r\n" + bad + b"\r\n\r\n"),
+                             MALFORMED, bad)  # fmt: skip
+
+    def test_too_many_headers(self) -> None:
+        many = b"".join(b"X-%d: y\r\n" % n for n in range(501))
+        self.assertEqual(self.answer_to(b"GET / HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n"),
+                         MALFORMED)  # fmt: skip
+
+    def test_malformed_requests_are_logged_once_a_minute(self) -> None:
+        logged = capture_logs(self)
+        proxy = ProxyHarness(self)
+        proxy.send(b"NONSENSE\r\n\r\n")
+        proxy.channel.connectionLost(Failure(error.ConnectionDone()))
+        for _ in range(9):
+            channel = proxy.site.buildProtocol(proxy.client.getPeer())
+            channel.makeConnection(StringTransport(peerAddress=proxy.client.getPeer()))
+            channel.dataReceived(b"NONSENSE\r\n\r\n")
+            channel.connectionLost(Failure(error.ConnectionDone()))
+        lines = [e for e in logged if e.get("code") == 400]
+        self.assertEqual(len(lines), 1)
+        self.assertEqual(lines[0]["client"], "198.18.0.50")
+        proxy.reactor.advance(60)
+        self.assertEqual([e.get("repeated") for e in logged if e.get("code") == 400], [None, 9])
 
     def test_oversized_headers(self) -> None:
         big = b"X-Big: " + b"a" * 20000 + b"\r\n"
         answer = self.answer_to(b"GET / HTTP/1.1\r\n" + big + b"\r\n")
-        self.assertTrue(answer.startswith(b"HTTP/1.1 431 "), answer)
+        line, message = error_of(answer)
+        self.assertEqual(line, b"HTTP/1.1 431 Request Header Fields Too Large")
+        self.assertEqual(message, "ollana: a request line or header is too long")
 
     def test_broken_chunked_encoding(self) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        upstream = proxy.connect_upstream()
         proxy.send(b"zz\r\nhello\r\n")
-        self.assertTrue(proxy.response().startswith(b"HTTP/1.1 400 "))
+        self.assertEqual(proxy.response(), MALFORMED)
+        self.assertTrue(proxy.client.disconnecting)
+        proxy.channel.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(upstream.disconnecting, "the upstream request is dropped")
+
+    def test_a_close_for_another_reason_gets_nothing_added(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n")
+        proxy.channel.loseConnection()  # as a drain, or Request.loseConnection, would
+        self.assertEqual(proxy.response(), b"")
+        self.assertTrue(proxy.client.disconnecting)
+
+    def test_a_response_that_ends_the_connection_gets_nothing_added(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"OPTIONS * HTTP/1.0\r\n\r\n")  # answered here, then closed
+        response = proxy.response()
+        self.assertTrue(response.startswith(b"HTTP/1.0 200 OK"), response)
+        self.assertNotIn(b"error", response)
         self.assertTrue(proxy.client.disconnecting)
 
     def test_conflicting_lengths(self) -> None:
@@ -221,7 +298,18 @@ class SlowClientTests(SynchronousTestCase):
 
     def test_connections_in_all_are_limited(self) -> None:
         proxy = ProxyHarness(self, gate=Gate(max_connections=1))
-        self.assertIsNone(proxy.site.buildProtocol(LAN))
+        busy = proxy.site.buildProtocol(LAN)
+        self.assertIsInstance(busy, BusyAnswer)
+        transport = StringTransport(peerAddress=LAN)
+        busy.makeConnection(transport)
+        busy.dataReceived(GET)
+        self.assertEqual(
+            error_of(transport.value()),
+            (
+                b"HTTP/1.1 503 Service Unavailable",
+                "ollana: this server is busy: 1 connections are open, the most it takes",
+            ),
+        )
 
 
 class HostTests(SynchronousTestCase):
@@ -237,3 +325,43 @@ class HostTests(SynchronousTestCase):
 
     def test_a_rebound_name_is_refused(self) -> None:
         self.assertEqual(self.ask(b"attacker.example:11434"), b"HTTP/1.1 403 Forbidden")
+
+    def test_a_rebound_name_after_a_local_one_is_refused(self) -> None:
+        headers = Headers({b"host": [b"localhost", b"attacker.example"]})
+        self.assertEqual(Gate(check_host=True).refusal("127.0.0.1", headers),
+                         (403, "ollana: this Host is not a local name or address"))  # fmt: skip
+        headers = Headers({b"host": [b"attacker.example", b"localhost"]})
+        self.assertIsNotNone(Gate(check_host=True).refusal("127.0.0.1", headers))
+
+
+class HostRuleTests(SynchronousTestCase):
+    """RFC 9112 3.2: HTTP/1.1 needs one Host header; no request may have more than one."""
+
+    def ask(self, request: bytes) -> ProxyHarness:
+        proxy = ProxyHarness(self)
+        proxy.send(request)
+        return proxy
+
+    def test_http_1_1_without_host_is_400(self) -> None:
+        proxy = self.ask(b"GET /api/tags HTTP/1.1\r\n\r\n")
+        self.assertEqual(error_of(proxy.response()),
+                         (b"HTTP/1.1 400 Bad Request",
+                          "ollana: an HTTP/1.1 request must have a Host header"))  # fmt: skip
+        self.assertEqual(proxy.reactor.tcpClients, [])
+        self.assertTrue(proxy.client.disconnecting)
+
+    def test_two_host_headers_are_400(self) -> None:
+        for version in (b"HTTP/1.1", b"HTTP/1.0"):
+            proxy = self.ask(b"GET /api/tags " + version + b"\r\nHost: a\r\nHost: a\r\n\r\n")
+            message = "ollana: a request must have one Host header, not several"
+            self.assertEqual(error_of(proxy.response()), (b"HTTP/1.1 400 Bad Request", message))
+            self.assertEqual(proxy.reactor.tcpClients, [])
+
+    def test_http_1_0_without_host_is_served(self) -> None:
+        proxy = self.ask(b"GET /api/tags HTTP/1.0\r\n\r\n")
+        self.assertEqual(proxy.response(), b"")
+        self.assertEqual(len(proxy.reactor.tcpClients), 1)
+
+    def test_our_own_pages_need_a_host_too(self) -> None:
+        proxy = self.ask(b"GET /ollana/api/status HTTP/1.1\r\n\r\n")
+        self.assertEqual(head(proxy.response())[0], b"HTTP/1.1 400 Bad Request")

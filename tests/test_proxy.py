@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ollana.gate import Gate
 from ollana.proxy import ProxySettings
-from ollana.site import ProxySite
+from ollana.site import MIN_BODY_RATE, ProxySite
 from ollana.upstream import (
     LocalAnswer,
     NoUpstream,
@@ -409,13 +409,18 @@ class UploadTimeoutTests(SynchronousTestCase):
         self.upstream = self.proxy.connect_upstream()
 
     def test_a_slow_uploader_is_not_an_idle_upstream(self) -> None:
+        proxy = ProxyHarness(self)
+        chunk = b"ab" * 25 * MIN_BODY_RATE  # 50 s worth at the slowest rate allowed
+        proxy.send(b"POST /api/blobs/sha256:ab HTTP/1.1\r\nHost: x\r\n"
+                   b"Content-Length: %d\r\n\r\n" % (15 * len(chunk)))  # fmt: skip
+        upstream = proxy.connect_upstream()
         for _ in range(15):  # 750 s in all, the client never quiet for a minute
-            self.proxy.send(b"ab")
-            self.proxy.reactor.advance(50)
-        self.assertEqual(self.proxy.response(), b"")
-        self.assertTrue(self.upstream.value().endswith(b"ab" * 15))
-        self.proxy.answer(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
-        self.assertTrue(self.proxy.response().startswith(b"HTTP/1.1 201 Created"))
+            proxy.send(chunk)
+            proxy.reactor.advance(50)
+        self.assertEqual(proxy.response(), b"")
+        self.assertTrue(upstream.value().endswith(chunk * 15))
+        proxy.answer(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(proxy.response().startswith(b"HTTP/1.1 201 Created"))
 
     def test_a_quiet_uploader_times_out_like_any_client(self) -> None:
         self.proxy.send(b"ab")
@@ -562,7 +567,7 @@ class ErrorTests(SynchronousTestCase):
         proxy = ProxyHarness(self)
         proxy.send(b"POST /api/blobs/sha256:1 HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
         upstream = proxy.connect_upstream()
-        upstream.producer.pauseProducing()  # the upstream reads no more of the body
+        producer(upstream).pauseProducing()  # the upstream reads no more of the body
         proxy.send(b"cd")  # held: the client is not read from meanwhile
         proxy.reactor.advance(119)
         self.assertEqual(proxy.response(), b"")

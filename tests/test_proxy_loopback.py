@@ -445,6 +445,32 @@ class ProxyLoopbackTests(TestCase):
         self.assertEqual(results["list"], ["llama3.2:latest"])
         self.assertEqual(results["embed"], [[1.0, 0.5, -0.5], [2.0, 0.5, -0.5]])
 
+    async def test_a_source_over_its_cap_is_answered_busy(self) -> None:
+        fake = FakeOllama(models=["llama3.2:latest"], clock=reactor)
+        ollama_port = reactor.listenTCP(0, fake.site(), interface="127.0.0.1")
+        self.addCleanup(ollama_port.stopListening)
+        ollama_url = f"http://127.0.0.1:{ollama_port.getHost().port}"
+        _, port = await self.start(
+            "--mode", "server", "--ollama", ollama_url, "--max-connections", "1"
+        )
+        held = await RawPeer.connect(port)  # this source's one connection
+        url = f"http://127.0.0.1:{port}/api/chat".encode()
+        # The rest of a body sent after the head is read (dropped), so no reset loses the answer.
+        body = FileBodyProducer(_bytes_file(b"{" + b" " * (32 << 10) + b"}"))
+        response = await self.agent_request(url.decode(), body)
+        self.assertEqual(response.code, 503)
+        self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"1"])
+        self.assertEqual(response.headers.getRawHeaders(b"x-ollana-error"), [b"busy"])
+        self.assertIn(
+            "has 1 connections open, the most it may", json.loads(await readBody(response))["error"]
+        )
+        held.transport.loseConnection()
+        await held.done
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        response = await agent.request(b"GET", f"http://127.0.0.1:{port}/api/tags".encode())
+        self.assertEqual(response.code, 200)
+        await readBody(response)
+
 
 def _bytes_file(data: bytes) -> Any:
     import io
