@@ -44,7 +44,8 @@ class Settings:
     connect_timeout: float = 5.0
     idle_timeout: float = 120.0
     first_byte_timeout: float = 300.0
-    strategy: str = "fastest"
+    strategy: str = "ttft"
+    ollama_limits: tuple[int, int, int] = (1, 512, 3)  # slots, queue, loaded models
     unhealthy_after: int = 2
     models_interval: float = 30.0
     scan_limit: int = 8 << 20

@@ -20,6 +20,7 @@ from ollana.peers import Peer, PeerPool, Source, model_key
 from ollana.upstream import describe_error
 
 T = TypeVar("T")
+HeadersSeen = Callable[[Headers], object]  # told the headers of an answer
 
 
 VERSION_LIMIT = 64 * 1024  # bytes of an /api/version answer (Ollama's has about 20)
@@ -120,10 +121,10 @@ class OllamaProbe:
         self.listing_limit = listing_limit
         self.max_models = max_models
 
-    def version(self, timeout: float) -> defer.Deferred[str]:
+    def version(self, timeout: float, seen: HeadersSeen | None = None) -> defer.Deferred[str]:
         """The version string from GET /api/version, or OllamaUnavailable after at most
         timeout seconds. Cancelling the result cancels the request (CancelledError)."""
-        return self._ask("/api/version", _version_of, timeout, VERSION_LIMIT)
+        return self._ask("/api/version", _version_of, timeout, VERSION_LIMIT, seen)
 
     def models(self, timeout: float) -> defer.Deferred[list[str]]:
         """The names of the (first max_models) models from GET /api/tags, like version()
@@ -149,9 +150,14 @@ class OllamaProbe:
         return entries[: self.max_models]
 
     def _ask(
-        self, path: str, parse: Callable[[Any], T], timeout: float, limit: int
+        self,
+        path: str,
+        parse: Callable[[Any], T],
+        timeout: float,
+        limit: int,
+        seen: HeadersSeen | None = None,
     ) -> defer.Deferred[T]:
-        fetching = defer.Deferred.fromCoroutine(self._fetch(path, parse, limit))
+        fetching = defer.Deferred.fromCoroutine(self._fetch(path, parse, limit, seen))
 
         def cancel(result: defer.Deferred[T]) -> None:
             result.errback(defer.CancelledError())  # first, so the fetch's failure is moot
@@ -177,8 +183,13 @@ class OllamaProbe:
         fetching.addCallbacks(succeeded, failed)
         return result
 
-    async def _fetch(self, path: str, parse: Callable[[Any], T], limit: int) -> T:
+    async def _fetch(
+        self, path: str, parse: Callable[[Any], T], limit: int, seen: HeadersSeen | None
+    ) -> T:
         response = await self._http.get(self.base_url + path)
+        headers = getattr(response, "headers", None)
+        if seen is not None and headers is not None:
+            seen(headers)
         too_large = f"{path} gave an answer larger than {limit} bytes"
         body = await _BoundedBody.read(response, limit, too_large)
         if response.code != 200:
@@ -219,8 +230,10 @@ class PeerHealthChecker(Service):
         timeout: float,
         models_interval: float,
         max_backoff: float = 60.0,
+        on_report: Callable[[Peer, Headers], object] = lambda peer, headers: None,
     ) -> None:
         self.pool = pool
+        self.on_report = on_report  # what reads the state a server reports with its answer
         self._http = http
         self._clock = clock
         self.interval = interval
@@ -267,7 +280,7 @@ class PeerHealthChecker(Service):
         """Check one server now (its models too, when due); never fails."""
         probe = OllamaProbe(self._http, self._clock, peer.url)
         started = self._clock.seconds()
-        d: defer.Deferred[Any] = probe.version(self.timeout)
+        d: defer.Deferred[Any] = probe.version(self.timeout, lambda h: self.on_report(peer, h))
         d.addCallbacks(
             lambda _: self._passed(peer, probe, self._clock.seconds() - started),
             lambda failure: self._failed(peer, failure),

@@ -31,10 +31,11 @@ from ollana.health import (
     choose_mode,
 )
 from ollana.listings import MergedListings
+from ollana.load import OllamaLoad
 from ollana.metrics import Metrics, discovery_metrics, peer_metrics
 from ollana.peers import PeerPool
 from ollana.proxy import ProxySettings
-from ollana.routing import LocalRouter, PoolRouter
+from ollana.routing import LocalRouter, PoolRouter, take_report
 from ollana.site import ProxySite
 from ollana.status import StatusPages, peer_status
 from ollana.tls import ClientTLS
@@ -326,7 +327,11 @@ def build_server(
         fingerprint = settings.tls.fingerprint
         log.info("Serving HTTPS with {path}, SHA-256 fingerprint {fingerprint}",
                  path=settings.tls.cert_path, fingerprint=settings.tls.fingerprint_hex)  # fmt: skip
-    router = LocalRouter(settings.ollama_url, monitor)
+    parallel, max_queue, max_loaded = settings.ollama_limits
+    load = OllamaLoad(probe, reactor, settings.health_interval, HEALTH_TIMEOUT, parallel,
+                      max_queue, max_loaded, settings.secret)  # fmt: skip
+    load.setName("ollama-load")
+    router = LocalRouter(settings.ollama_url, monitor, load)
     gate = Gate(
         allow=settings.allow,
         open_to_all=False,
@@ -338,7 +343,7 @@ def build_server(
     site, connections = proxy_services(settings, reactor, router, observed, gate)
     listener = HTTPListener(reactor, listen, site, on_error, settings.drain_timeout)
     listener.setName("http")
-    services: list[IService] = [monitor, connections, listener]
+    services: list[IService] = [monitor, load, connections, listener]
     if settings.discovery:
         responder = ProbeResponder(
             settings.node_id,
@@ -381,12 +386,14 @@ def build_client(
         seeker = SeekerService(reactor, pool, settings, targets, on_error)
         seeker.setName("discovery")
         services.append(seeker)
+    secret = settings.secret
     checker = PeerHealthChecker(pool, http, reactor, settings.health_interval, HEALTH_TIMEOUT,
-                                settings.models_interval)  # fmt: skip
+                                settings.models_interval,
+                                on_report=lambda peer, h: take_report(peer, h, secret))  # fmt: skip
     checker.setName("health")
     listings = MergedListings(pool, http, reactor, LISTING_TIMEOUT)
     router = PoolRouter(pool, checker, listings, settings.strategy, settings.attempts,
-                        settings.scan_limit)  # fmt: skip
+                        settings.scan_limit, secret)  # fmt: skip
     gate = Gate(max_body=settings.max_body, header_timeout=settings.header_timeout,
                 check_host=True)  # fmt: skip
     site, connections = proxy_services(settings, reactor, router, observed, gate, credential,

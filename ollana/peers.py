@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
@@ -71,6 +72,8 @@ class Peer:
     models: frozenset[str] = field(default_factory=frozenset)  # model_key()s
     models_checked: float | None = None
     fingerprint: bytes | None = None  # SHA-256 of its TLS certificate, as announced
+    state: Any = None  # its last report, an IServerState (Any: peers sits below state)
+    unreported: int = 0  # requests this client sent it since that report
     request_failures: int = 0  # requests it failed in a row
     ejections: int = 0  # times it was ejected, less one per request served since
     ejected_until: float = 0.0  # left out of the choice until then
@@ -399,24 +402,31 @@ class PeerPool:
             )
         return "ollana: no Ollama server found on the LAN yet"
 
-    def candidates(self, strategy: str, model: str | None = None) -> list[Peer]:
-        """Usable peers in the order to try them for a request.
+    def eligible(self, model: str | None = None) -> tuple[list[Peer], bool]:
+        """The usable peers a request may go to, and whether they are healthy ones.
 
-        Healthy ones that are not ejected, ordered by the strategy; when a model is named
-        and some of them have it, only those. When every healthy peer is ejected, those
-        all the same (never eject the last one: Envoy's "panic"). With no healthy peer, the
-        unhealthy ones, last good first: a try may still succeed where a refusal would
-        certainly fail.
+        Healthy ones that are not ejected; when a model is named and some of them have it,
+        only those. When every healthy peer is ejected, those all the same (never eject the
+        last one: Envoy's "panic"). With no healthy peer, the unhealthy ones, last good
+        first (False): a try may still succeed where a refusal would certainly fail.
         """
         usable = [peer for peer in self._peers.values() if peer.usable]
         healthy = [peer for peer in usable if peer.healthy]
         if not healthy:
-            return sorted(usable, key=lambda p: -(p.last_ok or float("-inf")))
+            return sorted(usable, key=lambda p: -(p.last_ok or float("-inf"))), False
         healthy = [peer for peer in healthy if not self.ejected(peer)] or healthy
         if model is not None:
             wanted = model_key(model)
             having = [peer for peer in healthy if wanted in peer.models]
             healthy = having or healthy
+        return healthy, True
+
+    def candidates(self, strategy: str, model: str | None = None) -> list[Peer]:
+        """The eligible peers in the order of one of the strategies that know nothing of
+        the servers' load (ollana.strategy has the one that does)."""
+        healthy, ok = self.eligible(model)
+        if not ok:
+            return healthy
         if strategy == "least-connections":
             return sorted(healthy, key=lambda p: (p.active, _latency(p), p.key))
         if strategy == "round-robin":

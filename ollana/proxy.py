@@ -34,6 +34,7 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer
 
+from ollana.affinity import KEY_LIMIT, conversation_key
 from ollana.gate import Gate
 from ollana.httpclient import connection_tokens
 from ollana.metrics import Metrics
@@ -77,8 +78,10 @@ CLIENT_CLOSED = 499  # the status logged for a request whose client left before 
 ERROR_HEADER = b"x-ollana-error"
 RETRY_ELSEWHERE = frozenset({"unreachable", "timeout", "busy"})
 # Upstream answers that count against it (a server error), though they are relayed as they
-# are: not 501 (not implemented is no fault) nor 503 (a busy Ollama is load, not failure).
-SERVER_ERRORS = frozenset({500, 502, 504})
+# are (not 501: not implemented is no fault). Ollama's 503 ("server busy": its queue is
+# full) counts too, so that a server that refuses everything at once is left out, and is
+# tried elsewhere, as it never started.
+SERVER_ERRORS = frozenset({500, 502, 503, 504})
 STALLED = 5.0  # seconds a stream may have been silent when its upstream is found down
 
 
@@ -322,6 +325,7 @@ class Exchange:
         self.scanner: ModelScanner | None = None
         self.candidates: list[Upstream] = []
         self.reasons: list[str] = []
+        self._keyed: str | None = None  # the model found, while the key's body comes in
         self._received: list[bytes] | None = []  # the body so far, while it can be resent
         self._received_size = 0
         self._active: Upstream | None = None
@@ -354,10 +358,27 @@ class Exchange:
 
     # Choosing and trying upstreams.
 
-    def _choose(self, model: str | None) -> None:
+    def _scanned(self, model: str | None) -> None:
+        """The scan found the model (or none): choose now, or, for the turn of a
+        conversation, once its (small) body is in and gives the affinity key."""
         self.scanner = None
+        if (model is not None and not self.client_complete and self._received is not None
+                and self.router.wants_key(self.method, self.uri)):  # fmt: skip
+            self._keyed = model
+        else:
+            self._choose(model, self._key(model))
+
+    def _key(self, model: str | None) -> str | None:
+        if (model is None or self._received is None or self._received_size > KEY_LIMIT
+                or not self.router.wants_key(self.method, self.uri)):  # fmt: skip
+            return None
+        return conversation_key(self.uri, model, b"".join(self._received))
+
+    def _choose(self, model: str | None, key: str | None = None) -> None:
+        self.scanner = None
+        self._keyed = None
         try:
-            self.candidates = self.router.candidates(model)
+            self.candidates = self.router.candidates(model, key)
         except NoUpstream as e:
             self._give_up(e)
             return
@@ -404,6 +425,8 @@ class Exchange:
         if self.response.called:  # the client left meanwhile
             response.deliverBody(_Drop())
             return
+        assert self.upstream is not None
+        self.router.answered(self.upstream, self, response.headers)
         if self._judge(response) and self._may_retry():
             response.deliverBody(_Drop())
             upstream = self.upstream
@@ -432,8 +455,11 @@ class Exchange:
             return True  # "busy" is load, not failure: nothing to hold against it
         if response.code in SERVER_ERRORS:
             self.router.errored(upstream, f"HTTP {response.code}")
-        else:
-            self.router.succeeded(upstream)
+            return response.code == 503  # Ollama's queue is full: another may have room
+        if response.code == 404 and self.candidates and upstream.model is not None:
+            # Not found here, though the next candidate lists it (a stale model list).
+            return self.router.lists(self.candidates[0], upstream.model)
+        self.router.succeeded(upstream)
         return False
 
     def _may_retry(self) -> bool:
@@ -545,8 +571,12 @@ class Exchange:
             self._received_size += len(data)
         if self.scanner is not None:
             if self.scanner.feed(data):
-                self._choose(self.scanner.model)
+                self._scanned(self.scanner.model)
             return  # what the scan read is what an attempt starts with
+        if self._keyed is not None:
+            if self._received is None or self._received_size > KEY_LIMIT:
+                self._choose(self._keyed)  # too big to parse for a key: the model will do
+            return
         if self.body is not None:
             self.body.received(data)
         if self._received is not None and self._received_size > self.router.scan_limit:
@@ -556,7 +586,9 @@ class Exchange:
         self.client_complete = True
         if self.scanner is not None:
             self.scanner.end()
-            self._choose(self.scanner.model)
+            self._scanned(self.scanner.model)
+        elif self._keyed is not None:
+            self._choose(self._keyed, self._key(self._keyed))
         elif self.body is not None:
             self.body.completed()
 
@@ -590,8 +622,13 @@ class Exchange:
         elif response.length is not UNKNOWN_LENGTH and response.code not in NO_BODY_CODES:
             request.setHeader(b"content-length", str(response.length).encode("ascii"))
         request.responseHeaders.addRawHeader(b"via", VIA)
-        if self.upstream is not None and self.upstream.peer:
-            request.setHeader(b"x-ollana-peer", self.upstream.peer.encode("utf-8"))
+        upstream = self.upstream
+        if upstream is not None and upstream.peer:
+            request.setHeader(b"x-ollana-peer", upstream.peer.encode("utf-8"))
+        if upstream is not None and upstream.route:
+            request.setHeader(b"x-ollana-route", upstream.route.encode("ascii"))
+        for name, value in self.router.response_headers():
+            request.setHeader(name, value)
         self.upstream_owes(True)
         response.deliverBody(ResponseRelay(self))
 
@@ -712,6 +749,7 @@ class Exchange:
         self.client_gone = True
         self._stop_idle()
         self.scanner = None
+        self._keyed = None
         if self.body is not None:
             self.body.discard()
         if self.relay is not None:

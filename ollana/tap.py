@@ -17,7 +17,9 @@ from ollana import config
 from ollana.auth import load_secret
 from ollana.config import Settings
 from ollana.gate import parse_network
-from ollana.peers import STRATEGIES
+from ollana.load import environment_limits
+from ollana.strategy import DEFAULT as DEFAULT_STRATEGY
+from ollana.strategy import STRATEGIES
 
 
 class DiscoveryOptions(usage.Options):
@@ -113,8 +115,30 @@ class Options(DiscoveryOptions):
         [
             "strategy",
             None,
-            "fastest",
-            "How client mode picks a server: fastest, least-connections or round-robin.",
+            DEFAULT_STRATEGY,
+            "How client mode picks a server: ttft (by the servers' reported load, loaded "
+            "models and the conversation's prompt cache), fastest, least-connections or "
+            "round-robin.",
+        ],
+        [
+            "ollama-parallel",
+            None,
+            None,
+            "Server mode: slots per loaded model of the local Ollama, as reported to clients "
+            "[default: $OLLAMA_NUM_PARALLEL, else 1].",
+        ],
+        [
+            "ollama-max-queue",
+            None,
+            None,
+            "Server mode: requests the local Ollama queues [default: $OLLAMA_MAX_QUEUE, else 512].",
+        ],
+        [
+            "ollama-max-loaded",
+            None,
+            None,
+            "Server mode: models the local Ollama keeps loaded "
+            "[default: $OLLAMA_MAX_LOADED_MODELS, else 3].",
         ],
         [
             "unhealthy-after",
@@ -206,6 +230,11 @@ class Options(DiscoveryOptions):
         self["unhealthy-after"] = config.parse_count(str(self["unhealthy-after"]),
                                                      "--unhealthy-after")  # fmt: skip
         self["attempts"] = config.parse_count(str(self["attempts"]), "--attempts", most=10)
+        limits = list(environment_limits())
+        for i, name in enumerate(("ollama-parallel", "ollama-max-queue", "ollama-max-loaded")):
+            if self[name] is not None:
+                limits[i] = config.parse_count(str(self[name]), "--" + name, most=1 << 20)
+        self["ollama-limits"] = tuple(limits)
         self["scan-limit"] = config.parse_size(str(self["scan-limit"]), "--scan-limit")
         max_body = str(self["max-body"])
         self["max-body"] = (
@@ -264,6 +293,7 @@ class Options(DiscoveryOptions):
             models_interval=self["models-interval"],
             scan_limit=self["scan-limit"],
             attempts=self["attempts"],
+            ollama_limits=self["ollama-limits"],
             drain_timeout=self["drain-timeout"],
             secret=self["secret"],
             allow=tuple(self["allow"]) or None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet import defer, error
@@ -19,6 +19,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.web import client
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -41,11 +42,15 @@ def describe_error(value: object) -> str:
 @dataclass(frozen=True)
 class Upstream:
     """Where one request goes: a base URL, the name shown in X-Ollana-Peer, and (in client
-    mode) the pool's server it is, for the router's bookkeeping."""
+    mode) the pool's server it is, for the router's bookkeeping; the model and affinity key
+    of the request, and why it goes there (X-Ollana-Route)."""
 
     url: str
     peer: str | None = None
     server: Any = field(default=None, compare=False, repr=False)
+    model: str | None = field(default=None, compare=False)
+    key: str | None = field(default=None, compare=False, repr=False)
+    route: str | None = field(default=None, compare=False)
 
 
 class NoUpstream(Exception):
@@ -99,11 +104,26 @@ class Router:
         """What answers this request here instead of an upstream, if anything does."""
         return None
 
-    def candidates(self, model: str | None) -> list[Upstream]:
+    def wants_key(self, method: bytes, path: bytes) -> bool:
+        """Whether the request's body (when small) may give a conversation affinity key."""
+        return False
+
+    def candidates(self, model: str | None, key: str | None = None) -> list[Upstream]:
         """The upstreams to try, in order (at least one), or NoUpstream."""
         if self.upstream is None:
             raise NoUpstream("ollana: no upstream configured")
-        return [self.upstream]
+        return [replace(self.upstream, model=model, key=key)]
+
+    def answered(self, upstream: Upstream, watcher: Watcher, headers: Headers) -> None:
+        """The upstream's answer to the request has begun (its head, any status)."""
+
+    def lists(self, upstream: Upstream, model: str) -> bool:
+        """Whether upstream is known to have model."""
+        return False
+
+    def response_headers(self) -> Sequence[tuple[bytes, bytes]]:
+        """Headers added to every answer relayed from an upstream."""
+        return ()
 
     def started(self, upstream: Upstream, watcher: Watcher) -> None:
         """A request to upstream begins; watcher hears if upstream is found down."""

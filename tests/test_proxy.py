@@ -7,6 +7,7 @@ Flow control is asserted the way Twisted's own HTTP tests do: through the transp
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import tracemalloc
 from typing import Any
 
@@ -41,7 +42,7 @@ class Scripted(Router):
         super().__init__()
         self.outcome = upstream
 
-    def candidates(self, model: str | None) -> list[Upstream]:
+    def candidates(self, model: str | None, key: str | None = None) -> list[Upstream]:
         if self.outcome is None:
             raise NoUpstream("ollana: no Ollama server found on the LAN yet")
         if isinstance(self.outcome, Exception):
@@ -647,13 +648,17 @@ class Recording(Router):
         self.asked: list[str | None] = []
         self.events: list[tuple[str, str | None]] = []
         self.good: list[str | None] = []
+        self.listing_model = False  # what lists() says of every upstream
 
     def wants_model(self, method: bytes, path: bytes) -> bool:
         return self.model_aware
 
-    def candidates(self, model: str | None) -> list[Upstream]:
+    def candidates(self, model: str | None, key: str | None = None) -> list[Upstream]:
         self.asked.append(model)
-        return list(self.upstreams)
+        return [replace(upstream, model=model, key=key) for upstream in self.upstreams]
+
+    def lists(self, upstream: Upstream, model: str) -> bool:
+        return self.listing_model
 
     def started(self, upstream: Upstream, watcher: Watcher) -> None:
         super().started(upstream, watcher)
@@ -784,8 +789,8 @@ class RetryTests(SynchronousTestCase):
         self.assertEqual(header_values(response, b"retry-after"), [b"1"])
 
     def test_ollamas_own_errors_are_relayed_and_server_errors_counted(self) -> None:
-        for code, counted in [(b"500", [("errored HTTP 500", A.peer)]), (b"503", []),
-                              (b"404", [])]:  # fmt: skip
+        for code, counted in [(b"500", [("errored HTTP 500", A.peer)]), (b"404", []),
+                              (b"400", [])]:  # fmt: skip
             router = Recording(A, B)
             proxy = ProxyHarness(self, router)
             proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -795,6 +800,31 @@ class RetryTests(SynchronousTestCase):
             self.assertEqual(len(proxy.reactor.tcpClients), 1, code)
             self.assertEqual([e for e in router.events if e[0].split()[0] in COUNTS], counted, code)
             self.assertEqual(router.good, [] if counted else [A.peer], code)
+
+    def test_ollamas_busy_answer_counts_and_goes_elsewhere(self) -> None:
+        router = Recording(A, B)
+        proxy = ProxyHarness(self, router)
+        proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        proxy.connect_upstream(1001)
+        proxy.answer(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\n{}")
+        proxy.connect_upstream(1002)
+        proxy.answer(OK)
+        self.assertTrue(proxy.response().startswith(b"HTTP/1.1 200 OK"))
+        self.assertEqual(
+            [e for e in router.events if e[0].split()[0] in COUNTS], [("errored HTTP 503", A.peer)]
+        )
+
+    def test_model_not_found_goes_to_a_server_that_lists_it(self) -> None:
+        for listed, retried in [(True, True), (False, False)]:
+            router = Recording(A, B, model_aware=True)
+            router.listing_model = listed
+            proxy = ProxyHarness(self, router)
+            proxy.send(b'POST /api/show HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\n\r\n'
+                       b'{"model": "qwen"}')  # fmt: skip
+            proxy.connect_upstream(1001)
+            proxy.answer(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}")
+            self.assertEqual(len(proxy.reactor.tcpClients), 2 if retried else 1, listed)
+            self.assertEqual([e for e in router.events if e[0].split()[0] in COUNTS], [])
 
     def test_a_request_waiting_on_a_server_found_down_goes_elsewhere_at_once(self) -> None:
         router = Recording(A, B)

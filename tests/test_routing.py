@@ -144,7 +144,7 @@ class PoolRouterTests(SynchronousTestCase):
         self.assertEqual(self.router.scan_limit, 8 << 20)
         router = PoolRouter(self.pool, self.checker, self.listings, scan_limit=1024)
         self.assertEqual(
-            (router.scan_limit, router.strategy, router.attempts), (1024, "fastest", 3)
+            (router.scan_limit, router.strategy.name, router.attempts), (1024, "ttft", 3)
         )
 
     def test_listings_are_merged_for_get_of_the_three_paths(self) -> None:

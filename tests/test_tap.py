@@ -276,14 +276,21 @@ class ServiceTreeTests(SynchronousTestCase):
         self.assertEqual(service.mode, "server")
         self.assertEqual(
             service_names(service),
-            ["ollama-monitor", "upstream-connections", "http", "discovery", "health-connections"],
+            [
+                "ollama-monitor",
+                "ollama-load",
+                "upstream-connections",
+                "http",
+                "discovery",
+                "health-connections",
+            ],
         )
 
     def test_server_mode_without_discovery(self) -> None:
         service = self.make("--mode", "server", "--no-discovery")
         self.assertEqual(
             service_names(service),
-            ["ollama-monitor", "upstream-connections", "http", "health-connections"],
+            ["ollama-monitor", "ollama-load", "upstream-connections", "http", "health-connections"],
         )
 
     def test_client_mode(self) -> None:
@@ -326,7 +333,8 @@ class ServiceTreeTests(SynchronousTestCase):
         service.startService()
         self.assertEqual(service.mode, "server")
         self.assertEqual(
-            service_names(service), ["ollama-monitor", "upstream-connections", "http", "discovery"]
+            service_names(service),
+            ["ollama-monitor", "ollama-load", "upstream-connections", "http", "discovery"],
         )
         self.assertTrue(all(child.running for child in service))
 

@@ -1,0 +1,184 @@
+"""Server mode's view of its Ollama's load, for the state report clients route by.
+
+``OllamaLoad`` counts the requests the server relays per model (in flight, and of those
+still waiting for the first byte of their answer), knows the loaded models from the
+Ollama's /api/ps (read every interval, and again soon after a request for a model that
+was not loaded has its answer), and the Ollama's slots and queue as the options (or the
+environment the Ollama reads) say. Requests that reach the Ollama some other way are not
+seen: the report is of the LAN's traffic.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ollana.health import OllamaProbe, OllamaUnavailable
+from ollana.interfaces import IServerState, IStateSource
+from ollana.peers import model_key
+from ollana.state import (
+    DEFAULT_MAX_LOADED,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_PARALLEL,
+    ServerState,
+    encode,
+)
+
+UNKNOWN = ""  # the model of a request whose body did not name one (in time)
+
+
+def ollama_limits(environ: Mapping[str, str]) -> tuple[int, int, int]:
+    """Slots per model, queue and loaded models as an Ollama started with this environment
+    has them (OLLAMA_NUM_PARALLEL, OLLAMA_MAX_QUEUE, OLLAMA_MAX_LOADED_MODELS), with
+    Ollama's defaults where they are unset or not numbers."""
+
+    def read(name: str, default: int) -> int:
+        try:
+            value = int(environ.get(name, ""))
+        except ValueError:
+            return default
+        return value if value > 0 else default
+
+    return (
+        read("OLLAMA_NUM_PARALLEL", DEFAULT_PARALLEL),
+        read("OLLAMA_MAX_QUEUE", DEFAULT_MAX_QUEUE),
+        read("OLLAMA_MAX_LOADED_MODELS", DEFAULT_MAX_LOADED),
+    )
+
+
+def environment_limits() -> tuple[int, int, int]:
+    """ollama_limits of this process's environment (Ollama's, where it runs beside us)."""
+    return ollama_limits(os.environ)
+
+
+@implementer(IStateSource)
+class OllamaLoad(Service):
+    """Counts relayed requests per model and reads /api/ps; reports both."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        probe: OllamaProbe,
+        clock: IReactorTime,
+        interval: float,
+        timeout: float,
+        parallel: int = DEFAULT_PARALLEL,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        max_loaded: int = DEFAULT_MAX_LOADED,
+        secret: bytes | None = None,
+    ) -> None:
+        self._probe = probe
+        self._clock = clock
+        self.interval = interval
+        self.timeout = timeout
+        self.parallel = parallel
+        self.max_queue = max_queue
+        self.max_loaded = max_loaded
+        self._secret = secret
+        self.loaded: frozenset[str] = frozenset()
+        self._counts: dict[str, list[int]] = {}  # model: [in flight, waiting]
+        self._header: bytes | None = None  # the encoded report, until something changes
+        self._reading: defer.Deferred[Any] | None = None
+        self._read_again = False
+        self._loop: LoopingCall | None = None
+
+    # The requests, as the server's router sees them.
+
+    def started(self, model: str | None) -> None:
+        counts = self._counts.setdefault(model_key(model) if model else UNKNOWN, [0, 0])
+        counts[0] += 1
+        counts[1] += 1
+        self._header = None
+
+    def answered(self, model: str | None) -> None:
+        name = model_key(model) if model else UNKNOWN
+        counts = self._counts.get(name)
+        if counts is not None and counts[1] > 0:
+            counts[1] -= 1
+            self._header = None
+        if name and name not in self.loaded:
+            self.read_loaded()  # it is loaded now, and another may have been evicted
+
+    def ended(self, model: str | None, answered: bool) -> None:
+        name = model_key(model) if model else UNKNOWN
+        counts = self._counts.get(name)
+        if counts is None:
+            return
+        counts[0] -= 1
+        if not answered and counts[1] > 0:
+            counts[1] -= 1
+        if counts[0] <= 0:
+            del self._counts[name]
+        self._header = None
+
+    # The report.
+
+    def report(self) -> IServerState:
+        return ServerState(
+            parallel=self.parallel,
+            max_queue=self.max_queue,
+            max_loaded=self.max_loaded,
+            loaded=self.loaded,
+            models={name: (c[0], c[1]) for name, c in self._counts.items()},
+        )
+
+    def header(self) -> bytes:
+        if self._header is None:
+            self._header = encode(self.report(), self._secret)  # type: ignore[arg-type]
+        return self._header
+
+    # The loaded models.
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.read_loaded)
+        self._loop.clock = self._clock
+        self._loop.start(self.interval, now=True).addErrback(
+            lambda f: self.log.failure("Reading the loaded models stopped", f)
+        )
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._reading is not None:
+            self._reading.cancel()
+
+    def read_loaded(self) -> None:
+        """Ask /api/ps now (or once the question under way is answered)."""
+        if self._reading is not None:
+            self._read_again = True
+            return
+        reading = self._probe.json("/api/ps", self.timeout)
+        self._reading = reading
+        reading.addCallbacks(self._got_loaded, self._no_loaded)
+        reading.addErrback(lambda f: self.log.failure("Error reading the loaded models", f))
+        reading.addBoth(self._read)
+
+    def _read(self, ignored: object) -> None:
+        self._reading = None
+        if self._read_again and self.running:
+            self._read_again = False
+            self.read_loaded()
+
+    def _got_loaded(self, answer: Any) -> None:
+        entries = answer.get("models") if isinstance(answer, dict) else None
+        if not isinstance(entries, list):
+            return
+        names = [entry.get("name") for entry in entries if isinstance(entry, dict)]
+        loaded = frozenset(model_key(name) for name in names if isinstance(name, str))
+        if loaded != self.loaded:
+            self.loaded = loaded
+            self._header = None
+
+    def _no_loaded(self, failure: Any) -> None:
+        failure.trap(OllamaUnavailable, defer.CancelledError)  # the monitor says it is down
