@@ -307,13 +307,11 @@ class Options(DiscoveryOptions):
 
 def makeService(options: Options, reactor: Any = None) -> Any:
     """The Ollana service for twistd, on the global reactor unless given another."""
-    from twisted.web.client import Agent
-
     from ollana.health import AgentGetter
     from ollana.netif import default_broadcast_addresses
     from ollana.node import HEALTH_TIMEOUT, ConnectionPoolService, OllanaService
     from ollana.tls import ClientTLS
-    from ollana.upstream import UpstreamEndpoints, quiet_pool
+    from ollana.upstream import make_agent
 
     exit_code_from_failure = reactor is None
     if reactor is None:
@@ -322,18 +320,15 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         from ollana.limits import raise_open_files
 
         raise_open_files()  # first: the listeners' connection caps are sized from it
-    # One kept-alive connection for the health checks, not a new one (and two log
-    # lines) every few seconds.
     settings = options.settings()
     client_tls = ClientTLS(settings.tls_ca)  # pins come from the pool, once there is one
-    pool = quiet_pool(reactor)
-    pool.maxPersistentPerHost = 1
-    endpoints = UpstreamEndpoints(reactor, HEALTH_TIMEOUT, client_tls.creator_for)
-    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+    # Health checks, model lists and merged listings go through the relaying client too:
+    # kept-alive connections, and response heads bounded as a hostile server's must be.
+    agent = make_agent(reactor, HEALTH_TIMEOUT, client_tls.creator_for)
     service = OllanaService(
         settings, reactor, AgentGetter(agent), default_broadcast_addresses, client_tls
     )
-    health_connections = ConnectionPoolService(pool)
+    health_connections = ConnectionPoolService(agent)
     health_connections.setName("health-connections")
     health_connections.setServiceParent(service)
     if exit_code_from_failure:

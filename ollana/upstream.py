@@ -18,7 +18,6 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
-from twisted.web import client
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -180,35 +179,6 @@ class UpstreamEndpoints:
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self._tls_for(host, uri.port), endpoint)
         return endpoint
-
-
-class _QuietClientFactory(client._HTTP11ClientFactory):
-    noisy = False  # no "Starting factory" line for every upstream connection
-
-
-class _Pool(client.HTTPConnectionPool):
-    """Once closed (Ollana stops), connections that come back from requests still under
-    way are closed rather than kept for requests that will never come."""
-
-    closed = False
-
-    def closeCachedConnections(self) -> defer.Deferred[None]:
-        self.closed = True
-        result: defer.Deferred[None] = super().closeCachedConnections()
-        return result
-
-    def _putConnection(self, key: Any, connection: Any) -> None:  # private to Twisted
-        if self.closed:
-            connection.transport.loseConnection()
-        else:
-            super()._putConnection(key, connection)
-
-
-def quiet_pool(reactor: Any) -> client.HTTPConnectionPool:
-    """A pool of kept-alive connections that does not log each one it opens."""
-    pool = _Pool(reactor, persistent=True)
-    pool._factory = _QuietClientFactory  # private to Twisted: see setup.cfg's pin
-    return pool
 
 
 TLSPolicy = Callable[[str, int], Any]  # (host, port) -> how to check that server's TLS
