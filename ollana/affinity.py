@@ -32,7 +32,7 @@ def conversation_key(path: bytes, model: str, body: bytes) -> str | None:
         return None
     try:
         request = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
         return None
     if not isinstance(request, dict):
         return None

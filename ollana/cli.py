@@ -426,6 +426,14 @@ def format_status(status: Mapping[str, Any], url: str) -> str:
         else:
             state = f"DOWN: {ollama.get('reason') or 'no answer yet'}"
         fields.append(("Ollama", f"{ollama.get('url', '-')} ({state})"))
+    load = status.get("state")
+    if isinstance(load, Mapping):
+        queue, limit = load.get("queue", "?"), load.get("max_queue", "?")
+        fields += [
+            ("Loaded", f"{_loaded(load)} (at most {load.get('max_loaded', '?')})"),
+            ("Slots", f"{_slots(load)} ({load.get('parallel', '?')} per model)"),
+            ("Queue", f"{queue} (Ollama queues up to {limit})"),
+        ]
     width = max(len(name) for name, _ in fields)
     lines = [f"{name.ljust(width)}  {value}" for name, value in fields]
     peers = status.get("peers") or []
@@ -438,6 +446,11 @@ def format_status(status: Mapping[str, Any], url: str) -> str:
                 ("SERVER", "SOURCE", "HEALTH", "LATENCY", "ACTIVE/TOTAL", "FAILURES", "MODELS"),
                 [_peer_row(peer) for peer in peers],
             ))  # fmt: skip
+            if any(isinstance(p.get("state"), Mapping) for p in peers):  # servers' own load
+                lines += ["", _table(
+                    ("SERVER", "LOADED", "SLOTS BUSY/FREE", "QUEUE"),
+                    [_load_row(peer) for peer in peers],
+                )]  # fmt: skip
             problems = [
                 f"  {host_port(p.get('address'), p.get('port'))}: {p.get('reason')}"
                 for p in peers
@@ -460,6 +473,23 @@ def _peer_row(peer: Mapping[str, Any]) -> list[str]:
         str(peer.get("failures", 0)),
         ", ".join(models) if models else "-",
     ]
+
+
+def _load_row(peer: Mapping[str, Any]) -> list[str]:
+    load = peer.get("state")
+    where = host_port(peer.get("address", "?"), peer.get("port", "?"))
+    if not isinstance(load, Mapping):
+        return [where, "-", "-", "-"]
+    busy_free = f"{load.get('slots_busy', '?')}/{load.get('slots_free', '?')}"
+    return [where, _loaded(load), busy_free, str(load.get("queue", "?"))]
+
+
+def _loaded(load: Mapping[str, Any]) -> str:
+    return ", ".join(map(str, load.get("loaded") or [])) or "none"
+
+
+def _slots(load: Mapping[str, Any]) -> str:
+    return f"{load.get('slots_busy', '?')} busy, {load.get('slots_free', '?')} free"
 
 
 async def status(

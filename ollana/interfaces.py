@@ -19,6 +19,7 @@ class IServerState(Interface):
     max_queue = Attribute("Requests Ollama queues before it answers 503 (OLLAMA_MAX_QUEUE).")
     max_loaded = Attribute("Models Ollama keeps loaded at once (OLLAMA_MAX_LOADED_MODELS).")
     loaded = Attribute("The names of the loaded models (a frozenset of model keys).")
+    models = Attribute("The requests relayed per model key: {model: (in flight, waiting)}.")
 
     def in_flight(model: str) -> int:
         """Requests for model being relayed now."""

@@ -1,7 +1,8 @@
 """Server mode's view of its Ollama's load, for the state report clients route by.
 
-``OllamaLoad`` counts the requests the server relays per model (in flight, and of those
-still waiting for the first byte of their answer), knows the loaded models from the
+``OllamaLoad`` counts the requests for a model that the server relays (in flight, and of
+those still waiting for the first byte of their answer; requests that name no model, such
+as listings and version checks, take no slot and are not counted), knows the loaded models from the
 Ollama's /api/ps (read every interval, and again soon after a request for a model that
 was not loaded has its answer), and the Ollama's slots and queue as the options (or the
 environment the Ollama reads) say. Requests that reach the Ollama some other way are not
@@ -31,8 +32,6 @@ from ollana.state import (
     ServerState,
     encode,
 )
-
-UNKNOWN = ""  # the model of a request whose body did not name one (in time)
 
 
 def ollama_limits(environ: Mapping[str, str]) -> tuple[int, int, int]:
@@ -94,30 +93,33 @@ class OllamaLoad(Service):
     # The requests, as the server's router sees them.
 
     def started(self, model: str | None) -> None:
-        counts = self._counts.setdefault(model_key(model) if model else UNKNOWN, [0, 0])
+        if not model:
+            return  # not a model's work (a listing, a version check): no slot taken
+        counts = self._counts.setdefault(model_key(model), [0, 0])
         counts[0] += 1
         counts[1] += 1
         self._header = None
 
     def answered(self, model: str | None) -> None:
-        name = model_key(model) if model else UNKNOWN
+        if not model:
+            return
+        name = model_key(model)
         counts = self._counts.get(name)
         if counts is not None and counts[1] > 0:
             counts[1] -= 1
             self._header = None
-        if name and name not in self.loaded:
+        if name not in self.loaded:
             self.read_loaded()  # it is loaded now, and another may have been evicted
 
     def ended(self, model: str | None, answered: bool) -> None:
-        name = model_key(model) if model else UNKNOWN
-        counts = self._counts.get(name)
+        counts = self._counts.get(model_key(model)) if model else None
         if counts is None:
             return
         counts[0] -= 1
         if not answered and counts[1] > 0:
             counts[1] -= 1
         if counts[0] <= 0:
-            del self._counts[name]
+            del self._counts[model_key(model)]  # type: ignore[arg-type]
         self._header = None
 
     # The report.
@@ -150,6 +152,7 @@ class OllamaLoad(Service):
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        self._read_again = False  # asked before the stop: not after a restart
         if self._reading is not None:
             self._reading.cancel()
 

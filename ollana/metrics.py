@@ -2,7 +2,7 @@
 
 Each Metrics has a registry of its own, so one process can hold several (tests do).
 Counts that other parts already keep (the pool's servers, the discovery protocols'
-datagrams) are read when scraped rather than copied.
+datagrams, server mode's load report) are read when scraped rather than copied.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from ollana.interfaces import IServerState
+
 # Seconds: from a few milliseconds (a listing) to many minutes (a long generation).
 TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 LOCAL = "local"  # the peer label of answers made here (listings, errors before any server)
+UNNAMED = "unknown"  # the model label of requests that named no model (in time)
 
 
 class Metrics:
@@ -44,6 +47,9 @@ class Metrics:
         self.duration = Buckets(DURATION_BUCKETS)
         self.bytes_in = 0
         self.bytes_out = 0
+        self.routes: dict[str, int] = {}  # why the server was chosen -> answered
+        self.cached_tokens = 0
+        self.evaluated_tokens = 0
         self.watch(self._requests)
 
     def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
@@ -67,6 +73,16 @@ class Metrics:
         self.duration.observe(duration)
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
+
+    def routed(self, reason: str) -> None:
+        """Count an answered request by why its server was chosen (X-Ollana-Route)."""
+        self.routes[reason] = self.routes.get(reason, 0) + 1
+
+    def prompt_tokens(self, cached: int, evaluated: int) -> None:
+        """Count an answer's prompt tokens: those a server's prompt cache held, and those it
+        evaluated (from the final chunk's counts)."""
+        self.cached_tokens += max(0, cached)
+        self.evaluated_tokens += max(0, evaluated)
 
     def _requests(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
@@ -92,6 +108,19 @@ class Metrics:
             "ollana_response_body_bytes", "Response body bytes written to clients.",
             value=self.bytes_out,
         )  # fmt: skip
+        routes = CounterMetricFamily(
+            "ollana_route", "Requests answered, by why their server was chosen.", labels=["reason"]
+        )
+        for reason, count in self.routes.items():
+            routes.add_metric([reason], count)
+        yield routes
+        tokens = CounterMetricFamily(
+            "ollana_prompt_tokens", "Prompt tokens of answers: from a prompt cache, evaluated.",
+            labels=["kind"],
+        )  # fmt: skip
+        tokens.add_metric(["cached"], self.cached_tokens)
+        tokens.add_metric(["evaluated"], self.evaluated_tokens)
+        yield tokens
 
 
 class Buckets:
@@ -146,3 +175,23 @@ def discovery_metrics(protocols: Iterable[Any]) -> Iterator[Metric]:
     for direction in ("sent", "received", "rejected"):
         packets.add_metric([direction], sum(getattr(p, direction) for p in protocols))
     yield packets
+
+
+def load_metrics(state: IServerState | None) -> Iterator[Metric]:
+    """Server mode: the requests being relayed to the Ollama per model (in flight, and of
+    those waiting for the first byte), and the models it has loaded; nothing without a
+    report (client mode)."""
+    if state is None:
+        return
+    requests = GaugeMetricFamily(
+        "ollana_ollama_requests", "Requests being relayed to the Ollama, by model: in flight, "
+        "and of those waiting for the first byte.", labels=["model", "state"],
+    )  # fmt: skip
+    for model in sorted(set(state.loaded) | set(state.models)):
+        requests.add_metric([model or UNNAMED, "in_flight"], state.in_flight(model))
+        requests.add_metric([model or UNNAMED, "waiting"], state.waiting(model))
+    yield requests
+    yield GaugeMetricFamily(
+        "ollana_ollama_loaded_models", "Models the Ollama has loaded (its /api/ps).",
+        value=len(state.loaded),
+    )  # fmt: skip

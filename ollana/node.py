@@ -30,14 +30,15 @@ from ollana.health import (
     PeerHealthChecker,
     choose_mode,
 )
+from ollana.interfaces import IServerState
 from ollana.listings import MergedListings
 from ollana.load import OllamaLoad
-from ollana.metrics import Metrics, discovery_metrics, peer_metrics
+from ollana.metrics import Metrics, discovery_metrics, load_metrics, peer_metrics
 from ollana.peers import PeerPool
 from ollana.proxy import ProxySettings
 from ollana.routing import LocalRouter, PoolRouter, take_report
 from ollana.site import ProxySite
-from ollana.status import StatusPages, peer_status
+from ollana.status import StatusPages, peer_status, state_status
 from ollana.tls import ClientTLS
 from ollana.upstream import Router, TLSPolicy, make_agent
 
@@ -436,6 +437,7 @@ class OllanaService(MultiService):
         self.observed.pages = StatusPages(self)
         self.observed.metrics.watch(lambda: peer_metrics(self.pool))
         self.observed.metrics.watch(lambda: discovery_metrics(self._discovery_protocols()))
+        self.observed.metrics.watch(lambda: load_metrics(self._load_report()))
         if settings.mode != "auto":
             self._become(settings.mode)
 
@@ -447,6 +449,11 @@ class OllanaService(MultiService):
         if isinstance(discovery, SeekerService):
             return [discovery.seeker, discovery.listener]
         return []
+
+    def _load_report(self) -> IServerState | None:
+        """Server mode's load report now (None in client mode)."""
+        load = {service.name: service for service in self}.get("ollama-load")
+        return load.report() if isinstance(load, OllamaLoad) else None
 
     def status(self) -> dict[str, Any]:
         """What this node is doing, as /ollana/api/status and ollana status show it."""
@@ -475,6 +482,7 @@ class OllanaService(MultiService):
                 "reason": monitor.reason,
             },
             "peers": [peer_status(peer, now) for peer in self.pool if self.mode == "client"],
+            "state": state_status(self._load_report()),
         }
 
     def _become(self, mode: str) -> None:

@@ -74,6 +74,7 @@ class Peer:
     fingerprint: bytes | None = None  # SHA-256 of its TLS certificate, as announced
     state: Any = None  # its last report, an IServerState (Any: peers sits below state)
     unreported: int = 0  # requests this client sent it since that report
+    unreported_models: dict[str, int] = field(default_factory=dict)  # the same, by model
     request_failures: int = 0  # requests it failed in a row
     ejections: int = 0  # times it was ejected, less one per request served since
     ejected_until: float = 0.0  # left out of the choice until then

@@ -83,6 +83,7 @@ RETRY_ELSEWHERE = frozenset({"unreachable", "timeout", "busy"})
 # tried elsewhere, as it never started.
 SERVER_ERRORS = frozenset({500, 502, 503, 504})
 STALLED = 5.0  # seconds a stream may have been silent when its upstream is found down
+GENERATIONS = frozenset({b"/api/generate", b"/api/chat"})  # NDJSON, with a final chunk
 
 
 def _error_kind(response: IResponse) -> str | None:
@@ -326,6 +327,7 @@ class Exchange:
         self.candidates: list[Upstream] = []
         self.reasons: list[str] = []
         self._keyed: str | None = None  # the model found, while the key's body comes in
+        self._tail: tuple[bytes, bytes] | None = None  # the last two chunks of a generation
         self._received: list[bytes] | None = []  # the body so far, while it can be resent
         self._received_size = 0
         self._active: Upstream | None = None
@@ -363,6 +365,7 @@ class Exchange:
         conversation, once its (small) body is in and gives the affinity key."""
         self.scanner = None
         if (model is not None and not self.client_complete and self._received is not None
+                and self._received_size <= KEY_LIMIT
                 and self.router.wants_key(self.method, self.uri)):  # fmt: skip
             self._keyed = model
         else:
@@ -627,6 +630,9 @@ class Exchange:
             request.setHeader(b"x-ollana-peer", upstream.peer.encode("utf-8"))
         if upstream is not None and upstream.route:
             request.setHeader(b"x-ollana-route", upstream.route.encode("ascii"))
+            self.proxy.metrics.routed(upstream.route)
+        if response.code == 200 and self.uri.partition(b"?")[0] in GENERATIONS:
+            self._tail = (b"", b"")  # the final chunk says how much of the prompt was cached
         for name, value in self.router.response_headers():
             request.setHeader(name, value)
         self.upstream_owes(True)
@@ -652,6 +658,8 @@ class Exchange:
             self.request.registerProducer(relay, True)
 
     def chunk(self, data: bytes) -> None:
+        if self._tail is not None:
+            self._tail = (self._tail[-1], data)
         if not self.client_gone:
             # More chunks of one read arrive after the client paused the relay: the wait
             # that follows is the client's.
@@ -665,6 +673,8 @@ class Exchange:
             return
         self.request.unregisterProducer()
         if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):  # Failure.check is slow
+            if self._tail is not None:
+                self._count_prompt(b"".join(self._tail))
             self.request.finish()
         else:
             log.warn(
@@ -673,6 +683,20 @@ class Exchange:
                 reason=describe_error(reason.value),
             )
             self._abort_client()
+
+    def _count_prompt(self, tail: bytes) -> None:
+        """Count the prompt tokens an answer's final NDJSON line reports: those the server
+        evaluated, and those its prompt cache held."""
+        line = tail.rstrip().rpartition(b"\n")[2]
+        try:
+            final = json.loads(line)
+        except ValueError:
+            return
+        if not isinstance(final, dict) or final.get("done") is not True:
+            return
+        prompt, cached = final.get("prompt_eval_count"), final.get("prompt_eval_cached_count", 0)
+        if isinstance(prompt, int) and isinstance(cached, int):
+            self.proxy.metrics.prompt_tokens(cached, prompt - cached)
 
     def _failed(self, failure: Failure) -> None:
         self.upstream_owes(False)

@@ -129,6 +129,9 @@ class PoolRouter(Router):
         peer: Peer = upstream.server
         peer.active += 1
         peer.unreported += 1
+        if upstream.model is not None:
+            model = model_key(upstream.model)
+            peer.unreported_models[model] = peer.unreported_models.get(model, 0) + 1
         peer.total_requests += 1
 
     def answered(self, upstream: Upstream, watcher: Watcher, headers: Headers) -> None:
@@ -164,6 +167,7 @@ def take_report(peer: Peer, headers: Headers, secret: bytes | None) -> None:
     if state is not None:
         peer.state = state
         peer.unreported = 0
+        peer.unreported_models = {}
 
 
 def names_model(method: bytes, path: bytes) -> bool:

@@ -31,7 +31,7 @@ from ollana.interfaces import IServerState
 STATE_HEADER = b"x-ollana-state"
 STATE_LABEL = b"ollana state report v1"
 MAX_STATE_HEADER = 16 * 1024  # bytes: a longer value is not a report of ours
-MAX_MODELS = 256  # models named in one report, at most
+MAX_MODELS = 64  # models named in one report, at most: it must fit a response head
 
 DEFAULT_PARALLEL = 1  # Ollama's defaults, where the environment says nothing
 DEFAULT_MAX_QUEUE = 512
@@ -94,7 +94,7 @@ def decode(value: bytes, secret: bytes | None = None) -> ServerState | None:
                 for name, counts in list(dict(report["models"]).items())[:MAX_MODELS]
             },
         )
-    except (ValueError, KeyError, TypeError, IndexError):
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):  # deep nesting
         return None
 
 

@@ -18,12 +18,42 @@ from twisted.web.server import Request
 from twisted.web.template import Element, Tag, TagLoader, renderElement, tags
 from twisted.web.util import redirectTo
 
+from ollana.interfaces import IServerState
 from ollana.peers import Peer, host_port
 
 REFRESH_SECONDS = 5
 # Nothing from elsewhere, no script; only the inline style (defence in depth: values are
 # escaped anyway).
 DASHBOARD_POLICY = b"default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+
+
+def state_status(state: IServerState | None) -> dict[str, Any] | None:
+    """A server's load report as the status shows it, summed up: the slots of its loaded
+    models busy and free, and the queue (the requests for a model that no slot holds:
+    waiting for one, or for their model to load). Requests that named no model (the
+    model "") count in neither."""
+    if state is None:
+        return None
+    parallel, loaded = state.parallel, state.loaded
+    busy = sum(min(state.in_flight(name), parallel) for name in loaded)
+    queue = sum(
+        max(0, in_flight - (parallel if name in loaded else 0))
+        for name, (in_flight, _) in state.models.items()
+        if name
+    )
+    return {
+        "parallel": parallel,
+        "max_queue": state.max_queue,
+        "max_loaded": state.max_loaded,
+        "loaded": sorted(loaded),
+        "models": {
+            name: {"in_flight": in_flight, "waiting": waiting}
+            for name, (in_flight, waiting) in sorted(state.models.items())
+        },
+        "slots_busy": busy,
+        "slots_free": parallel * len(loaded) - busy,
+        "queue": queue,
+    }
 
 
 def peer_status(peer: Peer, now: float) -> dict[str, Any]:
@@ -43,6 +73,8 @@ def peer_status(peer: Peer, now: float) -> dict[str, Any]:
         "models": sorted(peer.models),
         "last_seen": datetime.fromtimestamp(peer.last_seen, timezone.utc).isoformat(),
         "last_seen_s_ago": round(max(0.0, now - peer.last_seen), 1),
+        "state": state_status(peer.state),
+        "unreported": peer.unreported,
     }
 
 
@@ -144,7 +176,8 @@ footer{margin-top:2em;color:#666;font-size:.85em}
 """
 
 PEER_COLUMNS = ("Server", "Source", "Health", "Latency", "Requests", "Failures", "Models",
-                "Last seen")  # fmt: skip
+                "Loaded", "Slots", "Queue", "Last seen")  # fmt: skip
+WRAPPED = ("Health", "Models", "Loaded")  # columns whose values may be long
 
 
 def page(status: dict[str, Any]) -> Tag:
@@ -154,6 +187,7 @@ def page(status: dict[str, Any]) -> Tag:
         tags.h1("Ollana ", tags.span(mode, class_="mode")),
         summary(status),
         ollama_section(status["ollama"]) if status.get("ollama") is not None else "",
+        load_section(status["state"]) if status.get("state") is not None else "",
         peers_section(status["peers"]) if mode == "client" else "",
         tags.footer(
             f"Refreshes every {REFRESH_SECONDS} s. The same as JSON: ",
@@ -198,6 +232,24 @@ def ollama_section(ollama: dict[str, Any]) -> Tag:
     )
 
 
+def load_section(state: dict[str, Any]) -> Tag:
+    """Server mode: its Ollama's load, as it reports it to clients."""
+    requests = [
+        f"{name or '(no model named)'}: {counts['in_flight']} in flight, "
+        f"{counts['waiting']} waiting"
+        for name, counts in state["models"].items()
+    ]
+    return tags.section(
+        tags.h2("Load"),
+        tags.dl(
+            entry("Loaded models", f"{loaded_models(state)} (at most {state['max_loaded']})"),
+            entry("Slots", f"{slots(state)} ({state['parallel']} per model)"),
+            entry("Queue", f"{state['queue']} (Ollama queues up to {state['max_queue']})"),
+            entry("Requests", "; ".join(requests) or "none"),
+        ),
+    )
+
+
 def peers_section(peers: list[dict[str, Any]]) -> Tag:
     """Client mode: every known server, one row each."""
     title = tags.h2(f"Servers ({len(peers)})")
@@ -210,7 +262,7 @@ def peers_section(peers: list[dict[str, Any]]) -> Tag:
 
 def peer_row(peer: dict[str, Any]) -> Tag:
     """One server's row; each cell carries its column's name for narrow screens."""
-    latency = peer.get("latency_ms")
+    latency, state = peer.get("latency_ms"), peer.get("state")
     cells: tuple[Any, ...] = (
         host_port(peer["address"], peer["port"]),
         str(peer["source"]),
@@ -219,6 +271,9 @@ def peer_row(peer: dict[str, Any]) -> Tag:
         f"{peer['active_requests']} active, {peer['total_requests']} total",
         str(peer["failures"]),
         ", ".join(str(model) for model in peer["models"]) or "-",
+        "-" if state is None else loaded_models(state),
+        "-" if state is None else slots(state),
+        "-" if state is None else str(state["queue"]),
         tags.time(
             f"{duration(float(peer['last_seen_s_ago']))} ago", datetime=str(peer["last_seen"])
         ),
@@ -230,7 +285,17 @@ def cell(column: str, value: Any) -> Tag:
     """A td named after its column (narrow screens show the name beside the value, a div);
     short values do not wrap."""
     td = tags.td(tags.div(value), **{"data-label": column})
-    return td if column in ("Health", "Models") else td(class_="nowrap")
+    return td if column in WRAPPED else td(class_="nowrap")
+
+
+def loaded_models(state: dict[str, Any]) -> str:
+    """The models a server reported loaded."""
+    return ", ".join(str(name) for name in state["loaded"]) or "none"
+
+
+def slots(state: dict[str, Any]) -> str:
+    """The slots of a server's loaded models, busy and free."""
+    return f"{state['slots_busy']} busy, {state['slots_free']} free"
 
 
 def entry(name: str, value: Any) -> list[Tag]:

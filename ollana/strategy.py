@@ -59,14 +59,22 @@ class LeastWait:
         if not healthy:
             return [(peer, "unhealthy") for peer in peers]
         home = self._served.get(key) if key is not None else None
+        views = [_View(peer) for peer in peers]
+        copies: dict[str, int] = {}  # on how many servers each model is resident
+        for view in views:
+            for name in view.resident:
+                copies[name] = copies.get(name, 0) + 1
         ranked = sorted(
-            ((self._tier(peer, model, home), _load(peer, model), peer.key, peer) for peer in peers),
+            ((view.tier(model, home, copies), view.load(model, copies), view.peer.key, view.peer)
+             for view in views),
             key=lambda entry: entry[:3],
-        )
+        )  # fmt: skip
         best = [entry for entry in ranked if entry[0] == ranked[0][0]]
         if len(best) > 1:
             first, second = self._rng.sample(best, 2)
-            chosen = min(first, second, key=lambda entry: entry[:3])
+            # Load alone decides between the two drawn, not the name nor a check latency
+            # that differs by noise: a tie goes to the first drawn, at random.
+            chosen = min(first, second, key=lambda entry: (entry[0], entry[1][:3]))
             ranked.remove(chosen)
             ranked.insert(0, chosen)
         return [(peer, REASONS[tier]) for tier, _, _, peer in ranked]
@@ -79,28 +87,53 @@ class LeastWait:
         if len(self._served) > AFFINITY_MEMORY:
             self._served.popitem(last=False)
 
-    def _tier(self, peer: Peer, model: str | None, home: str | None) -> int:
-        state: IServerState | None = peer.state
-        if state is None or model is None:
-            return SHORT_QUEUE if state is not None else COLD
-        if model in state.loaded:
-            queued = state.in_flight(model) + peer.unreported - state.parallel
+
+class _View:
+    """One server as a client sees it now: its last report, plus the requests this
+    client sent it since."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+        self.state: IServerState | None = peer.state
+        self.sent = peer.unreported_models
+        state = self.state
+        loaded = set(state.loaded) if state is not None else set()
+        # Models its requests wait for: resident soon, if there is room for all of them;
+        # if not, they evict each other, and none of them counts as resident.
+        pending = {name for name in self.sent if self.sent[name]}
+        if state is not None:
+            pending |= {name for name in state.models if state.in_flight(name)}
+        pending -= loaded
+        room = state.max_loaded if state is not None else 1
+        self.resident = loaded | pending if len(loaded | pending) <= room else loaded
+        self.parallel = state.parallel if state is not None else 1
+        self.busy = (self.state.busy() if self.state is not None else 0) + peer.unreported
+
+    def in_flight(self, model: str) -> int:
+        reported = self.state.in_flight(model) if self.state is not None else 0
+        return reported + self.sent.get(model, 0)
+
+    def tier(self, model: str | None, home: str | None, copies: dict[str, int]) -> int:
+        if model is None:
+            return SHORT_QUEUE if self.state is not None else COLD
+        if model in self.resident:
+            queued = self.in_flight(model) - self.parallel
             if queued < 0:
-                return AFFINITY if peer.key == home else WARM
-            return SHORT_QUEUE if queued < state.parallel else DEEP_QUEUE
-        idle = state.busy() + peer.unreported == 0
-        return COLD_IDLE if idle and len(state.loaded) < state.max_loaded else COLD
+                return AFFINITY if self.peer.key == home else WARM
+            return SHORT_QUEUE if queued < 1 else DEEP_QUEUE  # someone waits there: deep
+        if self.busy:
+            return COLD  # a load there waits for what it runs, and holds up what follows
+        room = self.state is None or len(self.resident) < self.state.max_loaded
+        spare = all(copies.get(name, 0) > 1 for name in self.resident)
+        return COLD_IDLE if room or spare else COLD  # never evict a model's last copy early
 
-
-def _load(peer: Peer, model: str | None) -> tuple[float, int, float]:
-    """How loaded a server is, for ties: its model's requests per slot, all its requests,
-    then its check latency."""
-    state: IServerState | None = peer.state
-    latency = peer.latency if peer.latency is not None else float("inf")
-    if state is None:
-        return (float(peer.active), peer.active, latency)
-    mine = (state.in_flight(model) if model is not None else 0) + peer.unreported
-    return (mine / state.parallel, state.busy() + peer.unreported, latency)
+    def load(self, model: str | None, copies: dict[str, int]) -> tuple[float, int, int, float]:
+        """How loaded it is, for ties: its model's requests per slot, all its requests,
+        the models only it has (what a load there would evict), then its check latency."""
+        mine = self.in_flight(model) if model is not None else 0
+        alone = sum(1 for name in self.resident if name != model and copies.get(name, 0) == 1)
+        latency = self.peer.latency if self.peer.latency is not None else float("inf")
+        return (mine / self.parallel, self.busy, alone, latency)
 
 
 @implementer(IStrategy)

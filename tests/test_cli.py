@@ -337,9 +337,12 @@ class StatusFormatTests(SynchronousTestCase):
             "reason": "connection refused", "latency_ms": None, "active_requests": 0,
             "total_requests": 12, "failures": 3, "models": [],
         }  # fmt: skip
+        load = {"parallel": 2, "max_queue": 512, "max_loaded": 3, "loaded": ["echo:latest"],
+                "models": {"echo:latest": {"in_flight": 3, "waiting": 1}}, "slots_busy": 2,
+                "slots_free": 0, "queue": 1}  # fmt: skip
         good = dict(peer, address="198.18.0.2", source="discovered", healthy=True, reason="",
                     latency_ms=3.25, active_requests=1, failures=0,
-                    models=["echo:latest", "llama3.2:latest"])  # fmt: skip
+                    models=["echo:latest", "llama3.2:latest"], state=load)  # fmt: skip
         text = format_status(
             {"mode": "client", "node_id": "ab" * 16, "version": "0.1.0", "uptime_s": 75.2,
              "listen": "127.0.0.1:11434", "ollama": None, "peers": [good, peer]},
@@ -360,10 +363,22 @@ class StatusFormatTests(SynchronousTestCase):
                 "echo:latest, llama3.2:latest",
                 "[fd00::2]:11435   static      UNHEALTHY  -        0/12          3         -",
                 "",
+                "SERVER            LOADED       SLOTS BUSY/FREE  QUEUE",
+                "198.18.0.2:11435  echo:latest  2/0              1",
+                "[fd00::2]:11435   -            -                -",
+                "",
                 "Unhealthy servers:",
                 "  [fd00::2]:11435: connection refused",
             ],
         )
+
+    def test_client_without_reports(self) -> None:
+        """Servers that report no load (not yet, or older ones): no load table."""
+        peer = {"address": "198.18.0.2", "port": 11435, "source": "static", "healthy": True,
+                "latency_ms": 1.0, "models": [], "state": None}  # fmt: skip
+        text = format_status({"mode": "client", "peers": [peer]}, "http://127.0.0.1:11434")
+        self.assertNotIn("LOADED", text)
+        self.assertEqual(text.splitlines()[-1].split()[0], "198.18.0.2:11435")
 
     def test_client_without_servers(self) -> None:
         text = format_status({"mode": "client", "peers": []}, "http://127.0.0.1:11434")
@@ -377,6 +392,27 @@ class StatusFormatTests(SynchronousTestCase):
         )  # fmt: skip
         self.assertIn("Ollama   http://127.0.0.1:11434 (DOWN: connection refused)", text)
         self.assertNotIn("SERVER", text)
+        self.assertNotIn("Slots", text)  # a status without a load report (an older server)
+
+    def test_server_load(self) -> None:
+        load = {"parallel": 2, "max_queue": 512, "max_loaded": 3,
+                "loaded": ["echo:latest", "llama3.2:latest"],
+                "models": {"echo:latest": {"in_flight": 3, "waiting": 1}}, "slots_busy": 2,
+                "slots_free": 2, "queue": 1}  # fmt: skip
+        text = format_status(
+            {"mode": "server", "ollama": {"url": "http://127.0.0.1:11434", "healthy": True,
+             "version": "0.12.0"}, "peers": [], "state": load},
+            "http://127.0.0.1:11435",
+        )  # fmt: skip
+        self.assertEqual(
+            text.splitlines()[-4:],
+            [
+                "Ollama   http://127.0.0.1:11434 (up, version 0.12.0)",
+                "Loaded   echo:latest, llama3.2:latest (at most 3)",
+                "Slots    2 busy, 2 free (2 per model)",
+                "Queue    1 (Ollama queues up to 512)",
+            ],
+        )
 
 
 class StatusTests(TestCase):
@@ -404,7 +440,9 @@ class StatusTests(TestCase):
         self.client, self.client_port = await self.start(
             "--mode", "client", "--peer", f"127.0.0.1:{self.server_port}"
         )
-        await eventually(reactor, lambda: all(p.healthy and p.models for p in self.client.pool))
+        await eventually(
+            reactor, lambda: all(p.healthy and p.models and p.state for p in self.client.pool)
+        )
 
     async def status(self, *argv: str) -> tuple[int, str, str]:
         options = StatusOptions()
@@ -421,9 +459,10 @@ class StatusTests(TestCase):
         self.assertEqual(lines[0], f"Ollana   http://127.0.0.1:{self.client_port}")
         self.assertIn("Mode     client", lines)
         self.assertIn(f"Listen   127.0.0.1:{self.client_port}", lines)
-        [row] = [line for line in lines if line.startswith(f"127.0.0.1:{self.server_port} ")]
+        row, load = [line for line in lines if line.startswith(f"127.0.0.1:{self.server_port} ")]
         self.assertEqual(row.split()[1:3], ["static", "healthy"])
         self.assertTrue(row.endswith("echo:latest"), row)
+        self.assertEqual(load.split()[1:], ["none", "0/0", "0"])  # the fake loads nothing
 
     async def test_server_table(self) -> None:
         await self.setUpNodes()
@@ -431,6 +470,8 @@ class StatusTests(TestCase):
         self.assertEqual(code, 0)
         self.assertIn("Mode     server", out)
         self.assertIn(f"Ollama   {self.ollama} (up, version 0.12.0)", out)
+        self.assertRegex(out, r"\nLoaded   none \(at most \d+\)\nSlots    0 busy, 0 free \(\d+ "
+                         r"per model\)\nQueue    0 \(Ollama queues up to \d+\)\n")  # fmt: skip
 
     async def test_json(self) -> None:
         await self.setUpNodes()

@@ -6,9 +6,10 @@ Flow control is asserted the way Twisted's own HTTP tests do: through the transp
 
 from __future__ import annotations
 
+import gc
 import json
-from dataclasses import replace
 import tracemalloc
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer, error
@@ -17,6 +18,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from ollana.affinity import KEY_LIMIT, conversation_key, wants_key
 from ollana.gate import Gate
 from ollana.proxy import ProxySettings
 from ollana.site import MIN_BODY_RATE, ProxySite
@@ -985,3 +987,173 @@ class ReviewRegressionTests(SynchronousTestCase):
         proxy.refuse_upstream(1001)
         self.assertEqual(len(proxy.reactor.tcpClients), 1, "no replay: no second attempt")
         self.assertTrue(proxy.response().startswith(b"HTTP/1.1 502 "))
+
+
+CHAT = json.dumps({
+    "model": "llama3.2",
+    "messages": [{"role": "system", "content": "Be brief."},
+                 {"role": "user", "content": "What is Twisted?"}],
+}).encode("ascii")  # fmt: skip
+CHAT_KEY = conversation_key(b"/api/chat", "llama3.2", CHAT)
+
+
+def post(path: bytes, length: int) -> bytes:
+    """The head of a POST with a body of length bytes."""
+    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path, length)
+
+
+class Keyed(Recording):
+    """Recording, waiting for the affinity key of conversation turns as client mode does; it
+    records the keys it is asked with, and adds its own headers to relayed answers."""
+
+    def __init__(self, *upstreams: Upstream, scan_limit: int = 1024) -> None:
+        super().__init__(*upstreams, scan_limit=scan_limit, model_aware=True)
+        self.keys: list[str | None] = []
+        self.added: list[tuple[bytes, bytes]] = []
+
+    def wants_key(self, method: bytes, path: bytes) -> bool:
+        return method == b"POST" and wants_key(path)
+
+    def candidates(self, model: str | None, key: str | None = None) -> list[Upstream]:
+        self.keys.append(key)
+        return super().candidates(model, key)
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        return self.added
+
+
+class AffinityKeyTests(SynchronousTestCase):
+    def test_a_turn_is_routed_once_its_whole_body_is_in(self) -> None:
+        self.assertIsNotNone(CHAT_KEY)
+        router = Keyed(A, B)
+        proxy = ProxyHarness(self, router)
+        proxy.send(post(b"/api/chat", len(CHAT)) + CHAT[:40])
+        self.assertIn(b'"model": "llama3.2"', CHAT[:40])
+        self.assertEqual((router.asked, proxy.reactor.tcpClients), ([], []), "not yet")
+        self.assertEqual(proxy.client.producerState, "producing", "the rest is read")
+        proxy.send(CHAT[40:])
+        self.assertEqual((router.asked, router.keys), (["llama3.2"], [CHAT_KEY]))
+        upstream = proxy.connect_upstream(1001)
+        self.assertTrue(upstream.value().endswith(b"\r\n\r\n" + CHAT))
+        proxy.answer(OK)
+        self.assertTrue(proxy.response().startswith(b"HTTP/1.1 200 OK"))
+        self.assertEqual(router.good, [A.peer])
+
+    def test_a_turn_is_retried_elsewhere_with_its_whole_body(self) -> None:
+        router = Keyed(A, B)
+        proxy = ProxyHarness(self, router)
+        proxy.send(post(b"/v1/chat/completions?x=1", len(CHAT)) + CHAT[:30])
+        proxy.send(CHAT[30:])
+        self.assertEqual(router.keys, [conversation_key(b"/v1/chat/completions", "llama3.2",
+                                                        CHAT)])  # fmt: skip
+        proxy.refuse_upstream(1001)
+        upstream = proxy.connect_upstream(1002)
+        self.assertTrue(upstream.value().endswith(b"\r\n\r\n" + CHAT))
+
+    def test_a_body_past_the_key_limit_is_routed_without_a_key_at_once(self) -> None:
+        router = Keyed(A)
+        proxy = ProxyHarness(self, router)
+        start = b'{"model": "llama3.2", "messages": [{"role": "user", "content": "'
+        end = b'"}]}'
+        text = b"q" * (KEY_LIMIT + 1000 - len(start) - len(end))
+        proxy.send(post(b"/api/chat", len(start + text + end)) + start)
+        proxy.send(text[: KEY_LIMIT - len(start)])
+        self.assertEqual(router.asked, [], "up to the limit, the key may still come")
+        proxy.send(text[KEY_LIMIT - len(start) : KEY_LIMIT - len(start) + 1])
+        self.assertEqual((router.asked, router.keys), (["llama3.2"], [None]))
+        upstream = proxy.connect_upstream(1001)
+        self.assertTrue(upstream.value().endswith(b"\r\n\r\n" + (start + text)[: KEY_LIMIT + 1]))
+        proxy.send(text[KEY_LIMIT - len(start) + 1 :] + end)
+        self.assertTrue(upstream.value().endswith(b"\r\n\r\n" + start + text + end))
+        proxy.answer(OK)
+        self.assertTrue(proxy.response().startswith(b"HTTP/1.1 200 OK"))
+
+    def test_a_body_nested_too_deep_to_parse_is_routed_without_a_key(self) -> None:
+        router = Keyed(A)
+        proxy = ProxyHarness(self, router)
+        body = b'{"model": "llama3.2", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+        proxy.send(post(b"/api/chat", len(body)) + body[:100])
+        proxy.send(body[100:])
+        self.assertEqual((router.asked, router.keys), (["llama3.2"], [None]))
+        self.assertTrue(proxy.connect_upstream(1001).value().endswith(body))
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_other_requests_do_not_wait_for_the_body(self) -> None:
+        router = Keyed(A)
+        proxy = ProxyHarness(self, router)
+        body = b'{"model": "llama3.2", "input": "What is Twisted?"}'
+        proxy.send(post(b"/api/embed", len(body)) + body[:30])
+        self.assertEqual((router.asked, router.keys), (["llama3.2"], [None]))
+        proxy.connect_upstream(1001)
+        proxy.send(body[30:])
+        proxy.answer(OK)
+        proxy.client.clear()
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual((router.asked, router.keys), (["llama3.2", None], [None, None]))
+
+    def test_the_client_leaving_while_the_body_comes_leaves_nothing_behind(self) -> None:
+        logged = capture_logs(self)
+        router = Keyed(A, B)
+        proxy = ProxyHarness(self, router)
+        proxy.send(post(b"/api/chat", len(CHAT)) + CHAT[:40])
+        proxy.channel.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual((router.asked, router.events), ([], []))
+        self.assertEqual(proxy.reactor.tcpClients, [])
+        self.assertEqual(proxy.reactor.getDelayedCalls(), [])
+        gc.collect()  # an unhandled failure would be logged as its Deferred goes
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual([e for e in logged if e.get("log_failure")], [])
+
+
+class RouteHeaderTests(SynchronousTestCase):
+    def test_the_reason_a_server_was_chosen(self) -> None:
+        proxy = ProxyHarness(self, Recording(replace(A, route="affinity")))
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        proxy.connect_upstream(1001)
+        proxy.answer(b"HTTP/1.1 200 OK\r\nX-Ollana-Route: bogus\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(header_values(proxy.response(), b"x-ollana-route"), [b"affinity"])
+
+    def test_the_reason_of_the_server_that_answered(self) -> None:
+        router = Recording(replace(A, route="warm"), replace(B, route="cold"))
+        proxy = ProxyHarness(self, router)
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        proxy.refuse_upstream(1001)
+        proxy.connect_upstream(1002)
+        proxy.answer(OK)
+        self.assertEqual(header_values(proxy.response(), b"x-ollana-route"), [b"cold"])
+
+    def test_no_reason_no_header(self) -> None:
+        proxy = ProxyHarness(self, Recording(A))
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        proxy.connect_upstream(1001)
+        proxy.answer(OK)
+        self.assertEqual(header_values(proxy.response(), b"x-ollana-route"), [])
+
+    def test_the_routers_headers_are_on_every_relayed_answer(self) -> None:
+        router = Keyed(A)
+        router.added = [(b"x-ollana-state", b'{"n":1}')]
+        proxy = ProxyHarness(self, router)
+        proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        proxy.connect_upstream(1001)
+        proxy.answer(b"HTTP/1.1 200 OK\r\nX-Ollana-State: theirs\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(header_values(proxy.response(), b"x-ollana-state"), [b'{"n":1}'])
+        router.added = [(b"x-ollana-state", b'{"n":2}')]  # the state has changed since
+        proxy.client.clear()
+        proxy.send(b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n")
+        proxy.answer(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}")
+        response = proxy.response()
+        self.assertTrue(response.startswith(b"HTTP/1.1 404 Not Found"), response)
+        self.assertEqual(header_values(response, b"x-ollana-state"), [b'{"n":2}'])
+
+
+class LateModelTests(SynchronousTestCase):
+    def test_a_model_found_past_the_key_limit_is_routed_at_once(self) -> None:
+        router = Keyed(A, scan_limit=4 * KEY_LIMIT)
+        proxy = ProxyHarness(self, router)
+        start = b'{"messages": [{"role": "user", "content": "'
+        text = b"q" * KEY_LIMIT
+        rest = b'"}], "model": "llama3.2", "stream": true}'
+        proxy.send(post(b"/api/chat", len(start + text + rest)) + start + text)
+        self.assertEqual(router.asked, [], "no model yet")
+        proxy.send(rest[:-5])  # the model, and more body to come
+        self.assertEqual((router.asked, router.keys), (["llama3.2"], [None]))

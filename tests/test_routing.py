@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import random
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
 
 from ollana.health import LocalOllamaMonitor, OllamaProbe, PeerHealthChecker
 from ollana.listings import MergedListings
+from ollana.load import OllamaLoad
 from ollana.peers import Peer, PeerPool, model_key
-from ollana.routing import LocalRouter, PoolRouter
+from ollana.routing import SERVER_SCAN_LIMIT, LocalRouter, PoolRouter
+from ollana.state import STATE_HEADER, ServerState, decode, encode
 from ollana.upstream import LocalAnswer, NoUpstream, Router, Upstream
 from tests.support import FakeServers, capture_logs
 
@@ -279,3 +283,183 @@ class LocalRouterTests(SynchronousTestCase):
             self.assertFalse(router.wants_model(b"POST", b"/api/chat"))
             self.assertIsNone(router.listing(b"GET", b"/api/tags"))
         self.assertEqual(self.router.scan_limit, 0)
+
+
+M = "llama3.2:latest"
+KEY = "0123456789abcdef0123456789abcdef"
+SECRET = b"correct horse battery staple"
+
+
+def reported(state: ServerState, secret: bytes | None = None) -> Headers:
+    """The headers of an answer that carries a server's state report."""
+    return Headers({STATE_HEADER: [encode(state, secret)]})
+
+
+class StateRoutingTests(SynchronousTestCase):
+    """Client mode by the servers' state reports (the default strategy, ttft)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.pool = PeerPool(self.clock, ttl=15)
+        self.servers = FakeServers(self.clock)
+        self.checker = PeerHealthChecker(
+            self.pool, self.servers, self.clock, interval=5, timeout=2, models_interval=60
+        )
+        self.listings = MergedListings(self.pool, self.servers, self.clock, timeout=3)
+        self.router = self.make()
+        capture_logs(self)
+
+    def make(self, secret: bytes | None = None) -> PoolRouter:
+        return PoolRouter(self.pool, self.checker, self.listings, secret=secret,
+                          rng=random.Random(3))  # fmt: skip
+
+    def peer(self, name: str, state: ServerState | None = None) -> Peer:
+        peer = self.pool.add_static(f"{name}.example", 11435)
+        self.pool.check_succeeded(peer, 0.001)
+        peer.state = state
+        return peer
+
+    def test_candidates_say_why_and_carry_the_model_and_key(self) -> None:
+        warm = self.peer("a", ServerState(loaded=frozenset({M})))
+        cold = self.peer("b", ServerState())
+        upstreams = self.router.candidates("Llama3.2", KEY)
+        self.assertEqual(
+            [(u.server, u.route, u.model, u.key) for u in upstreams],
+            [(warm, "warm", "Llama3.2", KEY), (cold, "cold", "Llama3.2", KEY)],
+        )
+        self.assertEqual(upstreams[0], Upstream(warm.url, warm.address))
+        for name in "cde":
+            self.peer(name)
+        self.assertEqual(len(self.router.candidates("llama3.2", KEY)), 3, "attempts")
+
+    def test_a_report_replaces_the_state_and_what_was_counted_since(self) -> None:
+        a = self.peer("a", ServerState(loaded=frozenset({M})))
+        [upstream] = self.router.candidates("llama3.2")
+        one, two = Watching(), Watching()
+        self.router.started(upstream, one)
+        self.router.started(upstream, two)
+        self.assertEqual((a.active, a.unreported, a.unreported_models), (2, 2, {M: 2}))
+        self.router.answered(upstream, one, Headers({b"content-type": [b"application/json"]}))
+        self.assertEqual((a.unreported, a.unreported_models), (2, {M: 2}), "no report")
+        report = ServerState(parallel=2, loaded=frozenset({M}), models={M: (2, 1)})
+        self.router.answered(upstream, two, reported(report))
+        self.assertEqual(a.state, report)
+        self.assertEqual((a.active, a.unreported, a.unreported_models), (2, 0, {}))
+        self.router.ended(upstream, one)
+        self.assertEqual((a.active, a.unreported), (1, 0))
+
+    def test_the_last_report_of_an_answer_counts(self) -> None:
+        a = self.peer("a")
+        old, new = ServerState(loaded=frozenset({M})), ServerState(parallel=4)
+        [upstream] = self.router.candidates(None)
+        headers = Headers({STATE_HEADER: [encode(old), encode(new)]})
+        self.router.answered(upstream, Watching(), headers)
+        self.assertEqual(a.state, new)
+
+    def test_a_report_without_a_good_signature_is_ignored(self) -> None:
+        router = self.make(secret=SECRET)
+        a = self.peer("a")
+        [upstream] = router.candidates("llama3.2")
+        watcher = Watching()
+        router.started(upstream, watcher)
+        report = ServerState(loaded=frozenset({M}))
+        signed = encode(report, SECRET)
+        for value in [encode(report), encode(report, b"another secret"), signed[:-1],
+                      signed.replace(b'"n":1', b'"n":9'), b"junk"]:  # fmt: skip
+            router.answered(upstream, watcher, Headers({STATE_HEADER: [value]}))
+            self.assertEqual((a.state, a.unreported), (None, 1), value)
+        router.answered(upstream, watcher, reported(report, SECRET))
+        self.assertEqual((a.state, a.unreported), (report, 0))
+
+    def test_a_served_conversation_goes_back_to_its_server(self) -> None:
+        a = self.peer("a", ServerState(parallel=4, loaded=frozenset({M})))
+        b = self.peer("b", ServerState(parallel=4, loaded=frozenset({M}), models={M: (2, 0)}))
+        upstreams = self.router.candidates("llama3.2", KEY)
+        self.assertEqual([(u.server, u.route) for u in upstreams], [(a, "warm"), (b, "warm")])
+        self.router.errored(upstreams[1], "HTTP 500")
+        self.assertEqual(self.router.candidates("llama3.2", KEY)[0].route, "warm")
+        self.router.succeeded(upstreams[1])  # b served it (a was tried first, say)
+        self.assertEqual(
+            [(u.server, u.route) for u in self.router.candidates("llama3.2", KEY)],
+            [(b, "affinity"), (a, "warm")],
+        )
+        self.assertEqual(self.router.candidates("Llama3.2:latest", KEY)[0].server, b)
+        self.assertEqual(self.router.candidates("llama3.2", "another")[0].server, a)
+        self.assertEqual(self.router.candidates("llama3.2", None)[0].server, a)
+
+    def test_waits_for_the_key_of_conversation_turns(self) -> None:
+        self.assertTrue(self.router.wants_key(b"POST", b"/api/chat"))
+        self.assertTrue(self.router.wants_key(b"POST", b"/v1/chat/completions?x=1"))
+        self.assertTrue(self.router.wants_key(b"POST", b"/api/generate"))
+        self.assertFalse(self.router.wants_key(b"GET", b"/api/chat"))
+        self.assertFalse(self.router.wants_key(b"POST", b"/api/embed"))
+        classic = PoolRouter(self.pool, self.checker, self.listings, "round-robin")
+        self.assertFalse(classic.wants_key(b"POST", b"/api/chat"), "no use for it")
+
+
+class LocalRouterLoadTests(SynchronousTestCase):
+    """Server mode with a load tracker: requests counted, the report on every answer."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.servers = FakeServers(self.clock)
+        self.servers.answers[OLLAMA, "/api/ps"] = (200, {"models": [{"name": M}]})
+        probe = OllamaProbe(self.servers, self.clock, OLLAMA)
+        self.monitor = LocalOllamaMonitor(probe, self.clock, interval=5, timeout=2)
+        self.load = OllamaLoad(probe, self.clock, interval=30, timeout=2, parallel=2)
+        self.router = LocalRouter(OLLAMA, self.monitor, self.load)
+        capture_logs(self)
+
+    def report(self, router: Router | None = None, secret: bytes | None = None) -> ServerState:
+        [(name, value)] = (router or self.router).response_headers()
+        self.assertEqual(name, STATE_HEADER)
+        state = decode(value, secret)
+        assert state is not None
+        return state
+
+    def test_it_reads_the_model_of_requests(self) -> None:
+        self.assertTrue(self.router.wants_model(b"POST", b"/api/chat"))
+        self.assertFalse(self.router.wants_model(b"GET", b"/api/tags"))
+        self.assertFalse(self.router.wants_model(b"POST", b"/api/blobs/sha256:" + b"0" * 64))
+        self.assertEqual(self.router.scan_limit, SERVER_SCAN_LIMIT)
+        self.assertFalse(self.router.wants_key(b"POST", b"/api/chat"), "the clients choose")
+
+    def test_counts_each_request_and_reports_it_on_every_answer(self) -> None:
+        [upstream] = self.router.candidates("llama3.2")
+        self.assertEqual((upstream.url, upstream.model), (OLLAMA, "llama3.2"))
+        one, two = Watching(), Watching()
+        self.router.started(upstream, one)
+        self.router.started(upstream, two)
+        self.assertEqual(self.report(), ServerState(parallel=2, models={M: (2, 2)}))
+        self.router.answered(upstream, one, Headers())
+        self.assertEqual(self.report().models, {M: (2, 1)})
+        self.assertEqual(self.report().loaded, frozenset({M}), "/api/ps read after the answer")
+        self.router.ended(upstream, one)
+        self.assertEqual(self.report().models, {M: (1, 1)})
+        self.router.ended(upstream, two)  # never answered (the client left, say)
+        self.assertEqual(self.report().models, {})
+
+    def test_an_attempt_ended_before_its_answer_stops_waiting(self) -> None:
+        [upstream] = self.router.candidates("llama3.2")
+        first, second = Watching(), Watching()
+        self.router.started(upstream, first)
+        self.router.ended(upstream, first)
+        self.router.started(upstream, second)
+        self.router.answered(upstream, second, Headers())
+        self.assertEqual(self.report().models, {M: (1, 0)})
+
+    def test_the_report_is_signed_with_the_secret(self) -> None:
+        load = OllamaLoad(OllamaProbe(self.servers, self.clock, OLLAMA), self.clock,
+                          interval=30, timeout=2, secret=SECRET)  # fmt: skip
+        router = LocalRouter(OLLAMA, self.monitor, load)
+        router.started(router.candidates("llama3.2")[0], Watching())
+        self.assertEqual(self.report(router, SECRET).models, {M: (1, 1)})
+        [(_, value)] = router.response_headers()
+        self.assertIsNone(decode(value))
+
+    def test_no_report_without_a_load_tracker(self) -> None:
+        router = LocalRouter(OLLAMA, self.monitor)
+        self.assertEqual(tuple(router.response_headers()), ())
+        self.assertEqual(tuple(Router(Upstream(OLLAMA)).response_headers()), ())

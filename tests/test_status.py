@@ -21,15 +21,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.template import flattenString
 
 from ollana import __version__
+from ollana.load import environment_limits
 from ollana.node import OllanaService
-from ollana.status import CSS, DashboardPage, duration
+from ollana.simulator import FOREVER, Scheduling
+from ollana.state import ServerState
+from ollana.status import CSS, DashboardPage, duration, state_status
 from ollana.tap import Options, makeService
 from tests.fake_ollama import FakeOllama
 from tests.support import accepted_connections_closed, eventually, free_udp_port
@@ -183,9 +186,11 @@ class Nodes(TestCase):
         for port in self.ports:
             await accepted_connections_closed(reactor, port)
 
-    def ollama(self, models: list[str]) -> tuple[FakeOllama, str]:
-        """A fake Ollama on loopback, and its URL."""
-        fake = FakeOllama(models=models, clock=reactor)
+    def ollama(
+        self, models: list[str], scheduling: Scheduling | None = None
+    ) -> tuple[FakeOllama, str]:
+        """A fake Ollama on loopback (scheduling as Ollama does, if given), and its URL."""
+        fake = FakeOllama(models=models, clock=reactor, scheduling=scheduling)
         listening = reactor.listenTCP(0, fake.site(), interface="127.0.0.1")
         self.listening.append(listening)
         self.ports.append(listening.getHost().port)
@@ -268,6 +273,13 @@ class StatusJSONTests(Nodes):
             {"url": url, "healthy": True, "version": "0.12.0", "reason": "answering"},
         )
         self.assertEqual(status["peers"], [])
+        # Its load: nothing loaded (the fake schedules nothing), no request under way.
+        parallel, max_queue, max_loaded = environment_limits()
+        self.assertEqual(
+            status["state"],
+            {"parallel": parallel, "max_queue": max_queue, "max_loaded": max_loaded,
+             "loaded": [], "models": {}, "slots_busy": 0, "slots_free": 0, "queue": 0},
+        )  # fmt: skip
 
         fake.up = False
         await until(lambda: not server.status()["ollama"]["healthy"], "the Ollama down")
@@ -309,6 +321,7 @@ class StatusJSONTests(Nodes):
         status = await self.status(port)
         self.assertEqual(status["mode"], "client")
         self.assertIsNone(status["ollama"])
+        self.assertIsNone(status["state"])
         peers = {f"{p['address']}:{p['port']}": p for p in status["peers"]}
         self.assertEqual(set(peers), {found_at, given_at})
         for peer in peers.values():
@@ -316,8 +329,15 @@ class StatusJSONTests(Nodes):
                 set(peer),
                 {"id", "address", "port", "scheme", "source", "healthy", "reason", "latency_ms",
                  "active_requests", "total_requests", "failures", "models", "last_seen",
-                 "last_seen_s_ago"},
+                 "last_seen_s_ago", "state", "unreported"},
             )  # fmt: skip
+            # Each reported its load with the answers to health checks.
+            self.assertEqual(
+                set(peer["state"]),
+                {"parallel", "max_queue", "max_loaded", "loaded", "models", "slots_busy",
+                 "slots_free", "queue"},
+            )  # fmt: skip
+            self.assertIsInstance(peer["unreported"], int)
             self.assertEqual((peer["address"], peer["scheme"]), ("127.0.0.1", "http"))
             self.assertIs(peer["healthy"], True)
             self.assertEqual(
@@ -361,6 +381,80 @@ class StatusJSONTests(Nodes):
         proxied = [key for key in await self.metrics(port) if key[0] == "ollana_requests_total"]
         self.assertEqual(proxied, [])
         self.no_own_pages_upstream()
+
+
+class LoadTests(Nodes):
+    """A server's load as it and its clients show it: JSON, page and metrics."""
+
+    async def test_requests_held_at_a_scheduling_ollama(self) -> None:
+        scheduling = Scheduling(num_parallel=2, load_seconds=0.0, prefill_seconds_per_token=0.0,
+                                keep_alive=FOREVER)  # no expiry left behind  # fmt: skip
+        fake, url = self.ollama(["llama3.2:latest"], scheduling)
+        fake.gated = True  # every token waits for fake.release()
+        server, server_port = await self.start(
+            "--mode", "server", "--ollama", url, "--ollama-parallel", "2",
+            "--ollama-max-queue", "7", "--ollama-max-loaded", "1", *QUICK,
+        )  # fmt: skip
+        server_at = f"127.0.0.1:{server_port}"
+        client, port = await self.start("--mode", "client", "--peer", server_at, *QUICK)
+        await until(lambda: bool(peers_of(client).get(server_at, {}).get("state")), "a report")
+        body = json.dumps({"model": "llama3.2", "prompt": "a b"}).encode()
+        held = [defer.Deferred.fromCoroutine(self.request(port, "/api/generate", b"POST", body))
+                for _ in range(3)]  # fmt: skip
+
+        def llama(state: dict[str, Any] | None) -> dict[str, int]:
+            return (state or {}).get("models", {}).get("llama3.2:latest", {})
+
+        def held_there() -> bool:
+            state = server.status()["state"]
+            return llama(state).get("in_flight") == 3 and state["loaded"] == ["llama3.2:latest"]
+
+        await until(held_there, "three requests at the server, the model loaded")
+        # Two run in the model's two slots, one waits for a slot; none has its first byte.
+        # (Requests that name no model, the client's health checks, count in neither.)
+        expected = {"parallel": 2, "max_queue": 7, "max_loaded": 1, "loaded": ["llama3.2:latest"],
+                    "slots_busy": 2, "slots_free": 0, "queue": 1}  # fmt: skip
+        state = (await self.status(server_port))["state"]
+        self.assertEqual(llama(state), {"in_flight": 3, "waiting": 3})
+        self.assertEqual({key: state[key] for key in expected}, expected)
+
+        _, html = await self.request(server_port, "/ollana/")
+        page = Page(html.decode("utf-8"))
+        self.assertEqual(page.field("Loaded models"), "llama3.2:latest (at most 1)")
+        self.assertEqual(page.field("Slots"), "2 busy, 0 free (2 per model)")
+        self.assertEqual(page.field("Queue"), "1 (Ollama queues up to 7)")
+        self.assertIn("llama3.2:latest: 3 in flight, 3 waiting", page.field("Requests"))
+
+        samples = await self.metrics(server_port)
+        for kind in ("in_flight", "waiting"):
+            labels = frozenset({("model", "llama3.2:latest"), ("state", kind)})
+            self.assertEqual(samples[("ollana_ollama_requests", labels)], 3, kind)
+        self.assertEqual(samples[("ollana_ollama_loaded_models", frozenset())], 1)
+
+        # The client shows the report its health checks brought.
+        await until(lambda: llama(peers_of(client)[server_at]["state"]).get("in_flight") == 3,
+                    "the client told")  # fmt: skip
+        peer = (await self.status(port))["peers"][0]
+        self.assertEqual({key: peer["state"][key] for key in expected}, expected)
+        self.assertEqual(peer["unreported"], 0)  # that report came after the requests
+        _, html = await self.request(port, "/ollana/")
+        row = Page(html.decode("utf-8")).row(server_at)
+        self.assertEqual((row["Loaded"], row["Slots"], row["Queue"]),
+                         ("llama3.2:latest", "2 busy, 0 free", "1"))  # fmt: skip
+        client_metrics = await self.metrics(port)
+        self.assertFalse([name for name, _ in client_metrics if "ollana_ollama_" in name])
+
+        fake.release(1000)
+        for request in held:
+            response, _ = await request
+            self.assertEqual(response.code, 200)
+
+        def idle(state: dict[str, Any] | None) -> bool:
+            return state is not None and (state["slots_busy"], state["queue"]) == (0, 0)
+
+        await until(lambda: idle(server.status()["state"]), "the server idle")
+        await until(lambda: idle(peers_of(client)[server_at]["state"]), "the client told")
+        self.assertEqual(server.status()["state"]["slots_free"], 2)
 
 
 class MetricsTests(Nodes):
@@ -538,10 +632,12 @@ class DashboardTests(Nodes):
         self.assertRegex(up["Latency"], r"^\d+(\.\d)? ms$")
         self.assertEqual(up["Failures"], "0")
         self.assertEqual(up["Models"], f"{HOSTILE}:latest, llama3.2:latest")
+        self.assertEqual((up["Loaded"], up["Slots"], up["Queue"]), ("none", "0 busy, 0 free", "0"))
         self.assertRegex(up["Last seen"], r"^\d+ s ago$")
         down = page.row(REFUSED)
         self.assertEqual(down["Health"], "unhealthy connection refused")
         self.assertEqual(down["Latency"], "-")
+        self.assertEqual((down["Loaded"], down["Slots"], down["Queue"]), ("-", "-", "-"))
         # The hostile model name is text on the page, not elements the browser made.
         self.assertNotIn("script", page.elements)
         self.assertNotIn("img", page.elements)
@@ -581,12 +677,17 @@ class DashboardTests(Nodes):
             "source": HOSTILE, "healthy": False, "reason": HOSTILE, "latency_ms": 1.5,
             "active_requests": HOSTILE, "total_requests": HOSTILE, "failures": HOSTILE,
             "models": [HOSTILE, '"quoted" & <b>bold</b>'], "last_seen": f'"{HOSTILE}',
-            "last_seen_s_ago": 1,
+            "last_seen_s_ago": 1, "unreported": HOSTILE,
         }  # fmt: skip
         ollama = {"url": HOSTILE, "healthy": False, "version": HOSTILE, "reason": HOSTILE}
+        state = {
+            "parallel": HOSTILE, "max_queue": HOSTILE, "max_loaded": HOSTILE,
+            "loaded": [HOSTILE, "<b>bold</b>"], "models": {HOSTILE: {"in_flight": HOSTILE,
+            "waiting": HOSTILE}}, "slots_busy": HOSTILE, "slots_free": HOSTILE, "queue": HOSTILE,
+        }  # fmt: skip
         cases: list[tuple[str, dict[str, Any]]] = [
-            ("client", {"peers": [peer], "ollama": None}),
-            ("server", {"peers": [], "ollama": ollama}),
+            ("client", {"peers": [{**peer, "state": state}], "ollama": None, "state": None}),
+            ("server", {"peers": [], "ollama": ollama, "state": state}),
         ]
         for mode, extra in cases:
             status = {"mode": mode, "node_id": HOSTILE, "version": HOSTILE, "uptime_s": 3,
@@ -603,9 +704,18 @@ class DashboardTests(Nodes):
                 [row] = page.rows
                 self.assertEqual(row["Health"], f"unhealthy {HOSTILE}")
                 self.assertEqual(row["Models"], f'{HOSTILE}, "quoted" & <b>bold</b>')
+                self.assertEqual(row["Loaded"], f"{HOSTILE}, <b>bold</b>")
+                self.assertEqual(row["Slots"], f"{HOSTILE} busy, {HOSTILE} free")
+                self.assertEqual(row["Queue"], HOSTILE)
             else:
                 self.assertEqual(page.field("State"), f"unhealthy {HOSTILE}")
                 self.assertEqual(page.field("URL"), HOSTILE)
+                self.assertEqual(
+                    page.field("Loaded models"), f"{HOSTILE}, <b>bold</b> (at most {HOSTILE})"
+                )
+                self.assertEqual(
+                    page.field("Requests"), f"{HOSTILE}: {HOSTILE} in flight, {HOSTILE} waiting"
+                )
 
     def test_no_server_yet(self) -> None:
         status = {"mode": "client", "node_id": "ab" * 16, "version": "1", "uptime_s": 0.2,
@@ -621,6 +731,33 @@ class DashboardTests(Nodes):
             [duration(s) for s in (0, 42.9, 185, 7800, 360000, -1)],
             ["0 s", "42 s", "3 min 5 s", "2 h 10 min", "4 d 4 h", "0 s"],
         )
+
+
+class StateStatusTests(SynchronousTestCase):
+    """A report as the status shows it: slots and queue summed up."""
+
+    def test_slots_and_queue(self) -> None:
+        state = ServerState(
+            parallel=2, max_queue=9, max_loaded=2,
+            loaded=frozenset({"llama3.2:latest", "qwen3:8b"}),
+            # llama: three, for two slots; phi4: being loaded; "": requests naming no model.
+            models={"llama3.2:latest": (3, 2), "phi4:latest": (2, 2), "": (4, 0)},
+        )  # fmt: skip
+        self.assertEqual(
+            state_status(state),
+            {"parallel": 2, "max_queue": 9, "max_loaded": 2,
+             "loaded": ["llama3.2:latest", "qwen3:8b"],
+             "models": {"": {"in_flight": 4, "waiting": 0},
+                        "llama3.2:latest": {"in_flight": 3, "waiting": 2},
+                        "phi4:latest": {"in_flight": 2, "waiting": 2}},
+             "slots_busy": 2, "slots_free": 2, "queue": 3},
+        )  # fmt: skip
+
+    def test_idle_and_none(self) -> None:
+        self.assertIsNone(state_status(None))
+        idle = state_status(ServerState(parallel=4, loaded=frozenset({"a:latest"})))
+        assert idle is not None
+        self.assertEqual((idle["slots_busy"], idle["slots_free"], idle["queue"]), (0, 4, 0))
 
 
 def _bytes_file(data: bytes) -> Any:
