@@ -234,7 +234,7 @@ class ProxyLoopbackTests(TestCase):
         await self.setUpChain()
         self.fake.gated = True
         requested = defer.Deferred.fromCoroutine(
-            self.post("/api/chat", {"model": "x", "messages": [{"content": "a b c d e"}]})
+            self.post("/api/chat", {"model": "llama3.2", "messages": [{"content": "a b c d e"}]})
         )
         self.fake.release()
         response = await requested
@@ -264,7 +264,7 @@ class ProxyLoopbackTests(TestCase):
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/event-stream"])
         body = await readBody(response)
         events = [e for e in body.split(b"\n\n") if e]
-        self.assertEqual(len(events), 3)
+        self.assertEqual(len(events), 4)  # two words, the finish_reason chunk, [DONE]
         self.assertEqual(events[-1], b"data: [DONE]")
         self.assertEqual(json.loads(events[0][6:])["choices"][0]["delta"]["content"], "hi ")
 
