@@ -122,6 +122,16 @@ class OllamaLoad(Service):
             del self._counts[model_key(model)]  # type: ignore[arg-type]
         self._header = None
 
+    def would_queue(self, model: str) -> bool:
+        """Whether a request for model would wait now: every slot of it is taken, or it is
+        not loaded and a load would have to wait for a busy model's eviction."""
+        name = model_key(model)
+        counts = self._counts.get(name)
+        if counts is not None and counts[0] >= self.parallel:
+            return True
+        full = len(self.loaded) >= self.max_loaded
+        return name not in self.loaded and full and any(c[0] for c in self._counts.values())
+
     # The report.
 
     def report(self) -> IServerState:

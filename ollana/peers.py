@@ -28,6 +28,7 @@ SAME_LATENCY_SECONDS = 0.005  # this much, are as fast as the best
 EJECT_AFTER = 3
 EJECT_SECONDS = 10.0
 EJECT_MAX = 300.0
+RECENT_FAILURE = 10.0  # seconds a failed request makes a server the last choice (ttft)
 
 
 class Source(enum.Enum):
@@ -76,6 +77,7 @@ class Peer:
     unreported: int = 0  # requests this client sent it since that report
     unreported_models: dict[str, int] = field(default_factory=dict)  # the same, by model
     request_failures: int = 0  # requests it failed in a row
+    failed_at: float = float("-inf")  # when it last failed one
     ejections: int = 0  # times it was ejected, less one per request served since
     ejected_until: float = 0.0  # left out of the choice until then
 
@@ -354,6 +356,7 @@ class PeerPool:
         """The peer failed a request (it could not be reached, or answered with a server
         error): after EJECT_AFTER in a row it is ejected, for longer each time."""
         peer.request_failures += 1
+        peer.failed_at = self._clock.seconds()
         if peer.request_failures < EJECT_AFTER:
             return
         peer.request_failures = 0
@@ -376,6 +379,10 @@ class PeerPool:
             peer.failures = 0
             peer.reason = ""
             self.log.info("Server {url} is answering again", url=peer.url)
+
+    def recently_failed(self, peer: Peer) -> bool:
+        """Whether the peer's last request failed, not long ago."""
+        return peer.request_failures > 0 and self._clock.seconds() - peer.failed_at < RECENT_FAILURE
 
     def ejected(self, peer: Peer) -> bool:
         """Whether the peer is left out of the choice for failing requests."""

@@ -40,6 +40,7 @@ from ollana.httpclient import connection_tokens
 from ollana.metrics import Metrics
 from ollana.modelscan import ModelScanner
 from ollana.upstream import (
+    Busy,
     LocalAnswer,
     NoUpstream,
     Router,
@@ -77,6 +78,10 @@ CLIENT_CLOSED = 499  # the status logged for a request whose client left before 
 # that the request never started there, and tries another server.
 ERROR_HEADER = b"x-ollana-error"
 RETRY_ELSEWHERE = frozenset({"unreachable", "timeout", "busy"})
+# Sent by a client-mode node that has another server to try: "if this would only wait in
+# your Ollama's queue, say busy at once instead", so a request goes to a free slot if any
+# server has one (the last candidate is asked without it, and queues).
+QUEUE_HEADER = b"x-ollana-queue"
 # Upstream answers that count against it (a server error), though they are relayed as they
 # are (not 501: not implemented is no fault). Ollama's 503 ("server busy": its queue is
 # full) counts too, so that a server that refuses everything at once is left out, and is
@@ -327,6 +332,8 @@ class Exchange:
         self.candidates: list[Upstream] = []
         self.reasons: list[str] = []
         self._keyed: str | None = None  # the model found, while the key's body comes in
+        self._queue_at: Upstream | None = None  # the first server that said busy
+        self._may_queue_elsewhere = False  # this attempt said QUEUE_HEADER
         self._tail: tuple[bytes, bytes] | None = None  # the last two chunks of a generation
         self._received: list[bytes] | None = []  # the body so far, while it can be resent
         self._received_size = 0
@@ -380,6 +387,9 @@ class Exchange:
     def _choose(self, model: str | None, key: str | None = None) -> None:
         self.scanner = None
         self._keyed = None
+        if not self.router.admits(model, self.request.requestHeaders):
+            self._give_up(Busy("ollana: every slot for this model is taken here"))
+            return
         try:
             self.candidates = self.router.candidates(model, key)
         except NoUpstream as e:
@@ -455,6 +465,8 @@ class Exchange:
                 self.router.failed(upstream, reason)
             elif kind == "timeout":
                 self.router.errored(upstream, reason)
+            if kind == "busy" and self._may_queue_elsewhere and self._queue_at is None:
+                self._queue_at = upstream  # where to queue if no server has a free slot
             return True  # "busy" is load, not failure: nothing to hold against it
         if response.code in SERVER_ERRORS:
             self.router.errored(upstream, f"HTTP {response.code}")
@@ -467,8 +479,13 @@ class Exchange:
 
     def _may_retry(self) -> bool:
         """Whether another candidate can still be tried: the body so far is kept, and the
-        client is still there."""
-        return bool(self.candidates) and self._received is not None and not self.client_gone
+        client is still there. When none is left, the first server that said it would only
+        queue the request gets it again, to queue it."""
+        if self._received is None or self.client_gone:
+            return False
+        if not self.candidates and self._queue_at is not None:
+            self.candidates, self._queue_at = [self._queue_at], None
+        return bool(self.candidates)
 
     def _retry(self, upstream: Upstream, reason: str) -> None:
         self.reasons.append(f"{upstream.url}: {reason}")
@@ -563,6 +580,11 @@ class Exchange:
         headers.addRawHeader(b"via", VIA)
         for name, value in self.proxy.upstream_headers:
             headers.setRawHeaders(name, [value])
+        headers.removeHeader(QUEUE_HEADER)  # ours to send, not an app's
+        self._may_queue_elsewhere = bool(self.candidates) and self._received is not None \
+            and self.router.warm(self.candidates[0])  # fmt: skip
+        if self._may_queue_elsewhere:
+            headers.setRawHeaders(QUEUE_HEADER, [b"elsewhere"])
         return headers
 
     # Called by ProxyRequest.
@@ -712,6 +734,8 @@ class Exchange:
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
         for name, value in headers.items():
             request.setHeader(name, value)
+        for name, value in self.router.response_headers():
+            request.setHeader(name, value)
         body = error_body(message)
         request.setHeader(b"content-length", str(len(body)).encode("ascii"))
         request.write(body)
@@ -726,6 +750,8 @@ class Exchange:
             return 503, str(failure.value), {b"retry-after": retry, **unreachable}
         if failure.check(BadTarget):
             return 400, str(failure.value), {ERROR_HEADER: b"refused"}
+        if failure.check(Busy):
+            return 503, str(failure.value), {b"retry-after": b"1", ERROR_HEADER: b"busy"}
         if failure.check(UpstreamsFailed):
             return 502, str(failure.value), unreachable
         url = self._url()

@@ -21,8 +21,9 @@ from ollana.health import LocalOllamaMonitor, PeerHealthChecker
 from ollana.listings import MergedListings
 from ollana.load import OllamaLoad
 from ollana.peers import Peer, PeerPool, model_key
+from ollana.proxy import QUEUE_HEADER
 from ollana.state import STATE_HEADER, decode
-from ollana.strategy import DEFAULT, LeastWait
+from ollana.strategy import DEFAULT, WARM_ROUTES, LeastWait
 from ollana.strategy import strategy as make_strategy
 from ollana.upstream import Listing, NoUpstream, Router, Upstream, Watcher
 
@@ -46,6 +47,10 @@ class LocalRouter(Router):
 
     def wants_model(self, method: bytes, path: bytes) -> bool:
         return self.load is not None and names_model(method, path)
+
+    def admits(self, model: str | None, headers: Headers) -> bool:
+        elsewhere = headers.getRawHeaders(QUEUE_HEADER) == [b"elsewhere"]
+        return not (elsewhere and model and self.load is not None and self.load.would_queue(model))
 
     def candidates(self, model: str | None, key: str | None = None) -> list[Upstream]:
         if self.monitor.known_down and not self.monitor.cheap_to_try:
@@ -155,6 +160,9 @@ class PoolRouter(Router):
 
     def errored(self, upstream: Upstream, reason: str) -> None:
         self.pool.request_failed(upstream.server, reason)
+
+    def warm(self, upstream: Upstream) -> bool:
+        return upstream.model is not None and upstream.route in WARM_ROUTES
 
     def lists(self, upstream: Upstream, model: str) -> bool:
         return model_key(model) in upstream.server.models

@@ -30,7 +30,7 @@ STRATEGIES = (DEFAULT, "fastest", "least-connections", "round-robin")
 AFFINITY_MEMORY = 4096  # conversations remembered (least recently served forgotten first)
 
 # Tiers, best first, each with the reason a server in it is chosen (X-Ollana-Route).
-AFFINITY, WARM, SHORT_QUEUE, COLD_IDLE, DEEP_QUEUE, COLD = range(6)
+AFFINITY, WARM, SHORT_QUEUE, COLD_IDLE, DEEP_QUEUE, COLD, FAILING = range(7)
 REASONS = {
     AFFINITY: "affinity",
     WARM: "warm",
@@ -38,8 +38,12 @@ REASONS = {
     COLD_IDLE: "cold",
     DEEP_QUEUE: "least-loaded",
     COLD: "cold",
+    FAILING: "failing",
 }
 
+# Routes to a server with the model loaded and few waiting, where a request is worth trying
+# before queueing at a full one (proxy.QUEUE_HEADER).
+WARM_ROUTES = frozenset({REASONS[AFFINITY], REASONS[WARM], REASONS[SHORT_QUEUE]})
 Choice = tuple[Peer, str]
 
 
@@ -65,10 +69,13 @@ class LeastWait:
             for name in view.resident:
                 copies[name] = copies.get(name, 0) + 1
         ranked = sorted(
-            ((view.tier(model, home, copies), view.load(model, copies), view.peer.key, view.peer)
+            ((FAILING if self.pool.recently_failed(view.peer) else
+              view.tier(model, home, copies), view.load(model, copies), view.peer.key, view.peer)
              for view in views),
             key=lambda entry: entry[:3],
         )  # fmt: skip
+        if ranked[0][0] != FAILING:  # servers that just failed are not tried at all
+            ranked = [entry for entry in ranked if entry[0] != FAILING]
         best = [entry for entry in ranked if entry[0] == ranked[0][0]]
         if len(best) > 1:
             first, second = self._rng.sample(best, 2)

@@ -56,6 +56,10 @@ class NoUpstream(Exception):
     """No server to send the request to (a 503); the message says why."""
 
 
+class Busy(Exception):
+    """The upstream would only queue the request, which may go elsewhere (a 503, busy)."""
+
+
 class UpstreamsFailed(Exception):
     """No server could answer (a 502); the message says what each attempt met."""
 
@@ -115,6 +119,16 @@ class Router:
 
     def answered(self, upstream: Upstream, watcher: Watcher, headers: Headers) -> None:
         """The upstream's answer to the request has begun (its head, any status)."""
+
+    def admits(self, model: str | None, headers: Headers) -> bool:
+        """Whether to pass the request on now; False when it would only wait in the
+        upstream's queue and the client said it may go elsewhere (QUEUE_HEADER)."""
+        return True
+
+    def warm(self, upstream: Upstream) -> bool:
+        """Whether upstream is thought to have its request's model loaded, with a slot free
+        or about to be: worth trying before queueing where every slot is taken."""
+        return False
 
     def lists(self, upstream: Upstream, model: str) -> bool:
         """Whether upstream is known to have model."""
