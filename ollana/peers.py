@@ -309,6 +309,8 @@ class PeerPool:
                 url=peer.url,
                 ttl=self.ttl,
             )
+            for watcher in list(self._down_watchers):  # what still waits there never will
+                watcher(peer, f"lost: silent for {self.ttl:.0f} s")
         return gone
 
     # Health, as the checker and the proxy find it.

@@ -333,6 +333,7 @@ class Exchange:
         self.reasons: list[str] = []
         self._keyed: str | None = None  # the model found, while the key's body comes in
         self._queue_at: Upstream | None = None  # the first server that said busy
+        self._stall_check: IDelayedCall | None = None  # a stream's, once its upstream is down
         self._may_queue_elsewhere = False  # this attempt said QUEUE_HEADER
         self._tail: tuple[bytes, bytes] | None = None  # the last two chunks of a generation
         self._received: list[bytes] | None = []  # the body so far, while it can be resent
@@ -529,16 +530,29 @@ class Exchange:
     def upstream_down(self, reason: str) -> None:
         """The router found this attempt's upstream down: a request still waiting for its
         answer is tried elsewhere at once (nothing has reached the client), and a stream
-        that has been silent for a while is cut rather than left hanging."""
+        that stays silent for STALLED seconds from its last chunk is cut rather than left
+        hanging (one that goes on is left alone)."""
         if self.awaiting_head and self._pending is not None:
             self.down = reason
             self._pending.cancel()
-        elif (self.relay is not None and self._owed_since is not None
-              and self.proxy.clock.seconds() - self._owed_since >= STALLED):  # fmt: skip
-            log.warn("Upstream {url} was found down mid-response: {reason}",
-                     url=self._url(), reason=reason)  # fmt: skip
-            self.relay.stopProducing()
-            self._abort_client()
+        elif self.relay is not None and self._owed_since is not None:
+            silent_since = self._owed_since
+            left = silent_since + STALLED - self.proxy.clock.seconds()
+            if left <= 0:
+                self._cut_if_silent(silent_since, reason)
+            elif self._stall_check is None:
+                self._stall_check = self.proxy.clock.callLater(
+                    left, self._cut_if_silent, silent_since, reason
+                )
+
+    def _cut_if_silent(self, since: float, reason: str) -> None:
+        self._stall_check = None
+        if self.relay is None or self.client_gone or self._owed_since != since:
+            return  # ended, or a chunk came: it is not hung
+        log.warn("Upstream {url} was found down mid-response: {reason}",
+                 url=self._url(), reason=reason)  # fmt: skip
+        self.relay.stopProducing()
+        self._abort_client()
 
     def _settle(self, answer: LocalAnswer) -> None:
         self._pending = None
@@ -848,6 +862,9 @@ class Exchange:
     def _stop_idle(self) -> None:
         self._ended = True
         self._owed_since = None
+        check, self._stall_check = self._stall_check, None
+        if check is not None and check.active():
+            check.cancel()
         idle, self._idle = self._idle, None
         if idle is not None and idle.active():
             idle.cancel()

@@ -277,6 +277,17 @@ class LanProxyTests(TestCase):
 
         await self.load_until(hang)
 
+    async def test_server_hung_mid_load(self) -> None:
+        """A server itself hangs (SIGSTOP of its Ollana): the client's checks find it, and
+        the requests waiting there go to the other server (not after 300 s)."""
+
+        async def hang(victim: Server) -> None:
+            assert victim.ollana is not None
+            victim.ollana.signal(signal.SIGSTOP)
+            self.addCleanup(lambda: victim.ollana.signal(signal.SIGCONT) if victim.ollana else None)
+
+        await self.load_until(hang)
+
     async def test_clean_stop_says_bye(self) -> None:
         """A server stopped with SIGTERM says bye; the client drops it at once, so its model's
         requests go to the other server (which does not have it: 404, as Ollama answers)."""

@@ -296,6 +296,14 @@ class EjectionTests(PoolTestCase):
         self.assertTrue(a.healthy)
         self.assertEqual((a.failures, a.reason), (0, ""))
 
+    def test_a_server_lost_to_silence_is_told(self) -> None:
+        told: list[tuple[Peer, str]] = []
+        self.pool.watch_down(lambda peer, reason: told.append((peer, reason)))
+        peer = self.pool.announced(wire.Announce(A, 11435, "http", "0.1.0"), "198.18.0.2")
+        self.clock.advance(16)
+        self.assertEqual(self.pool.expire(), [peer])
+        self.assertEqual(told, [(peer, "lost: silent for 15 s")])
+
     def test_failed_checks_on_an_unhealthy_server_are_told(self) -> None:
         a = self.static("a", 0.01)
         told: list[tuple[Peer, str]] = []

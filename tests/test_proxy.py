@@ -684,6 +684,12 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 COUNTS = ("failed", "errored")  # what the proxy holds against an upstream
 
 
+def stall_checks(proxy: ProxyHarness) -> list[Any]:
+    """The timers that would cut a stream whose upstream was found down."""
+    calls = proxy.reactor.getDelayedCalls()
+    return [c for c in calls if getattr(c.func, "__name__", "") == "_cut_if_silent"]
+
+
 class RetryTests(SynchronousTestCase):
     def test_refused_goes_to_the_next_server_with_the_whole_body(self) -> None:
         router = Recording(A, B)
@@ -868,11 +874,29 @@ class RetryTests(SynchronousTestCase):
         proxy.reactor.advance(4)
         router.found_down(A.url, "no answer within 3 s")
         self.assertFalse(proxy.client.disconnecting, "it spoke 4 s ago: may still be working")
-        proxy.reactor.advance(1)
-        router.found_down(A.url, "no answer within 3 s")
+        proxy.reactor.advance(1)  # once, and silent for 5 s since its last chunk: hung
         self.assertTrue(proxy.client.disconnecting)
         self.assertTrue(upstream.disconnecting)
         self.assertEqual(len(proxy.reactor.tcpClients), 1, "a stream under way is not retried")
+
+    def test_a_stream_that_goes_on_on_a_server_found_down_is_left_alone(self) -> None:
+        router = Recording(A, B)
+        proxy = ProxyHarness(self, router)
+        proxy.send(b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n")
+        proxy.connect_upstream(1001)
+        proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        router.found_down(A.url, "no answer within 3 s")
+        router.found_down(A.url, "no answer within 3 s")
+        self.assertEqual(len(stall_checks(proxy)), 1, "one check, however often it is told")
+        proxy.reactor.advance(4)
+        proxy.answer(b"3\r\ndef\r\n")  # it goes on: not hung
+        proxy.reactor.advance(4)
+        self.assertFalse(proxy.client.disconnecting)
+        router.found_down(A.url, "no answer within 3 s")
+        proxy.answer(b"0\r\n\r\n")
+        self.assertTrue(proxy.response().endswith(b"3\r\ndef\r\n0\r\n\r\n"))
+        self.assertFalse(proxy.client.disconnecting)
+        self.assertEqual(stall_checks(proxy), [], "none left once the stream ended")
 
     def test_a_silent_server_is_replaced_after_the_first_byte_timeout(self) -> None:
         router = Recording(A, B)
