@@ -1,7 +1,7 @@
 """How fast is Ollana's proxy, next to nginx and Twisted's stock proxy? One run, on
 loopback, every server in its own process. From the repository's root::
 
-    python -m bench.run                          # all of it, about 8 minutes
+    python -m bench.run                          # all of it, about 14 minutes
     python -m bench.run --seconds 3              # shorter rows
     python -m bench.run --parts get,streams      # some of it
     python -m bench.run --profile --parts get    # and where the one-hop node's time goes
@@ -35,6 +35,10 @@ Parts (``--parts``):
 - **timings** (``bench.timings``): from starting a server process to the first answer
   through a client that finds it by loopback broadcast; and a client with two servers
   under steady load, one SIGKILLed: failed requests, how soon no request went to it.
+- **routing** (``bench.routing``, about 5 minutes): chat users' time to first token
+  through two client nodes and three servers in front of simulated Ollamas, for each
+  ``--strategy``, two seeds each; ``python -m bench.routing`` runs it alone, with its
+  chart and every request.
 
 After each part, the errors the proxies logged (Python tracebacks; nginx's error lines).
 The chart (``--chart``, an SVG) shows the small GET, the streams' p99 and the memory.
@@ -497,8 +501,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-nginx", action="store_true", help="leave nginx out even if installed")
     parser.add_argument(
         "--parts",
-        default="get,streams,memory,blob,timings",
-        help="what to measure, comma-separated [get,streams,memory,blob,timings]",
+        default="get,streams,memory,blob,timings,routing",
+        help="what to measure, comma-separated [get,streams,memory,blob,timings,routing]",
     )
     parser.add_argument("--streams", type=int, default=200, help="concurrent streams timed [200]")
     parser.add_argument("--hold", type=int, default=1000, help="streams held open for RSS [1000]")
@@ -518,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     parts = set(args.parts.split(","))
-    unknown = parts - {"get", "streams", "memory", "blob", "timings"}
+    unknown = parts - {"get", "streams", "memory", "blob", "timings", "routing"}
     if unknown:
         parser.error(f"--parts: unknown {', '.join(sorted(unknown))}")
 
@@ -574,6 +578,15 @@ def main(argv: list[str] | None = None) -> None:
                 print(timings.report(found, failover, startup))
             finally:
                 processes.stop_all()
+        if "routing" in parts:
+            from bench import routing  # not at the top: it builds on this module
+
+            seeds = [1, 2]
+            where = os.path.join(workdir, "routing")
+            ttfts, _ = routing.measure(list(routing.STRATEGIES), seeds, where)
+            figures["routing"] = ttfts
+            print()
+            print(routing.report(ttfts, seeds))
         if args.json:
             with open(args.json, "w") as out:
                 json.dump(figures, out, indent=1, default=lambda r: r.__dict__)

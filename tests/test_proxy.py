@@ -686,7 +686,7 @@ COUNTS = ("failed", "errored")  # what the proxy holds against an upstream
 
 def stall_checks(proxy: ProxyHarness) -> list[Any]:
     """The timers that would cut a stream whose upstream was found down."""
-    calls = proxy.reactor.getDelayedCalls()
+    calls: list[Any] = proxy.reactor.getDelayedCalls()  # DelayedCall, not just the interface
     return [c for c in calls if getattr(c.func, "__name__", "") == "_cut_if_silent"]
 
 
