@@ -10,6 +10,7 @@ import gc
 import json
 import tracemalloc
 from dataclasses import replace
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer, error
@@ -686,7 +687,7 @@ COUNTS = ("failed", "errored")  # what the proxy holds against an upstream
 
 def stall_checks(proxy: ProxyHarness) -> list[Any]:
     """The timers that would cut a stream whose upstream was found down."""
-    calls: list[Any] = proxy.reactor.getDelayedCalls()  # DelayedCall, not just the interface
+    calls: Sequence[Any] = proxy.reactor.getDelayedCalls()  # DelayedCalls: they have .func
     return [c for c in calls if getattr(c.func, "__name__", "") == "_cut_if_silent"]
 
 
