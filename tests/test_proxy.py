@@ -9,8 +9,8 @@ from __future__ import annotations
 import gc
 import json
 import tracemalloc
-from dataclasses import replace
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer, error
