@@ -15,10 +15,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.application.service import Service
+from twisted.application.internet import TimerService
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -59,8 +58,8 @@ def environment_limits() -> tuple[int, int, int]:
 
 
 @implementer(IStateSource)
-class OllamaLoad(Service):
-    """Counts relayed requests per model and reads /api/ps; reports both."""
+class OllamaLoad(TimerService):
+    """Counts relayed requests per model and reads /api/ps every interval; reports both."""
 
     log = Logger()
 
@@ -75,9 +74,9 @@ class OllamaLoad(Service):
         max_loaded: int = DEFAULT_MAX_LOADED,
         secret: bytes | None = None,
     ) -> None:
+        super().__init__(interval, self.read_loaded)
+        self.clock = clock
         self._probe = probe
-        self._clock = clock
-        self.interval = interval
         self.timeout = timeout
         self.parallel = parallel
         self.max_queue = max_queue
@@ -88,7 +87,6 @@ class OllamaLoad(Service):
         self._header: bytes | None = None  # the encoded report, until something changes
         self._reading: defer.Deferred[Any] | None = None
         self._read_again = False
-        self._loop: LoopingCall | None = None
 
     # The requests, as the server's router sees them.
 
@@ -150,21 +148,12 @@ class OllamaLoad(Service):
 
     # The loaded models.
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self.read_loaded)
-        self._loop.clock = self._clock
-        self._loop.start(self.interval, now=True).addErrback(
-            lambda f: self.log.failure("Reading the loaded models stopped", f)
-        )
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+    def stopService(self) -> defer.Deferred[None]:
+        stopped: defer.Deferred[None] = super().stopService()
         self._read_again = False  # asked before the stop: not after a restart
         if self._reading is not None:
             self._reading.cancel()
+        return stopped
 
     def read_loaded(self) -> None:
         """Ask /api/ps now (or once the question under way is answered)."""

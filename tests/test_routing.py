@@ -38,7 +38,9 @@ class Watching:
         self.told.append(reason)
 
 
-class PoolRouterTests(SynchronousTestCase):
+class PoolTestCase(SynchronousTestCase):
+    """A pool of servers on a clock, and a client-mode router over it (make)."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(START)
@@ -51,6 +53,11 @@ class PoolRouterTests(SynchronousTestCase):
         self.router = self.make()
         capture_logs(self)
 
+    def make(self) -> PoolRouter:
+        raise NotImplementedError
+
+
+class PoolRouterTests(PoolTestCase):
     def make(self, strategy: str = "fastest", attempts: int = 2) -> PoolRouter:
         return PoolRouter(self.pool, self.checker, self.listings, strategy, attempts)
 
@@ -295,20 +302,8 @@ def reported(state: ServerState, secret: bytes | None = None) -> Headers:
     return Headers({STATE_HEADER: [encode(state, secret)]})
 
 
-class StateRoutingTests(SynchronousTestCase):
+class StateRoutingTests(PoolTestCase):
     """Client mode by the servers' state reports (the default strategy, ttft)."""
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(START)
-        self.pool = PeerPool(self.clock, ttl=15)
-        self.servers = FakeServers(self.clock)
-        self.checker = PeerHealthChecker(
-            self.pool, self.servers, self.clock, interval=5, timeout=2, models_interval=60
-        )
-        self.listings = MergedListings(self.pool, self.servers, self.clock, timeout=3)
-        self.router = self.make()
-        capture_logs(self)
 
     def make(self, secret: bytes | None = None) -> PoolRouter:
         return PoolRouter(self.pool, self.checker, self.listings, secret=secret,
