@@ -127,8 +127,9 @@ class OllamaLoad(TimerService):
         counts = self._counts.get(name)
         if counts is not None and counts[0] >= self.parallel:
             return True
-        full = len(self.loaded) >= self.max_loaded
-        return name not in self.loaded and full and any(c[0] for c in self._counts.values())
+        wanted = self.loaded | {other for other, c in self._counts.items() if c[0]}
+        full = len(wanted) >= self.max_loaded  # loaded, or about to be for what is queued
+        return name not in wanted and full and any(c[0] for c in self._counts.values())
 
     # The report.
 

@@ -112,7 +112,12 @@ class _View:
             pending |= {name for name in state.models if state.in_flight(name)}
         pending -= loaded
         room = state.max_loaded if state is not None else 1
-        self.resident = loaded | pending if len(loaded | pending) <= room else loaded
+        if len(loaded | pending) <= room:
+            self.resident = loaded | pending
+        elif len(pending) <= room:
+            self.resident = pending  # what its queue waits for replaces what is loaded
+        else:
+            self.resident = set()  # its queue wants more models than it holds: thrashing
         self.parallel = state.parallel if state is not None else 1
         self.busy = (self.state.busy() if self.state is not None else 0) + peer.unreported
 
