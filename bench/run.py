@@ -1,7 +1,7 @@
 """How fast is Ollana's proxy, next to nginx and Twisted's stock proxy? One run, on
 loopback, every server in its own process. From the repository's root::
 
-    python -m bench.run                          # all of it, about 14 minutes
+    python -m bench.run                          # all of it, about 13 minutes
     python -m bench.run --seconds 3              # shorter rows
     python -m bench.run --parts get,streams      # some of it
     python -m bench.run --profile --parts get    # and where the one-hop node's time goes
