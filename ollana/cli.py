@@ -1,12 +1,17 @@
-"""The ollana command: discover, status, serve and demo."""
+"""The ollana command: discover, status, models, ps, serve and demo."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import sys
+import textwrap
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, NoReturn, TextIO
 
 from twisted.internet import defer, error, task
@@ -17,9 +22,18 @@ from ollana import DESCRIPTION, config
 from ollana.auth import PacketAuth
 from ollana.demo import DemoOptions, run_demo
 from ollana.discovery import Seeker
+from ollana.listings import SERVERS_FIELD
+from ollana.logs import LEVELS, LOG_LEVEL_ENV
 from ollana.netif import default_broadcast_addresses
 from ollana.peers import Peer, PeerPool, Source, host_port
-from ollana.tap import DiscoveryOptions
+from ollana.tap import (
+    OPTION_GROUPS,
+    READY_FD_ENV,
+    DiscoveryOptions,
+    OllanaOptions,
+    grouped_usage,
+    option_entries,
+)
 
 REPEAT_PROBE = 0.5
 STATUS_TIMEOUT = 3.0
@@ -29,6 +43,13 @@ STATUS_URLS = ("http://127.0.0.1:11434", "http://127.0.0.1:11435")
 JSON_LOGGER = "ollana.logs.json_observer"
 TEXT_LOGGER = "ollana.logs.text_observer"  # twistd's lines, with the rotated files capped
 LOGFILE_ENV = "OLLANA_LOGFILE"  # where ollana.logs' observers write, if set
+START_TIMEOUT = 30.0  # seconds ollana serve -d waits for the daemon to listen
+# ollana serve --help: its own options under these headings, with Ollana's.
+SERVE_GROUPS = tuple(
+    (heading, {"Mode": ("daemon", "pidfile"), "Logging": ("logfile", "log-format", "log-level")}
+     .get(heading, ()) + names)
+    for heading, names in OPTION_GROUPS
+)  # fmt: skip
 
 
 class DiscoverOptions(DiscoveryOptions):
@@ -87,13 +108,15 @@ def twistd_command(
     log_format: str,
     plugin_args: Sequence[str],
     env: Mapping[str, str],
+    log_level: str | None = None,
 ) -> TwistdCommand:
     """twistd's arguments for ollana serve: in the foreground, no pidfile and the log on
     standard output unless given; with daemon, a pidfile and a log file, in the default
     places unless given. The plugin's arguments follow ``ollana`` unchanged; relative
     paths become absolute. The log is written by an observer of ollana.logs (rotated
-    files capped, no debug lines), to the file that $OLLANA_LOGFILE names, since twistd's
-    --logger takes no file (and its --logfile keeps every rotated file)."""
+    files capped, no debug lines unless log_level says so), to the file that
+    $OLLANA_LOGFILE names, at $OLLANA_LOG_LEVEL, since twistd's --logger takes no
+    arguments (and its --logfile keeps every rotated file)."""
     pid: str | None = _path(pidfile) if pidfile else None
     log: str | None = _path(logfile) if logfile and logfile != "-" else None
     if daemon:
@@ -103,7 +126,10 @@ def twistd_command(
     else:
         args = ["-n", "--pidfile=" + (pid or "")]
     args.append("--logger=" + (JSON_LOGGER if log_format == "json" else TEXT_LOGGER))
-    return TwistdCommand([*args, "ollana", *plugin_args], pid, log, {LOGFILE_ENV: log})
+    variables: dict[str, str | None] = {LOGFILE_ENV: log}
+    if log_level is not None:
+        variables[LOG_LEVEL_ENV] = log_level
+    return TwistdCommand([*args, "ollana", *plugin_args], pid, log, variables)
 
 
 def split_serve_args(
@@ -152,12 +178,17 @@ def _long_option(name: str, names: Sequence[str]) -> tuple[bool, str]:
     return matches[0].endswith("="), matches[0].rstrip("=")
 
 
-class ServeOptions(usage.Options):
-    synopsis = "[-d] [--pidfile PATH] [--logfile PATH] [--log-format text|json] [options...]"
+class ServeOptions(OllanaOptions):
+    synopsis = (
+        "[-d] [--pidfile PATH] [--logfile PATH] [--log-format text|json] [--log-level LEVEL] "
+        "[options...]"
+    )
     longdesc = (
         "Run Ollana (twistd ollana): in the foreground, logging to standard output, or with "
-        "-d in the background, with a pidfile and a log file. Any other option is Ollana's "
-        "own (see below) and goes to twistd ollana unchanged; so does everything after --."
+        "-d in the background, with a pidfile and a log file; -d returns once Ollana "
+        "listens, or says why it could not start. Options other than -d, --pidfile and "
+        "--log* are Ollana's own and go to twistd ollana unchanged; so does everything "
+        "after --."
     )
     optFlags = [["daemon", "d", "Run in the background."]]
     optParameters = [
@@ -181,6 +212,13 @@ class ServeOptions(usage.Options):
             "text",
             "text, or json for one JSON object per line.",
         ],
+        [
+            "log-level",
+            None,
+            None,
+            "The least a line must be to be logged: debug, info, warn, error or critical "
+            "[default: $OLLANA_LOG_LEVEL, else info].",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -191,7 +229,7 @@ class ServeOptions(usage.Options):
         from ollana.tap import Options
 
         argv = sys.argv[1:] if options is None else options
-        own = ["daemon", "pidfile=", "logfile=", "log-format=", "help"]
+        own = ["daemon", "pidfile=", "logfile=", "log-format=", "log-level=", "help"]
         mine, self.plugin_args = split_serve_args(argv, own, Options().longOpt)
         super().parseOptions(mine)
 
@@ -202,6 +240,13 @@ class ServeOptions(usage.Options):
             raise usage.UsageError(
                 f"--log-format: must be text or json, not {self['log-format']!r}"
             )
+        level = self["log-level"]
+        if level is not None and level.strip().lower() not in LEVELS:
+            raise usage.UsageError(
+                f"--log-level: must be one of {', '.join(LEVELS)}, not {level!r}"
+            )
+        if level is not None:
+            self["log-level"] = level.strip().lower()
         if self["daemon"] and self["logfile"] == "-":
             raise usage.UsageError("--logfile: with -d the log cannot go to standard output")
         for name in ("pidfile", "logfile"):
@@ -210,11 +255,13 @@ class ServeOptions(usage.Options):
         Options().parseOptions(self.plugin_args)  # bad values stop us here, in one line
 
     def getUsage(self, width: int | None = None) -> str:
+        """Its options and Ollana's, under the same headings."""
         from ollana.tap import Options
 
-        own = super().getUsage(width)
-        plugin = Options().getUsage(width).split("Options:", 1)[-1]
-        return own + "\nOllana's options (given to twistd ollana):" + plugin
+        width = width or int(os.environ.get("COLUMNS", "80"))
+        entries = {**option_entries(Options()), **option_entries(self)}
+        longdesc = "\n".join(textwrap.wrap(self.longdesc, width))
+        return grouped_usage(entries, SERVE_GROUPS, width) + "\n" + longdesc + "\n"
 
     def command(self, env: Mapping[str, str] | None = None) -> TwistdCommand:
         """How to run twistd."""
@@ -225,6 +272,7 @@ class ServeOptions(usage.Options):
             self["log-format"],
             self.plugin_args,
             os.environ if env is None else env,
+            self["log-level"],
         )
 
 
@@ -287,13 +335,78 @@ def serve(options: ServeOptions) -> NoReturn:
         twistd.parseOptions(command.argv)
     except usage.UsageError as e:
         _fail(str(e), 2)
-    if options["daemon"]:
-        print(f"Starting Ollana in the background; pidfile {tilde(command.pidfile)}, "
-              f"log {tilde(command.logfile)}")  # fmt: skip
     sys.stdout.flush()
     sys.stderr.flush()
+    if options["daemon"]:
+        # This process waits for the daemon's word, which its child (twistd, which
+        # daemonizes) gives on a pipe once it listens or has failed.
+        read, write = os.pipe()
+        if os.fork():
+            os.close(write)
+            try:
+                line = await_line(read, START_TIMEOUT)
+            except KeyboardInterrupt:
+                log = tilde(command.logfile)
+                _fail(f"stopped waiting; Ollana may still start (log {log})", 130)
+            code, message = started(line, command, START_TIMEOUT)
+            (sys.stdout if code == 0 else sys.stderr).write(message + "\n")
+            raise SystemExit(code)
+        os.close(read)
+        os.environ[READY_FD_ENV] = str(write)
     runApp(twistd)
     raise SystemExit(0)
+
+
+def await_line(fd: int, timeout: float) -> str | None:
+    """The first line read from fd: "" if it closed first, None if none came in time."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.partition(b"\n")[0].decode("utf-8", "replace")
+
+
+def started(line: str | None, command: TwistdCommand, timeout: float) -> tuple[int, str]:
+    """ollana serve -d's exit status and line, from what the daemon said (StartReport)."""
+    pidfile, log = tilde(command.pidfile), tilde(command.logfile)
+    word, _, rest = (line or "").partition(" ")
+    if word == "ready":
+        pid, _, address = rest.partition(" ")
+        return 0, (f"Ollana listens on {address}, in the background as process {pid} "
+                   f"(pidfile {pidfile}, log {log})")  # fmt: skip
+    if word == "failed" and rest:
+        return 1, f"ollana: {rest}"
+    if line is None:
+        return 1, f"ollana: Ollana does not listen after {timeout:g} s; see its log {log}"
+    reason = last_problem(command.logfile) if command.logfile else None
+    return 1, f"ollana: Ollana stopped as it started: {reason or 'see its log ' + log}"
+
+
+def last_problem(logfile: str) -> str | None:
+    """The message of the last error (or critical) line of a log, text or JSON."""
+    try:
+        with open(logfile, "rb") as f:
+            f.seek(max(0, os.path.getsize(logfile) - 65536))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("level") in ("error", "critical"):
+                return str(event.get("message", "")).strip() or None
+        elif "#error] " in line or "#critical] " in line:
+            return line.split("] ", 1)[1].strip() or None
+    return None
 
 
 def tilde(path: str | None, env: Mapping[str, str] | None = None) -> str:
@@ -312,11 +425,12 @@ def _fail(message: str, code: int) -> NoReturn:
 # --- status ---------------------------------------------------------------------------
 
 
-class StatusOptions(usage.Options):
+class StatusOptions(OllanaOptions):
     synopsis = "[--url URL] [--json]"
     longdesc = (
         "Show what an Ollana on this machine (or at --url) is doing: its mode and, in client "
-        "mode, the servers it uses. Without --url it asks http://127.0.0.1:11434 (client "
+        "mode, the servers it uses. Without --url it asks $OLLAMA_HOST first, as the ollama "
+        "command would (HOST, HOST:PORT or a URL), then http://127.0.0.1:11434 (client "
         "mode) and, if nothing Ollana answers there, http://127.0.0.1:11435 (server mode). "
         "Exits 1 when no Ollana answered."
     )
@@ -326,10 +440,16 @@ class StatusOptions(usage.Options):
         ["timeout", "t", str(STATUS_TIMEOUT), "Seconds to wait for an answer."],
     ]
 
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self.environ = os.environ if environ is None else environ
+
     def postOptions(self) -> None:
         self["timeout"] = config.parse_seconds(str(self["timeout"]), "--timeout")
         if self["url"] is None:
-            self["urls"] = list(STATUS_URLS)
+            host = self.environ.get("OLLAMA_HOST", "").strip()
+            first = [config.parse_ollama_url(host, "OLLAMA_HOST")] if host else []
+            self["urls"] = list(dict.fromkeys([*first, *STATUS_URLS]))
         else:
             self["urls"] = [config.parse_ollama_url(self["url"], "--url")]
 
@@ -518,10 +638,223 @@ async def status(
     return 1
 
 
+# --- models, ps -----------------------------------------------------------------------
+
+
+LISTING_URL = "http://127.0.0.1:11434"  # where models and ps ask without --url or $OLLAMA_HOST
+LISTING_TIMEOUT = 15.0  # a client asks every server, which may take its listing timeout
+
+
+class ListingOptions(OllanaOptions):
+    """What ollana models and ollana ps take: the client-mode Ollana to ask."""
+
+    synopsis = "[--url URL] [--json]"
+    path = "/api/tags"
+    optFlags = [["json", None, "Print the listing's JSON as the Ollana serves it."]]
+    optParameters = [
+        [
+            "url",
+            "u",
+            None,
+            "The client-mode Ollana: a URL, HOST:PORT or :PORT "
+            "[default: $OLLAMA_HOST, else 127.0.0.1:11434].",
+        ],
+        ["timeout", "t", str(LISTING_TIMEOUT), "Seconds to wait for an answer."],
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self.environ = os.environ if environ is None else environ
+
+    def postOptions(self) -> None:
+        self["timeout"] = config.parse_seconds(str(self["timeout"]), "--timeout")
+        if self["url"] is not None:
+            self["base"] = config.parse_ollama_url(self["url"], "--url")
+        elif self.environ.get("OLLAMA_HOST", "").strip():
+            self["base"] = config.parse_ollama_url(self.environ["OLLAMA_HOST"], "OLLAMA_HOST")
+        else:
+            self["base"] = LISTING_URL
+
+
+class ModelsOptions(ListingOptions):
+    longdesc = (
+        "List the models of every server, as ollama list does, with the servers that have "
+        "each: the merged /api/tags of the client-mode Ollana on this machine (or at --url, "
+        "or $OLLAMA_HOST). Exits 1 when it did not answer."
+    )
+
+
+class PsOptions(ListingOptions):
+    path = "/api/ps"
+    longdesc = (
+        "List the models loaded on every server, as ollama ps does, with the servers that "
+        "have each loaded: the merged /api/ps of the client-mode Ollana on this machine (or "
+        "at --url, or $OLLAMA_HOST). Exits 1 when it did not answer."
+    )
+
+
+def human_bytes(value: Any) -> str:
+    """A size as ollama list shows it: decimal units, one decimal below 10 of them."""
+    if not isinstance(value, int | float) or value < 0:
+        return "-"
+    number, unit = float(value), "B"
+    for name, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if value >= scale:
+            number, unit = value / scale, name
+            break
+    if number >= 10 or number == int(number):
+        return f"{int(number)} {unit}"
+    return f"{number:.1f} {unit}"
+
+
+def parse_time(text: Any) -> float | None:
+    """Seconds since the epoch of an RFC 3339 time as Ollama writes them (nanoseconds)."""
+    if not isinstance(text, str):
+        return None
+    found = re.fullmatch(r"(.*T\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?", text.strip())
+    if found is None:
+        return None
+    stamp, fraction, zone = found.groups()
+    zone = "+00:00" if zone in (None, "Z") else zone
+    try:
+        seconds = datetime.fromisoformat(stamp + zone).timestamp()
+    except ValueError:
+        return None
+    return seconds + (float("0" + fraction) if fraction else 0.0)
+
+
+TIME_UNITS = (("year", 365 * 86400), ("month", 30 * 86400), ("week", 7 * 86400),
+              ("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))  # fmt: skip
+
+
+def human_time(then: float | None, now: float) -> str:
+    """How long ago (or from now) then is, in ollama list's and ollama ps's words."""
+    if then is None:
+        return "-"
+    delta = now - then
+    words = "ago" if delta >= 0 else "from now"
+    delta = abs(delta)
+    if delta > 20 * 365 * 86400:
+        return "Forever" if words == "from now" else "long ago"
+    if delta < 1:
+        return "Less than a second " + words
+    for name, seconds in TIME_UNITS:
+        if delta >= seconds:
+            count = int(delta // seconds)
+            return f"{count} {name}{'s' if count != 1 else ''} {words}"
+    return words  # not reached
+
+
+def _servers(entry: Mapping[str, Any]) -> str:
+    servers = entry.get(SERVERS_FIELD)
+    return ", ".join(map(str, servers)) if isinstance(servers, list) and servers else "-"
+
+
+def format_models(entries: Sequence[Mapping[str, Any]], now: float) -> str:
+    """ollana models's table: ollama list's columns, and the servers that have each model."""
+    rows = [
+        [str(entry.get("name", "?")), str(entry.get("digest") or "")[:12] or "-",
+         human_bytes(entry.get("size")), human_time(parse_time(entry.get("modified_at")), now),
+         _servers(entry)]
+        for entry in entries
+    ]  # fmt: skip
+    return _table(("NAME", "ID", "SIZE", "MODIFIED", "SERVERS"), rows)
+
+
+def processor(entry: Mapping[str, Any]) -> str:
+    """Where a loaded model runs, as ollama ps says it."""
+    size, vram = entry.get("size"), entry.get("size_vram")
+    if not isinstance(size, int | float) or not isinstance(vram, int | float) or size <= 0:
+        return "-"
+    gpu = round(100 * min(vram, size) / size)
+    if gpu == 100:
+        return "100% GPU"
+    if gpu == 0:
+        return "100% CPU"
+    return f"{100 - gpu}%/{gpu}% CPU/GPU"
+
+
+def format_ps(entries: Sequence[Mapping[str, Any]], now: float) -> str:
+    """ollana ps's table: ollama ps's columns, and the servers that have each model loaded."""
+    rows = []
+    for entry in entries:
+        until = parse_time(entry.get("expires_at"))
+        context = entry.get("context_length")
+        rows.append([
+            str(entry.get("name", "?")), str(entry.get("digest") or "")[:12] or "-",
+            human_bytes(entry.get("size")), processor(entry),
+            str(context) if isinstance(context, int) else "-",
+            "Stopping..." if until is not None and until <= now else human_time(until, now),
+            _servers(entry),
+        ])  # fmt: skip
+    header = ("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL", "SERVERS")
+    return _table(header, rows)
+
+
+async def fetch_listing(reactor: Any, url: str, timeout: float) -> tuple[Any, str]:
+    """The JSON answer to GET url, and its text; StatusError saying why there is none."""
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    agent = Agent(reactor, connectTimeout=timeout, pool=HTTPConnectionPool(reactor, False))
+    http = HTTPClient(agent)
+
+    async def get() -> tuple[int, bytes]:
+        response = await http.get(url)
+        return response.code, await response.content()
+
+    try:
+        code, body = await defer.Deferred.fromCoroutine(get()).addTimeout(timeout, reactor)
+    except error.ConnectionRefusedError:
+        raise StatusError("connection refused") from None
+    except (defer.TimeoutError, defer.CancelledError, error.TimeoutError):
+        raise StatusError(f"no answer within {timeout:g} s") from None
+    except Exception as e:  # any other connection failure, in one line
+        raise StatusError(_one_line(e)) from None
+    try:
+        text = body.decode("utf-8")
+        answer = json.loads(text)
+    except ValueError:  # UnicodeDecodeError included
+        raise StatusError(f"HTTP {code}, and the answer is not JSON") from None
+    if code != 200:
+        message = answer.get("error") if isinstance(answer, dict) else None
+        raise StatusError(f"HTTP {code}" + (f": {message}" if message else ""))
+    if not isinstance(answer, dict) or not isinstance(answer.get("models"), list):
+        raise StatusError("the answer is not a listing of models")
+    return answer, text
+
+
+async def listing(
+    reactor: Any, options: ListingOptions, out: TextIO, err: TextIO = sys.stderr
+) -> int:
+    """ollana models or ollana ps: print the listing; the exit code."""
+    url = options["base"] + options.path
+    try:
+        answer, text = await fetch_listing(reactor, url, options["timeout"])
+    except StatusError as e:
+        err.write(f"ollana: no listing from {url}: {e}\n")
+        return 1
+    if options["json"]:
+        out.write(text if text.endswith("\n") else text + "\n")
+        return 0
+    entries = [entry for entry in answer["models"] if isinstance(entry, Mapping)]
+    format_listing = format_ps if isinstance(options, PsOptions) else format_models
+    out.write(format_listing(entries, reactor.seconds()) + "\n")
+    return 0
+
+
 # --- demo -----------------------------------------------------------------------------
 
 
-class CommandOptions(usage.Options):
+class VersionOptions(OllanaOptions):
+    synopsis = ""
+    longdesc = "Print Ollana's version (as ollana --version does)."
+
+    def postOptions(self) -> None:
+        self.opt_version()
+
+
+class CommandOptions(OllanaOptions):
     def getSynopsis(self) -> str:
         return "Usage: ollana" if self.subCommand else "Usage: ollana COMMAND [options]"
 
@@ -531,11 +864,17 @@ class CommandOptions(usage.Options):
         ["status", None, StatusOptions, "Show what the Ollana on this machine is doing."],
         ["serve", None, ServeOptions, "Run Ollana (twistd ollana), in the foreground or -d."],
         ["demo", None, DemoOptions, "Try Ollana on this machine alone, with a fake Ollama."],
+        ["version", None, VersionOptions, "Print Ollana's version."],
+        ["models", None, ModelsOptions, "List every server's models (alias: list)."],
+        ["list", None, ModelsOptions, "The same as models."],
+        ["ps", None, PsOptions, "List the models loaded on every server."],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("give a command: discover, status, serve or demo")
+            raise usage.UsageError(
+                "give a command: discover, status, models, ps, serve, demo or version"
+            )
 
 
 def server_rows(peers: list[Peer]) -> list[dict[str, Any]]:
@@ -620,6 +959,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             if command == "status":
                 code = await status(reactor, sub, sys.stdout)
+            elif command in ("models", "list", "ps"):
+                code = await listing(reactor, sub, sys.stdout)
             else:
                 code = await discover(reactor, sub, sys.stdout)
         except CannotListenError as e:

@@ -178,6 +178,8 @@ def parse_ollama_url(text: str, option: str = "--ollama") -> str:
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
         raise UsageError(f"{option}: give only scheme, host and port, not {text!r}")
     host = parts.hostname or "127.0.0.1"
+    if not _is_host(host):
+        raise UsageError(f"{option}: not an http(s) URL or HOST:PORT: {text!r}")
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1" if host == "0.0.0.0" else "::1"
     if port is None:  # as Ollama does: its own port unless a scheme was written
@@ -186,6 +188,17 @@ def parse_ollama_url(text: str, option: str = "--ollama") -> str:
         raise UsageError(f"{option}: port must be 1-65535, not 0")
     netloc = f"[{host}]" if ":" in host else host
     return f"{parts.scheme}://{netloc}:{port}"
+
+
+def _is_host(host: str) -> bool:
+    """Whether host is an IP address or a DNS name (letters, digits, -, _ and dots)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        labels = host.removesuffix(".").split(".")
+        return all(label.strip("-") == label and label.replace("-", "").replace("_", "").isalnum()
+                   and label.isascii() for label in labels)  # fmt: skip
+    return True
 
 
 def check_endpoint(text: str, option: str = "--listen") -> str:

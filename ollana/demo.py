@@ -13,12 +13,13 @@ from twisted.internet import defer, task
 from twisted.python import usage
 
 from ollana import config
+from ollana.tap import OllanaOptions
 
 LOOPBACK_BROADCAST = "127.255.255.255"
 DEMO_PORT = 11434
 
 
-class DemoOptions(usage.Options):
+class DemoOptions(OllanaOptions):
     synopsis = "[--port N] [--pace SECONDS] [--verbose]"
     longdesc = (
         "Run a simulated Ollama (model 'echo', which streams the prompt back), a server-mode "

@@ -1,5 +1,6 @@
 """Who may use a listener, and how much: the source allow-list, the credential between
-Ollana nodes, and the limits that keep one client from starving the others."""
+Ollana nodes, the browser origins (client mode, as Ollama's), and the limits that keep one
+client from starving the others."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from twisted.web.http_headers import Headers
 
 from ollana.auth import CREDENTIAL_HEADER, credential_ok
 from ollana.limits import open_files_cap
+from ollana.origins import CorsAnswer, OriginPolicy
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -69,6 +71,7 @@ class Gate:
     max_connections: int | None = field(default_factory=open_files_cap)
     header_timeout: float = 30.0  # seconds from a request's first byte to its last header
     check_host: bool = False  # True: only Host values a local Ollama accepts (client mode)
+    origins: OriginPolicy | None = None  # set: browsers are answered as Ollama would (client)
 
     def admits_source(self, host: str) -> bool:
         """Whether a source address may use this listener (or get discovery replies)."""
@@ -92,6 +95,19 @@ class Gate:
             if not credential_ok(self.secret, given):
                 return 401, "ollana: this server needs Ollana's shared secret (see --secret-file)"
         return None
+
+    def cors(self, method: bytes, headers: Headers) -> CorsAnswer | None:
+        """What Ollama's origin policy says of a request from a browser (one with an
+        Origin), when this listener applies it; None otherwise."""
+        if self.origins is None:
+            return None
+        origin = headers.getRawHeaders(b"origin")
+        if not origin:
+            return None
+        host = headers.getRawHeaders(b"host", [b""])[-1]
+        return self.origins.answer(
+            method.decode("ascii", "replace"), origin[-1].decode("latin-1"), host.decode("latin-1")
+        )
 
 
 def local_hosts(values: Sequence[bytes]) -> bool:

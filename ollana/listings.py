@@ -1,7 +1,8 @@
 """Client mode's merged listings: GET /api/tags, /api/ps and /v1/models answered with the
-union over the healthy servers, in Ollama's own JSON shapes, each model once. Each server's
-listing is bounded (LISTING_LIMIT bytes, its first MAX_MODELS entries), so a merge stays
-small whatever a server lists."""
+union over the healthy servers, in Ollama's own JSON shapes, each model once. Entries of
+/api/tags and /api/ps also say which servers list them (SERVERS_FIELD, which Ollama's
+clients ignore). Each server's listing is bounded (LISTING_LIMIT bytes, its first
+MAX_MODELS entries), so a merge stays small whatever a server lists."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ MERGED = {
     "/api/ps": ("models", "name"),
     "/v1/models": ("data", "id"),
 }
+SERVERS_FIELD = "ollana_servers"  # in /api/tags and /api/ps entries: the servers listing it
 
 
 class MergedListings:
@@ -51,7 +53,7 @@ class MergedListings:
         results = await defer.DeferredList(asked, consumeErrors=True)
         list_key, name_key = MERGED[path]
         merged: list[Any] = []
-        names: set[str] = set()
+        names: dict[str, list[str]] = {}  # name: the servers listing it
         answered: list[Peer] = []
         reasons: list[str] = []
         for peer, probe, (ok, value) in zip(peers, probes, results, strict=True):
@@ -69,11 +71,19 @@ class MergedListings:
             for name, entry in named:
                 if not isinstance(name, str):  # odd, but not ours to drop
                     merged.append(entry)
-                elif name not in names:
-                    names.add(name)
+                elif name in names:
+                    names[name].append(peer.address)
+                else:
+                    names[name] = [peer.address]
                     merged.append(entry)
         if not answered:
             raise UpstreamsFailed("ollana: no server could answer: " + "; ".join(reasons))
+        if path != "/v1/models":
+            merged = [
+                {**entry, SERVERS_FIELD: sorted(names[entry[name_key]])}
+                if isinstance(entry.get(name_key), str) else entry
+                for entry in merged
+            ]  # fmt: skip
         listing: dict[str, Any] = {list_key: merged}
         if path == "/v1/models":
             listing = {"object": "list", **listing}

@@ -6,6 +6,7 @@ Ollama first and builds the server or client services once it knows.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +35,9 @@ from ollana.interfaces import IServerState
 from ollana.listings import MergedListings
 from ollana.load import OllamaLoad
 from ollana.metrics import Metrics, discovery_metrics, load_metrics, peer_metrics
+from ollana.origins import OriginPolicy
 from ollana.peers import PeerPool
-from ollana.proxy import ProxySettings
+from ollana.proxy import CHECK_HEADER, ProxySettings
 from ollana.routing import LocalRouter, PoolRouter, take_report
 from ollana.site import ProxySite
 from ollana.status import StatusPages, peer_status, state_status
@@ -380,6 +382,8 @@ def build_client(
     credential: list[tuple[bytes, bytes]] = []
     if settings.secret is not None:
         credential = [(CREDENTIAL_HEADER, request_credential(settings.secret))]
+    checks = WithHeaders(http, [*credential, (CHECK_HEADER, b"health")])  # logged at debug
+    if credential:
         http = WithHeaders(http, credential)
     services: list[IService] = []
     if settings.discovery:
@@ -388,15 +392,20 @@ def build_client(
         seeker.setName("discovery")
         services.append(seeker)
     secret = settings.secret
-    checker = PeerHealthChecker(pool, http, reactor, settings.health_interval, HEALTH_TIMEOUT,
+    checker = PeerHealthChecker(pool, checks, reactor, settings.health_interval, HEALTH_TIMEOUT,
                                 settings.models_interval,
                                 on_report=lambda peer, h: take_report(peer, h, secret))  # fmt: skip
     checker.setName("health")
     listings = MergedListings(pool, http, reactor, LISTING_TIMEOUT)
     router = PoolRouter(pool, checker, listings, settings.strategy, settings.attempts,
                         settings.scan_limit, secret)  # fmt: skip
+    try:
+        origins = OriginPolicy.from_env(os.environ)  # the apps' Ollama: browsers as it has them
+    except ValueError as e:
+        on_error(f"OLLAMA_ORIGINS: {e}")  # Ollama itself would not start with it
+        origins = OriginPolicy()
     gate = Gate(max_body=settings.max_body, header_timeout=settings.header_timeout,
-                check_host=True)  # fmt: skip
+                check_host=True, origins=origins)  # fmt: skip
     site, connections = proxy_services(settings, reactor, router, observed, gate, credential,
                                        tls_for)  # fmt: skip
     listener = HTTPListener(reactor, settings.listen_for("client"), site, on_error,
@@ -484,6 +493,11 @@ class OllanaService(MultiService):
             "peers": [peer_status(peer, now) for peer in self.pool if self.mode == "client"],
             "state": state_status(self._load_report()),
         }
+
+    def ollama_models(self) -> defer.Deferred[Any]:
+        """The local Ollama's /api/tags, for the status of a server."""
+        probe = OllamaProbe(self._http, self._reactor, self.settings.ollama_url)
+        return probe.json("/api/tags", HEALTH_TIMEOUT)
 
     def _become(self, mode: str) -> None:
         self.mode = mode

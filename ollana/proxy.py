@@ -21,7 +21,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone  # not client.X: a slow module proxy
 from twisted.web.http import NO_BODY_CODES, RESPONSES, PotentialDataLoss
@@ -37,13 +37,16 @@ from zope.interface import implementer
 from ollana.affinity import KEY_LIMIT, conversation_key
 from ollana.gate import Gate
 from ollana.httpclient import connection_tokens
+from ollana.management import Copies, read_tail, with_note
 from ollana.metrics import Metrics
 from ollana.modelscan import ModelScanner
 from ollana.upstream import (
+    WITH_BODY,
     Busy,
     LocalAnswer,
     NoUpstream,
     Router,
+    Sent,
     Upstream,
     UpstreamsFailed,
     describe_error,
@@ -89,6 +92,7 @@ QUEUE_HEADER = b"x-ollana-queue"
 SERVER_ERRORS = frozenset({500, 502, 503, 504})
 STALLED = 5.0  # seconds a stream may have been silent when its upstream is found down
 GENERATIONS = frozenset({b"/api/generate", b"/api/chat"})  # NDJSON, with a final chunk
+NOTE_LIMIT = 64 * 1024  # bytes of a 404 read to add a note to its message
 
 
 def _error_kind(response: IResponse) -> str | None:
@@ -118,10 +122,23 @@ def error_response(code: int, message: str, headers: Sequence[tuple[bytes, bytes
 
 
 access_log = Logger(namespace="ollana.access")
+# Sent by a client-mode node with its health checks and model lists (CHECKED), which a
+# server logs at debug: an idle LAN writes no line.
+CHECK_HEADER = b"x-ollana-check"
+CHECKED = frozenset({(b"GET", b"/api/version"), (b"GET", b"/api/tags")})
 
 
-def access(request: Any, peer: str | None, status: int, duration: float, bytes_in: int) -> None:
-    """Log one request: who asked what, the answer and where it came from; never content.
+def access(
+    request: Any,
+    peer: str | None,
+    status: int,
+    duration: float,
+    bytes_in: int,
+    cut: str | None = None,
+) -> None:
+    """Log one request: who asked what, the answer and where it came from, and who cut it
+    short (cut: "client" or "upstream") if it was; never content. A client node's checks
+    (CHECK_HEADER) are logged at debug.
 
     The line is formatted here, once, and the event carries it whole (``{summary}``) with
     the fields: formatting eight fields through the logger cost a tenth of a request."""
@@ -131,9 +148,16 @@ def access(request: Any, peer: str | None, status: int, duration: float, bytes_i
     summary = (
         f"{client} {method} {path} {status} {peer} {duration * 1000:.0f} ms {request.sentLength} B"
     )
-    access_log.info(
+    if cut is not None:
+        summary += f" cut by {cut}"
+    checked = (request.method, request.uri) in CHECKED and request.requestHeaders.hasHeader(
+        CHECK_HEADER
+    )
+    access_log.emit(
+        LogLevel.debug if checked else LogLevel.info,
         "{summary}", summary=summary, client=client, method=method, path=path, status=status,
         peer=peer, duration_ms=duration * 1000, bytes_in=bytes_in, bytes_out=request.sentLength,
+        cut=cut,
     )  # fmt: skip
 
 
@@ -306,9 +330,14 @@ class Exchange:
     """One proxied request, from the client's headers to the end of the upstream's body.
 
     The upstream is chosen once the request says enough: at once, or, for a body that may
-    name a model, once a bounded prefix has shown it. While the body sent so far fits that
-    prefix, an upstream that fails before answering is replaced by the next candidate.
+    name a model, once a bounded prefix has shown it; for model management, by what the
+    router plans from the request (once its small body is in). While the body sent so far
+    fits that prefix, an upstream that fails before answering is replaced by the next
+    candidate.
     """
+
+    _whole = False  # the body is read whole before the router plans where it goes
+    _not_found: tuple[str, ...] = ()  # the servers that said 404 for the request's model
 
     def __init__(self, proxy: ProxySettings, request: ProxyRequest, length: int | None) -> None:
         self.proxy = proxy
@@ -357,9 +386,15 @@ class Exchange:
             self._give_up(e)
             return
         listing = self.router.listing(self.method, self.uri)
+        planned = self.router.plans(self.method, self.uri) if listing is None else None
         if listing is not None:
             self._pending = listing()
             self._pending.addCallbacks(self._settle, self._settle_failed)
+        elif planned is not None:
+            if planned == WITH_BODY and length != 0 and self.router.scan_limit > 0:
+                self._whole = True
+            else:
+                self._plan(b"" if planned == WITH_BODY and length == 0 else None)
         elif (length != 0 and self.router.scan_limit > 0
               and self.router.wants_model(self.method, self.uri)):  # fmt: skip
             self.scanner = ModelScanner(self.router.scan_limit)
@@ -401,6 +436,35 @@ class Exchange:
             self._give_up(NoUpstream("ollana: internal error choosing a server"))
             return
         self._attempt()
+
+    def _plan(self, body: bytes | None) -> None:
+        """Route the request by what it is (model management, which the router plans from
+        its whole body, or None): upstreams to try as usual, or an answer made here from
+        copies of it sent to several servers."""
+        self._whole = False
+        copies = Copies(self.proxy.agent, self.proxy.clock, self.proxy.first_byte_timeout,
+                        self.proxy.idle_timeout)  # fmt: skip
+
+        def send(upstream: Upstream) -> defer.Deferred[Sent]:
+            return copies.send(upstream, self.method, self.uri, self._upstream_headers(),
+                               body or b"")  # fmt: skip
+
+        try:
+            plan = self.router.plan(self.method, self.uri, self.request.requestHeaders, body,
+                                    send)  # fmt: skip
+        except (NoUpstream, BadTarget) as e:
+            self._give_up(e)
+            return
+        except Exception:
+            log.failure("Choosing an upstream failed")
+            self._give_up(NoUpstream("ollana: internal error choosing a server"))
+            return
+        if isinstance(plan, list):
+            self.candidates = plan
+            self._attempt()
+        else:
+            self._pending = plan
+            plan.addCallbacks(self._settle, self._settle_failed)
 
     def _attempt(self) -> None:
         upstream = self.candidates.pop(0)
@@ -448,11 +512,46 @@ class Exchange:
             if self.body is not None:
                 self.body.discard()
             assert upstream is not None
+            if response.code == 404:
+                self._not_found = (*self._not_found, upstream.peer or upstream.url)
             self._retry(upstream, f"HTTP {response.code} ({_error_kind(response)})")
             return
+        upstream = self.upstream
+        if upstream.on_answer is not None:
+            upstream.on_answer(response.code)
+        if response.code == 404 and upstream.model is not None:
+            asked = [*self._not_found, upstream.peer or upstream.url]
+            note = self.router.missing(upstream.model, asked)
+            if note is not None:
+                self._answer_noted(response, note)
+                return
         self._answer = response
         self._received = None  # answered: no other attempt will need the body
         self.response.callback(response)
+
+    def _answer_noted(self, response: IResponse, note: str) -> None:
+        """Answer the upstream's 404 for a model here, with note added to its message."""
+        upstream = self.upstream
+        assert upstream is not None
+        types = response.headers.getRawHeaders(b"content-type", [])
+        headers = [(b"content-type", value) for value in types[-1:]]
+        headers.append((b"x-ollana-peer", (upstream.peer or upstream.url).encode("utf-8")))
+        self._received = None
+        reading = read_tail(response, self.proxy.clock, self.proxy.idle_timeout, NOTE_LIMIT)
+        self._pending = reading
+
+        def read(body: bytes | Failure) -> None:
+            self._pending = None
+            self.upstream_owes(False)
+            self._end_active()
+            if self.response.called:
+                return
+            if isinstance(body, Failure):
+                self._give_up(body)
+            else:
+                self.response.callback(LocalAnswer(404, headers, with_note(body, note)))
+
+        reading.addBoth(read)
 
     def _judge(self, response: IResponse) -> bool:
         """Tell the router what the answer says of its upstream; True when it is an Ollana
@@ -616,6 +715,10 @@ class Exchange:
             if self._received is None or self._received_size > KEY_LIMIT:
                 self._choose(self._keyed)  # too big to parse for a key: the model will do
             return
+        if self._whole:
+            if self._received is None or self._received_size > KEY_LIMIT:
+                self._plan(None)  # too big to read whole: the router routes it as it can
+            return
         if self.body is not None:
             self.body.received(data)
         if self._received is not None and self._received_size > self.router.scan_limit:
@@ -628,6 +731,8 @@ class Exchange:
             self._scanned(self.scanner.model)
         elif self._keyed is not None:
             self._choose(self._keyed, self._key(self._keyed))
+        elif self._whole:
+            self._plan(b"".join(self._received) if self._received is not None else None)
         elif self.body is not None:
             self.body.completed()
 
@@ -798,7 +903,9 @@ class Exchange:
         peer = self.upstream.peer if self.upstream is not None else None
         self.proxy.metrics.ended(peer, status, self.first_byte, duration, self.bytes_in,
                                  request.sentLength)  # fmt: skip
-        access(request, peer, status, duration, self.bytes_in)
+        access(request, peer, status, duration, self.bytes_in,
+               cut=None if request.finished or not request.startedWriting
+               else "upstream" if self.client_gone else "client")  # fmt: skip
 
     def _request_done(self, ignored: None) -> None:
         self._count()
@@ -814,6 +921,7 @@ class Exchange:
         self._stop_idle()
         self.scanner = None
         self._keyed = None
+        self._whole = False
         if self.body is not None:
             self.body.discard()
         if self.relay is not None:

@@ -1,7 +1,8 @@
 """The listener's side of the proxy: the request factory that starts an exchange as soon
-as the headers are in, the channel (timeouts, limits, its own error answers), Ollana's own
-pages under /ollana/, the access log, and the site with its connection caps (answered 503
-busy by ``BusyAnswer``) and its graceful drain.
+as the headers are in, the channel (timeouts, limits, its own error answers), browsers
+answered as Ollama answers them (client mode: preflights here, Ollama's CORS headers on
+every answer), Ollana's own pages under /ollana/, the access log, and the site with its
+connection caps (answered 503 busy by ``BusyAnswer``) and its graceful drain.
 
 ``gotLength`` runs before twisted.web has set the request's method and URI, so they are
 read from the channel; that is private to Twisted, which is why setup.cfg pins its range.
@@ -67,6 +68,8 @@ class ProxyRequest(Request):
     _rate_bytes = 0  # body bytes in that window
     _max_body: int | None = None  # the gate's, kept for each chunk of the body
     http_version = b"HTTP/1.1"  # the request line's (ProxyChannel.checkPersistence sets it)
+    cors: tuple[tuple[bytes, bytes], ...] = ()  # CORS headers for the answer (Gate.cors)
+    cors_status: int | None = None  # a browser's request answered here: preflight, refusal
 
     def gotLength(self, length: int | None) -> None:
         target = self.channel._path  # see the module docstring
@@ -87,6 +90,14 @@ class ProxyRequest(Request):
         if refusal is not None:
             self.refuse(*refusal)
             return
+        cors = gate.cors(self.channel._command, self.requestHeaders)
+        if cors is not None:
+            self.cors = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in cors.headers)
+            self.requestHeaders.removeHeader(b"origin")  # judged here, not by a server's Ollama
+            if cors.status is not None:
+                self.cors_status = cors.status
+                self.content = io.BytesIO()  # the body, if any, is read and dropped
+                return
         if target == b"*" or is_local(target):
             super().gotLength(length)  # answered here: the body (small) is kept as usual
             return
@@ -171,7 +182,18 @@ class ProxyRequest(Request):
 
     def write(self, data: bytes) -> None:
         if not self.finished and not self._disconnected:
+            if self.cors and not self.startedWriting:
+                self._add_cors()
             super().write(data)
+
+    def _add_cors(self) -> None:
+        """Ollama's CORS headers, in place of any an upstream sent."""
+        headers = self.responseHeaders
+        for name, _ in list(headers.getAllRawHeaders()):
+            if name.lower().startswith(b"access-control-"):
+                headers.removeHeader(name)
+        for name, value in self.cors:
+            headers.addRawHeader(name, value)
 
 
 class ProxyChannel(HTTPChannel):
@@ -300,6 +322,10 @@ class ProxyResource(Resource):
     def render(self, request: Request) -> Any:
         if getattr(request, "refused", False):
             return NOT_DONE_YET  # answered already; the connection is closing
+        cors_status = getattr(request, "cors_status", None)
+        if cors_status is not None:  # a preflight, or an origin Ollama refuses
+            request.setResponseCode(cors_status)
+            return b""
         exchange = getattr(request, "exchange", None)
         if exchange is not None:
             exchange.respond()

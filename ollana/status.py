@@ -3,7 +3,8 @@
 
 The dashboard shows what api/status says, rendered with twisted.web.template, which escapes
 every value (peer data comes from the network). It is one self-contained page: inline CSS,
-no script, a meta refresh every few seconds.
+no script, a meta refresh every few seconds. A server's status also has its Ollama's models
+(its /api/tags, asked when the page is), under "models".
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ from datetime import datetime, timezone
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.template import Element, Tag, TagLoader, renderElement, tags
 from twisted.web.util import redirectTo
 
 from ollana.interfaces import IServerState
 from ollana.peers import Peer, host_port
+
+log = Logger()
 
 REFRESH_SECONDS = 5
 # Nothing from elsewhere, no script; only the inline style (defence in depth: values are
@@ -54,6 +60,49 @@ def state_status(state: IServerState | None) -> dict[str, Any] | None:
         "slots_free": parallel * len(loaded) - busy,
         "queue": queue,
     }
+
+
+def model_entries(tags: Any) -> list[dict[str, Any]] | None:
+    """The models of an Ollama's /api/tags answer as the status shows them (None when it is
+    not a listing)."""
+    listed = tags.get("models") if isinstance(tags, dict) else None
+    if not isinstance(listed, list):
+        return None
+    return [
+        {key: entry.get(key) for key in ("name", "size", "digest", "modified_at")}
+        for entry in listed
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str)
+    ]
+
+
+def full_status(node: Any) -> defer.Deferred[dict[str, Any]]:
+    """node.status(), with its Ollama's models for a server (None when its Ollama could not
+    say). Never fails."""
+    status = node.status()
+    models = getattr(node, "ollama_models", None)
+    if status.get("mode") != "server" or models is None:
+        return defer.succeed(status)
+
+    def listed(tags: Any) -> dict[str, Any]:
+        return {**status, "models": model_entries(tags)}
+
+    def unlisted(failure: Failure) -> dict[str, Any]:
+        return {**status, "models": None}
+
+    return defer.maybeDeferred(models).addCallbacks(listed, unlisted)
+
+
+def answer_later(request: Request, answering: defer.Deferred[Any], write: Any) -> Any:
+    """Write what answering gives once it has (unless the client has gone): NOT_DONE_YET."""
+    gone: list[bool] = []
+    request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+    def written(result: Any) -> None:
+        if not gone:
+            write(result)
+
+    answering.addCallback(written).addErrback(lambda f: log.failure("Status page failed", f))
+    return NOT_DONE_YET
 
 
 def peer_status(peer: Peer, now: float) -> dict[str, Any]:
@@ -108,10 +157,15 @@ class _NodePage(Resource):
 class StatusJSON(_NodePage):
     """/ollana/api/status: node.status() as JSON."""
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> Any:
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(self.node.status(), indent=2).encode("utf-8") + b"\n"
+
+        def write(status: dict[str, Any]) -> None:
+            request.write(json.dumps(status, indent=2).encode("utf-8") + b"\n")
+            request.finish()
+
+        return answer_later(request, full_status(self.node), write)
 
 
 class MetricsPage(_NodePage):
@@ -130,7 +184,11 @@ class Dashboard(_NodePage):
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-security-policy", DASHBOARD_POLICY)
         request.setHeader(b"x-content-type-options", b"nosniff")
-        return renderElement(request, DashboardPage(self.node.status()))
+
+        def write(status: dict[str, Any]) -> None:
+            renderElement(request, DashboardPage(status))
+
+        return answer_later(request, full_status(self.node), write)
 
 
 class DashboardPage(Element):
@@ -186,7 +244,9 @@ def page(status: dict[str, Any]) -> Tag:
     body = tags.body(
         tags.h1("Ollana ", tags.span(mode, class_="mode")),
         summary(status),
-        ollama_section(status["ollama"]) if status.get("ollama") is not None else "",
+        ollama_section(status["ollama"], status.get("models"))
+        if status.get("ollama") is not None
+        else "",
         load_section(status["state"]) if status.get("state") is not None else "",
         peers_section(status["peers"]) if mode == "client" else "",
         tags.footer(
@@ -219,17 +279,32 @@ def summary(status: dict[str, Any]) -> Tag:
     )
 
 
-def ollama_section(ollama: dict[str, Any]) -> Tag:
-    """Server mode: the local Ollama's state."""
+def ollama_section(ollama: dict[str, Any], models: list[dict[str, Any]] | None) -> Tag:
+    """Server mode: the local Ollama's state and models."""
     version, healthy = ollama.get("version"), bool(ollama["healthy"])
+    if models is None:
+        listed = "- (the Ollama did not say)"
+    else:
+        listed = ", ".join(f"{m['name']} ({size(m.get('size'))})" for m in models) or "none"
     return tags.section(
         tags.h2("Local Ollama"),
         tags.dl(
             entry("URL", str(ollama["url"])),
             entry("State", health(healthy, "" if healthy else str(ollama.get("reason") or ""))),
             entry("Version", "-" if version is None else str(version)),
+            entry("Models", listed),
         ),
     )
+
+
+def size(value: Any) -> str:
+    """A size in bytes as Ollama shows it (decimal units: 2.0 GB)."""
+    if not isinstance(value, int | float) or value < 0:
+        return "?"
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{int(value)} B"
 
 
 def load_section(state: dict[str, Any]) -> Tag:

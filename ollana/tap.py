@@ -8,21 +8,108 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import signal
 import sys
-from typing import Any
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn
 
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.python import usage
 
-from ollana import config
+from ollana import __version__, config
 from ollana.auth import load_secret
 from ollana.config import Settings
 from ollana.gate import parse_network
 from ollana.load import environment_limits
+from ollana.peers import host_port
 from ollana.strategy import DEFAULT as DEFAULT_STRATEGY
 from ollana.strategy import STRATEGIES
 
+log = Logger()
 
-class DiscoveryOptions(usage.Options):
+# ollana serve -d: the pipe on which the daemon says, in one line, that it listens
+# ("ready PID ADDRESS") or why it could not start ("failed REASON").
+READY_FD_ENV = "OLLANA_READY_FD"
+START_CHECK = 0.1  # seconds between looks at whether the daemon listens yet
+
+# The headings of twistd ollana --help (and ollana serve --help), with their options.
+OPTION_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Mode", ("mode", "ollama", "listen")),
+    ("Discovery", ("no-discovery", "broadcast", "discovery-port", "discovery-interface",
+                   "probe-interval", "peer")),
+    ("Routing", ("strategy", "attempts", "health-interval", "unhealthy-after",
+                 "models-interval", "scan-limit", "ollama-parallel", "ollama-max-queue",
+                 "ollama-max-loaded")),
+    ("Security", ("secret-file", "allow", "tls", "tls-cert", "tls-key", "tls-dir", "tls-ca")),
+    ("Limits", ("max-connections", "max-body", "header-timeout", "connect-timeout",
+                "first-byte-timeout", "idle-timeout", "drain-timeout")),
+    ("Logging", ()),
+    ("Other", ("help", "version")),
+)  # fmt: skip
+LOGGING_NOTE = (
+    "twistd's --logger ollana.logs.text_observer (or ollana.logs.json_observer) writes "
+    "the lines at $OLLANA_LOG_LEVEL (debug, info, warn, error or critical; default info) "
+    "and above, to the file $OLLANA_LOGFILE names, rotated and capped; ollana serve sets both."
+)
+
+
+class OllanaOptions(usage.Options):
+    """Options whose --version is Ollana's (usage.Options would print Twisted's)."""
+
+    def opt_version(self) -> NoReturn:
+        """Display Ollana's version and exit."""
+        print(f"ollana {__version__}")
+        sys.exit(0)
+
+
+def option_entries(options: usage.Options) -> dict[str, dict[str, Any]]:
+    """Each long option of options, by name, as usage.docMakeChunks takes it."""
+    short = {long: key for key, long in options.synonyms.items() if len(key) == 1}
+    entries = {}
+    for declared in options.longOpt:
+        name = declared.rstrip("=")
+        entries[name] = {
+            "long": name,
+            "short": short.get(name),
+            "doc": options.docs.get(name),
+            "optType": "parameter" if declared.endswith("=") else "flag",
+            "default": options.defaults.get(name),
+        }
+    return entries
+
+
+def grouped_usage(
+    entries: Mapping[str, dict[str, Any]],
+    groups: Sequence[tuple[str, Sequence[str]]],
+    width: int | None = None,
+    notes: Mapping[str, str] | None = None,
+) -> str:
+    """Help text with the options under headings, in the groups' order, columns aligned
+    across all of them; an option in no group is listed under the last heading, a heading
+    with neither options nor a note is left out."""
+    width = width or int(os.environ.get("COLUMNS", "80"))
+    listed = list(entries.values())
+    chunks = usage.docMakeChunks(listed, width)  # sorts listed as it makes its chunks
+    text = dict(zip([entry["long"] for entry in listed], chunks, strict=True))
+    grouped = {name for _, names in groups for name in names}
+    rest = [entry["long"] for entry in listed if entry["long"] not in grouped]
+    parts = []
+    for i, (heading, names) in enumerate(groups):
+        shown = [name for name in names if name in text]
+        if i == len(groups) - 1:
+            shown += rest
+        note = (notes or {}).get(heading)
+        if shown or note:
+            body = "".join(text[name] for name in shown)
+            if note:
+                body += "".join(f"  {line}\n" for line in textwrap.wrap(note, width - 2))
+            parts.append(f"{heading}:\n{body}")
+    return "\n".join(parts)
+
+
+class DiscoveryOptions(OllanaOptions):
     """The discovery options that both twistd ollana and ollana discover take."""
 
     optParameters = [
@@ -243,9 +330,19 @@ class Options(DiscoveryOptions):
         self["max-connections"] = config.parse_count(
             str(self["max-connections"]), "--max-connections", most=100000
         )
-        if self["mode"] == "client" and self["no-discovery"] and not self["peer"]:
-            raise usage.UsageError("--no-discovery in client mode needs at least one --peer")
+        if self["mode"] != "server" and self["no-discovery"] and not self["peer"]:
+            raise usage.UsageError(  # auto mode would be a client that finds no server
+                f"--no-discovery in {self['mode']} mode needs at least one --peer"
+                + (" (or --mode server)" if self["mode"] == "auto" else "")
+            )
         self._check_tls()
+
+    def getUsage(self, width: int | None = None) -> str:
+        """The options under headings (usage.Options lists them in one)."""
+        width = width or int(os.environ.get("COLUMNS", "80"))
+        options = grouped_usage(option_entries(self), OPTION_GROUPS, width,
+                                {"Logging": LOGGING_NOTE})  # fmt: skip
+        return options + "\n" + "\n".join(textwrap.wrap(self.longdesc, width)) + "\n"
 
     def _check_tls(self) -> None:
         """Load or make the server's certificate and read the clients' CA now, so that a
@@ -332,7 +429,11 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     health_connections.setName("health-connections")
     health_connections.setServiceParent(service)
     if exit_code_from_failure:
-        atexit.register(_exit_if_failed, service)
+        ready = os.environ.pop(READY_FD_ENV, None)
+        report = StartReport(int(ready) if ready and ready.isdigit() else None)
+        atexit.register(_exit_if_failed, service, report)
+        reactor.callWhenRunning(report.watch, service, reactor)
+        reactor.callWhenRunning(SecondSignal(reactor).install)
         # What start-up made (modules, settings) lives as long as the process: moved out of
         # the cyclic collector's view, full collections no longer stall the proxy for tens
         # of milliseconds (p99 of a small GET at 32 connections: 46 -> 28 ms).
@@ -340,9 +441,108 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     return service
 
 
-def _exit_if_failed(service: Any) -> None:
-    """twistd exits 0 whatever happened: make a fatal start-up error exit 1."""
+class StartReport:
+    """Tells ollana serve -d, on the pipe it gave (a file descriptor; None: nobody asks),
+    once the daemon listens, with its process id and address, or why it could not start:
+    one line, then the pipe is closed."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        self._loop: LoopingCall | None = None
+
+    def watch(self, service: Any, clock: Any, interval: float = START_CHECK) -> None:
+        """Look at the service every interval seconds until it listens or has failed."""
+        if self.fd is None:
+            return
+
+        def look() -> None:
+            try:
+                line = start_line(service, os.getpid())
+            except Exception:
+                log.failure("Could not tell whether Ollana listens")
+                line = "failed could not tell whether Ollana listens; see its log"
+            if line is not None:
+                self.say(line)
+
+        self._loop = LoopingCall(look)
+        self._loop.clock = clock
+        self._loop.start(interval, now=True)
+
+    def say(self, line: str) -> None:
+        """Write line (the first only) and close the pipe."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            os.write(fd, line.encode("utf-8", "replace") + b"\n")
+            os.close(fd)
+        except OSError:
+            pass  # ollana serve is gone (or gave no pipe): nobody to tell
+
+
+def start_line(service: Any, pid: int) -> str | None:
+    """What StartReport says of the service now: failed, listening, or nothing yet."""
     if service.failure is not None:
+        return "failed " + " ".join(str(service.failure).split())
+    listener = service.namedServices.get("http")
+    port = getattr(listener, "port", None)
+    if port is None:
+        return None
+    address = port.getHost()
+    path = getattr(address, "name", None)  # a UNIX socket's
+    if path is not None:
+        where = os.fsdecode(path)
+    else:
+        where = host_port(address.host, address.port)
+    return f"ready {pid} {where}"
+
+
+class SecondSignal:
+    """SIGINT or SIGTERM once stopping: the first signal is the reactor's (requests under
+    way may finish, up to --drain-timeout); another one, which the reactor would answer with
+    a ReactorNotRunning traceback, stops at once: every connection is closed now."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.stopping = False
+        self.first: dict[int, Callable[[int, Any], object]] = {}
+
+    def install(self) -> None:
+        """Stand in front of the reactor's handlers of SIGINT and SIGTERM, where it has any."""
+        self.reactor.addSystemEventTrigger("before", "shutdown", self._stopping)
+        for number in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(number)
+            if callable(handler):
+                self.first[number] = handler
+                signal.signal(number, self)
+
+    def _stopping(self) -> None:
+        self.stopping = True
+
+    def __call__(self, number: int, frame: Any) -> None:
+        if self.stopping:
+            self.reactor.callFromThread(self.stop_now, number)
+        else:
+            self.stopping = True
+            self.first[number](number, frame)
+
+    def stop_now(self, number: int) -> None:
+        """Close every connection, so that the stop need not wait for any."""
+        selectables = {*self.reactor.getReaders(), *self.reactor.getWriters()}
+        connections = [c for c in selectables if callable(getattr(c, "abortConnection", None))]
+        log.warn("{signal} again: stopping now, closing {count} connection(s)",
+                 signal=signal.Signals(number).name, count=len(connections))  # fmt: skip
+        for connection in connections:
+            connection.abortConnection()
+
+
+def _exit_if_failed(service: Any, report: StartReport) -> None:
+    """twistd exits 0 whatever happened: make a fatal start-up error exit 1 (and say it to
+    ollana serve -d, if the daemon stopped before it could)."""
+    if service.failure is not None:
+        report.say(start_line(service, os.getpid()) or "")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)

@@ -50,6 +50,9 @@ class Upstream:
     model: str | None = field(default=None, compare=False)
     key: str | None = field(default=None, compare=False, repr=False)
     route: str | None = field(default=None, compare=False)
+    # Told the status of the answer that is relayed from here (what the router learns of a
+    # model management request: a blob stored, a model made).
+    on_answer: Callable[[int], object] | None = field(default=None, compare=False, repr=False)
 
 
 class NoUpstream(Exception):
@@ -74,6 +77,24 @@ class LocalAnswer:
 
 
 Listing = Callable[[], defer.Deferred[LocalAnswer]]  # an answer made here, when asked
+# When Router.plan routes a request: at once (from its head), or once its (small) body is in.
+AT_ONCE, WITH_BODY = "at once", "with body"
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What one upstream answered to a copy of a request (ollana.management.Copies): its
+    status and content type, and the end of its body; or why there was no answer."""
+
+    upstream: Upstream
+    code: int | None = None
+    content_type: bytes | None = None
+    body: bytes = b""
+    error: str | None = None
+
+
+Sender = Callable[[Upstream], defer.Deferred[Sent]]  # sends a copy of the request there
+Plan = list[Upstream] | defer.Deferred[LocalAnswer]  # upstreams to try, or an answer made here
 
 
 class Watcher(typing.Protocol):
@@ -111,6 +132,20 @@ class Router:
         """Whether the request's body (when small) may give a conversation affinity key."""
         return False
 
+    def plans(self, method: bytes, path: bytes) -> str | None:
+        """Whether plan() routes this request (model management), AT_ONCE or WITH_BODY."""
+        return None
+
+    def plan(self, method: bytes, path: bytes, headers: Headers, body: bytes | None,
+             send: Sender) -> Plan:  # fmt: skip
+        """Where a request that plans() names goes, given its whole body (None: not read,
+        or too large): the upstreams to try, or an answer made here (send sends copies)."""
+        return self.candidates(None)
+
+    def missing(self, model: str, asked: Sequence[str]) -> str | None:
+        """What to add to a 404 for model from the upstreams asked, if anything."""
+        return None
+
     def candidates(self, model: str | None, key: str | None = None) -> list[Upstream]:
         """The upstreams to try, in order (at least one), or NoUpstream."""
         if self.upstream is None:
@@ -131,7 +166,7 @@ class Router:
         return False
 
     def lists(self, upstream: Upstream, model: str) -> bool:
-        """Whether upstream is known to have model."""
+        """Whether upstream is worth asking for model after another answered 404."""
         return False
 
     def response_headers(self) -> Sequence[tuple[bytes, bytes]]:

@@ -1,6 +1,7 @@
 """A LAN in memory: a reactor whose TCP connections join, through twisted.test.iosim, the
 listeners registered on it, with time on its own clock. Client nodes, server nodes and
-simulated Ollamas run here as they do on sockets, deterministically and at once.
+simulated Ollamas run here as they do on sockets, deterministically and at once; ``fetch``
+makes one request and runs the network until its answer is in.
 
 As treq.testing does for one Agent and one resource, but for a whole chain: an app's
 request to a client-mode ProxySite goes on to a server-mode ProxySite and to the
@@ -14,6 +15,7 @@ import itertools
 import json
 import random
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
@@ -33,6 +35,8 @@ from ollana.gate import Gate
 from ollana.health import AgentGetter, LocalOllamaMonitor, OllamaProbe, PeerHealthChecker
 from ollana.listings import MergedListings
 from ollana.load import OllamaLoad
+from ollana.management import WholeBody
+from ollana.origins import OriginPolicy
 from ollana.peers import PeerPool
 from ollana.proxy import ProxySettings
 from ollana.routing import LocalRouter, PoolRouter, take_report
@@ -153,11 +157,12 @@ class ClientNode:
             on_report=lambda peer, headers: take_report(peer, headers, None),
         )  # fmt: skip
         checker.startService()
-        listings = MergedListings(self.pool, None, network, 3)  # type: ignore[arg-type]
+        listings = MergedListings(self.pool, getter, network, 3)
         self.router = PoolRouter(self.pool, checker, listings, strategy,
                                  rng=random.Random(seed))  # fmt: skip
         agent = make_agent(network, connect_timeout=5)
-        settings = ProxySettings(agent, self.router, network, gate=Gate(check_host=True))
+        gate = Gate(check_host=True, origins=OriginPolicy())
+        settings = ProxySettings(agent, self.router, network, gate=gate)
         network.serve(host, 11434, ProxySite(settings))
 
     @property
@@ -298,3 +303,68 @@ class ChatWorkload:
                 self.answers.append(user["answer"])
         if not self.done():
             self.network.callLater(0.1, self._tick)
+
+
+@dataclass
+class Reply:
+    """What came back for one request (fetch)."""
+
+    status: int | None = None
+    headers: Headers = field(default_factory=Headers)
+    body: bytes = b""
+    done: bool = False
+    error: str | None = None
+
+    def header(self, name: bytes) -> str | None:
+        values = self.headers.getRawHeaders(name)
+        return values[-1].decode() if values else None
+
+    @property
+    def peer(self) -> str | None:
+        return self.header(b"x-ollana-peer")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def lines(self) -> list[Any]:
+        """The body's NDJSON lines."""
+        return [json.loads(line) for line in self.body.splitlines() if line.strip()]
+
+
+def fetch(
+    network: MemoryNetwork,
+    agent: Any,
+    method: bytes,
+    url: str,
+    body: Any = None,
+    headers: dict[bytes, bytes] | None = None,
+    most: float = 60,
+) -> Reply:
+    """One request (a body as bytes, or JSON of any other value), run on the network until
+    its answer has all come (or most seconds have passed)."""
+    reply = Reply()
+    raw = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    sent = Headers({b"content-type": [b"application/json"]})
+    for name, value in (headers or {}).items():
+        sent.setRawHeaders(name, [value])
+
+    class Collect(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            reply.body += data
+
+        def connectionLost(self, reason: Failure = connectionDone) -> None:
+            reply.done = True
+            if not reason.check(ResponseDone):
+                reply.error = reason.getErrorMessage()
+
+    def got(response: Any) -> None:
+        reply.status, reply.headers = response.code, response.headers
+        response.deliverBody(Collect())
+
+    def failed(failure: Failure) -> None:
+        reply.done, reply.error = True, failure.getErrorMessage()
+
+    producer = WholeBody(raw) if raw is not None else None
+    agent.request(method, url.encode("ascii"), sent, producer).addCallbacks(got, failed)
+    network.run_until(lambda: reply.done, most)
+    return reply

@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -17,11 +18,12 @@ from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool, ResponseFailed
 from twisted.web.server import Site
 
-from ollana import cli, wire
+from ollana import __version__, cli, wire
 from ollana.cli import (
     DiscoverOptions,
     ServeOptions,
@@ -182,7 +184,8 @@ class UsageTests(SynchronousTestCase):
         self.assertEqual(code, 2)
         self.assertIn("Usage: ollana COMMAND", err)
         self.assertEqual(
-            err.splitlines()[-1], "ollana: give a command: discover, status, serve or demo"
+            err.splitlines()[-1],
+            "ollana: give a command: discover, status, models, ps, serve, demo or version",
         )
 
     def test_unknown_command(self) -> None:
@@ -203,6 +206,12 @@ class UsageTests(SynchronousTestCase):
             (["serve", "-d", "--pidfile="], "ollana: --pidfile: give a path"),
             (["serve", "stray"], "ollana: unexpected argument 'stray': options start with --"),
             (["serve", "-x"], "ollana: option -x not recognized"),
+            (["serve", "--log-level", "loud"],
+             "ollana: --log-level: must be one of debug, info, warn, error, critical, not 'loud'"),
+            (["serve", "--ollama", "not a url"],
+             "ollana: --ollama: not an http(s) URL or HOST:PORT: 'not a url'"),
+            (["serve", "--no-discovery"],
+             "ollana: --no-discovery in auto mode needs at least one --peer (or --mode server)"),
             (["status", "--url", "ftp://x"],
              "ollana: --url: scheme must be http or https, not 'ftp'"),
             (["status", "--timeout", "0"],
@@ -213,6 +222,36 @@ class UsageTests(SynchronousTestCase):
         for argv, line in cases:
             code, err = self.run_main(*argv)
             self.assertEqual((code, err), (2, line + "\n"), argv)
+
+
+class VersionTests(SynchronousTestCase):
+    """Ollana's version, not Twisted's, however asked."""
+
+    def run_main(self, *argv: str) -> tuple[int, str]:
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        e = self.assertRaises(SystemExit, main, list(argv))
+        return e.code, out.getvalue()
+
+    def test_ollana_version(self) -> None:
+        for argv in (["--version"], ["version"], ["serve", "--version"], ["status", "--version"],
+                     ["discover", "--version"], ["demo", "--version"]):  # fmt: skip
+            self.assertEqual(self.run_main(*argv), (0, f"ollana {__version__}\n"), argv)
+
+    def test_twistd_ollana_version(self) -> None:
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        twistd = cli._twistd_options()
+        e = self.assertRaises(SystemExit, twistd.parseOptions, ["ollana", "--version"])
+        self.assertEqual((e.code, out.getvalue()), (0, f"ollana {__version__}\n"))
+
+    def test_twistd_ollana_help_has_the_headings(self) -> None:
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        twistd = cli._twistd_options()
+        self.assertRaises(SystemExit, twistd.parseOptions, ["ollana", "--help"])
+        self.assertTrue(out.getvalue().startswith("Usage: twistd [options] ollana [options]\n"))
+        self.assertIn("\nSecurity:\n      --secret-file=", out.getvalue())
 
 
 ENV = {"HOME": "/home/ann", "XDG_RUNTIME_DIR": "/run/user/1000"}
@@ -286,6 +325,12 @@ class ServeArgumentTests(SynchronousTestCase):
         c = command("--log-format", "json", "--logfile", "/tmp/o.jsonl")
         self.assertEqual(c.env, {"OLLANA_LOGFILE": "/tmp/o.jsonl"})
 
+    def test_log_level(self) -> None:
+        c = command("--log-level", "DEBUG", "--mode", "server")
+        self.assertEqual(c.env, {"OLLANA_LOGFILE": None, "OLLANA_LOG_LEVEL": "debug"})
+        self.assertEqual(c.argv[-3:], ["ollana", "--mode", "server"], "serve's own option")
+        self.assertNotIn("OLLANA_LOG_LEVEL", command("-d").env, "$OLLANA_LOG_LEVEL is kept")
+
     def test_plugin_options_pass_through_unchanged(self) -> None:
         argv = [
             "--mode", "client", "-d", "--peer", "198.18.0.2:11435", "--pid=/tmp/o.pid",
@@ -301,7 +346,7 @@ class ServeArgumentTests(SynchronousTestCase):
         )  # fmt: skip
 
     def test_split(self) -> None:
-        own = ["daemon", "pidfile=", "logfile=", "log-format=", "help"]
+        own = ["daemon", "pidfile=", "logfile=", "log-format=", "log-level=", "help"]
         plugin = Options().longOpt
         self.assertEqual(
             split_serve_args(["--ollama", "-d", "--logf", "l", "-d"], own, plugin),
@@ -318,10 +363,26 @@ class ServeArgumentTests(SynchronousTestCase):
         self.assertEqual(tilde("/home/annex/x", env), "/home/annex/x")
         self.assertEqual(tilde(None, env), "-")
 
-    def test_help_lists_both(self) -> None:
-        text = str(ServeOptions())
-        self.assertIn("--log-format", text)
-        self.assertIn("--discovery-port", text)
+    def test_help_lists_both_under_headings(self) -> None:
+        text = ServeOptions().getUsage(width=100)
+        headings = [line for line in text.splitlines() if line.endswith(":") and line[0] != " "]
+        self.assertEqual(
+            headings,
+            ["Mode:", "Discovery:", "Routing:", "Security:", "Limits:", "Logging:", "Other:"],
+        )
+        mode = text.split("Mode:\n", 1)[1].split("\n\nDiscovery:", 1)[0]
+        self.assertEqual(
+            re.findall(r"--([\w-]+)", mode)[:4], ["daemon", "pidfile", "mode", "ollama"]
+        )
+        logging = text.split("Logging:\n", 1)[1].split("\n\nOther:", 1)[0]
+        self.assertEqual(
+            re.findall(r"^ {2}(?:-\w,| {3}) --([\w-]+)", logging, flags=re.M),
+            ["logfile", "log-format", "log-level"],
+        )
+        listed = re.findall(r"^ {2}(?:-\w,| {3}) --([\w-]+)", text, flags=re.M)
+        own = ["daemon", "pidfile", "logfile", "log-format", "log-level"]
+        everything = {*own, *(o.rstrip("=") for o in Options().longOpt)}
+        self.assertEqual(sorted(listed), sorted(everything), "each option once")
 
 
 class StatusFormatTests(SynchronousTestCase):
@@ -413,6 +474,36 @@ class StatusFormatTests(SynchronousTestCase):
                 "Queue    1 (Ollama queues up to 512)",
             ],
         )
+
+
+class StatusAddressTests(SynchronousTestCase):
+    """Where ollana status asks: --url, or $OLLAMA_HOST first (as ollama would), then the
+    client's and the server's ports on this machine."""
+
+    def urls(self, env: dict[str, str], *argv: str) -> list[str]:
+        options = StatusOptions(environ=env)
+        options.parseOptions(list(argv))
+        return list(options["urls"])
+
+    def test_ollama_host_first(self) -> None:
+        defaults = list(cli.STATUS_URLS)
+        self.assertEqual(self.urls({}), defaults)
+        self.assertEqual(self.urls({"OLLAMA_HOST": " "}), defaults)
+        self.assertEqual(self.urls({"OLLAMA_HOST": "gpu.lan"}), ["http://gpu.lan:11434", *defaults])
+        self.assertEqual(
+            self.urls({"OLLAMA_HOST": "https://gpu.lan"}), ["https://gpu.lan:443", *defaults]
+        )
+        self.assertEqual(self.urls({"OLLAMA_HOST": "[::1]:8080"}), ["http://[::1]:8080", *defaults])
+        self.assertEqual(self.urls({"OLLAMA_HOST": "0.0.0.0"}), defaults, "asked once")
+        self.assertEqual(
+            self.urls({"OLLAMA_HOST": ":11435"}), [defaults[1], defaults[0]], "asked first"
+        )
+        self.assertEqual(self.urls({"OLLAMA_HOST": "gpu.lan"}, "--url", ":1"),
+                         ["http://127.0.0.1:1"], "--url wins")  # fmt: skip
+
+    def test_a_bad_ollama_host_is_one_line(self) -> None:
+        e = self.assertRaises(UsageError, self.urls, {"OLLAMA_HOST": "ftp://gpu.lan"})
+        self.assertEqual(str(e), "OLLAMA_HOST: scheme must be http or https, not 'ftp'")
 
 
 class StatusTests(TestCase):
@@ -520,6 +611,17 @@ class StatusTests(TestCase):
         self.assertIn(f"{url}: HTTP 404, so not an Ollana (a plain Ollama?)", err)
         await accepted_connections_closed(reactor, listening.getHost().port)
 
+    async def test_ollama_host_is_asked_first(self) -> None:
+        await self.setUpNodes()
+        env = {**python_env(), "OLLAMA_HOST": f"127.0.0.1:{self.server_port}"}
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "ollana", "status"], env=env, path=str(REPO)
+        )
+        self.assertEqual((code, err), (0, b""))
+        lines = out.decode().splitlines()
+        self.assertEqual(lines[0], f"Ollana   http://127.0.0.1:{self.server_port}")
+        self.assertNotIn("Asked", out.decode(), "nothing asked before it")
+
     async def test_exit_status_of_the_command(self) -> None:
         free = f"http://127.0.0.1:{free_tcp_port()}"
         out, err, code = await getProcessOutputAndValue(
@@ -586,17 +688,17 @@ class ServeProcessTests(TestCase):
             path=str(REPO),
         )  # fmt: skip
         self.assertEqual((code, err), (0, b""))
-        self.assertEqual(
+        started = re.fullmatch(
+            r"Ollana listens on 127\.0\.0\.1:(\d+), in the background as process (\d+) "
+            rf"\(pidfile {re.escape(tilde(pidfile))}, log {re.escape(tilde(logfile))}\)\n",
             out.decode(),
-            f"Starting Ollana in the background; pidfile {tilde(pidfile)}, log {tilde(logfile)}\n",
         )
-        with open(pidfile) as f:
-            pid = int(f.read())
+        assert started is not None, out
+        port, pid = started.group(1), int(started.group(2))
         self.addCleanup(kill_quietly, pid)
-        await eventually(reactor, lambda: "Listening for HTTP" in read_text(logfile))
-        [port] = [line.rsplit(":", 1)[1] for line in read_text(logfile).splitlines()
-                  if "Listening for HTTP" in line]  # fmt: skip
-        code, _ = await self.get(f"http://127.0.0.1:{port}/api/version")
+        with open(pidfile) as f:
+            self.assertEqual(int(f.read()), pid)
+        code, _ = await self.get(f"http://127.0.0.1:{port}/api/version")  # at once
         self.assertEqual(code, 200)
 
         out, err, code = await getProcessOutputAndValue(
@@ -616,6 +718,114 @@ class ServeProcessTests(TestCase):
         await eventually(reactor, lambda: not os.path.exists(pidfile) and not process_alive(pid))
         self.assertIn("Server Shut Down.", read_text(logfile))
         self.assertNotIn("Traceback", read_text(logfile))
+
+    async def test_daemon_that_cannot_listen_says_why(self) -> None:
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = os.path.abspath(self.mktemp())
+        pidfile, logfile = os.path.join(run, "ollana.pid"), os.path.join(run, "ollana.log")
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "ollana", "serve", "-d", "--pidfile", pidfile, "--logfile", logfile,
+             "--mode", "server", "--no-discovery", "--listen", f"tcp:{port}:interface=127.0.0.1",
+             "--ollama", self.ollama],
+            env=python_env(),
+            path=str(REPO),
+        )  # fmt: skip
+        self.assertEqual((code, out), (1, b""))
+        self.assertEqual(
+            err.decode(),
+            f"ollana: Cannot listen on TCP port {port} on 127.0.0.1: Address already in use. "
+            "Choose another with --listen.\n",
+        )
+        await eventually(reactor, lambda: not os.path.exists(pidfile), what="the pidfile gone")
+        self.assertIn("Address already in use", read_text(logfile))
+
+    async def test_a_second_ctrl_c_stops_at_once(self) -> None:
+        fake = FakeOllama(models=["llama3.2:latest"], clock=reactor)
+        fake.gated = True
+        ollama = reactor.listenTCP(0, fake.site(), interface="127.0.0.1")
+        self.addCleanup(ollama.stopListening)
+        child = ChildProcess.spawn(reactor, [
+            "-m", "ollana", "serve", *SERVER, "--drain-timeout", "60",
+            "--ollama", f"http://127.0.0.1:{ollama.getHost().port}",
+        ])  # fmt: skip
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
+        port = (await child.wait_for(r"Listening for HTTP on 127\.0\.0\.1:(\d+)")).group(1)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        streaming = treq.post(f"http://127.0.0.1:{port}/api/generate", pool=pool,
+                              json={"model": "llama3.2", "prompt": "a b c"})  # fmt: skip
+        fake.release()
+        response = await streaming
+        child.signal("INT")
+        await child.wait_for(r"Letting 1 request\(s\) finish, for up to 60 s")
+        asked = reactor.seconds()
+        child.signal("INT")
+        await child.when_ended()
+        self.assertLess(reactor.seconds() - asked, 10, "not the 60 s of the drain")
+        self.assertEqual(child.exit_signal, signal.SIGINT, child.output())
+        self.assertRegex(child.output(), r"SIGINT again: stopping now, closing \d+ connection")
+        self.assertNotIn("Traceback", child.output())
+        self.assertNotIn("ReactorNotRunning", child.output())
+        self.assertIn("Server Shut Down.", child.output())
+        await self.assertFailure(response.content(), ResponseFailed)
+
+
+class StartedTests(SynchronousTestCase):
+    """What ollana serve -d says, from the daemon's line on its pipe."""
+
+    def setUp(self) -> None:
+        self.log = os.path.abspath(self.mktemp())
+        self.command = cli.TwistdCommand([], "/run/o.pid", self.log, {})
+
+    def test_lines(self) -> None:
+        self.assertEqual(
+            cli.started("ready 42 127.0.0.1:11435", self.command, 30),
+            (0, "Ollana listens on 127.0.0.1:11435, in the background as process 42 "
+                f"(pidfile /run/o.pid, log {tilde(self.log)})"),
+        )  # fmt: skip
+        self.assertEqual(
+            cli.started("failed Cannot listen on UDP port 11436: in use.", self.command, 30),
+            (1, "ollana: Cannot listen on UDP port 11436: in use."),
+        )
+        self.assertEqual(
+            cli.started(None, self.command, 30),
+            (1, f"ollana: Ollana does not listen after 30 s; see its log {tilde(self.log)}"),
+        )
+
+    def test_a_daemon_gone_without_a_word_is_read_from_its_log(self) -> None:
+        gone = (1, f"ollana: Ollana stopped as it started: see its log {tilde(self.log)}")
+        self.assertEqual(cli.started("", self.command, 30), gone, "no log yet")
+        with open(self.log, "w") as f:
+            f.write("2026-01-01T00:00:00+0000 [x#error] first\n"
+                    "2026-01-01T00:00:01+0000 [x#critical] Cannot do it: at all\n"
+                    "2026-01-01T00:00:02+0000 [x#info] Server Shut Down.\n")  # fmt: skip
+        self.assertEqual(
+            cli.started("", self.command, 30),
+            (1, "ollana: Ollana stopped as it started: Cannot do it: at all"),
+        )
+        with open(self.log, "a") as f:
+            f.write(json.dumps({"level": "error", "message": "in JSON"}) + "\n{not json\n")
+        self.assertEqual(
+            cli.started("", self.command, 30),
+            (1, "ollana: Ollana stopped as it started: in JSON"),
+        )
+
+    def test_await_line(self) -> None:
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        self.assertIsNone(cli.await_line(read, 0.01), "nothing yet")
+        os.write(write, b"ready 1 ")
+        os.write(write, b"x\nmore")
+        self.assertEqual(cli.await_line(read, 1), "ready 1 x")
+        os.close(write)
+        read2, write2 = os.pipe()
+        self.addCleanup(os.close, read2)
+        os.close(write2)
+        self.assertEqual(cli.await_line(read2, 1), "", "closed without a word")
 
 
 class DemoProcessTests(TestCase):

@@ -309,3 +309,72 @@ class LanProxyTests(TestCase):
         # Dropped, not found failing: no request tried it, no check found it down.
         self.assertNotIn(f"elsewhere: http://{self.a.peer}", self.client.output())
         self.assertNotIn(f"Server http://{self.a.peer} is unhealthy", self.client.output())
+
+    async def test_model_management_with_ollama_python(self) -> None:
+        """ollama-python against the client, as against one Ollama: a blob pushed and a
+        model created from it, then shown and run; a pull; a copy; a delete of a model both
+        servers have, and of one none has (404); the listing says which server has what."""
+        await self.start()
+        env = {k: v for k, v in python_env().items() if not k.lower().endswith("_proxy")}
+        out, err, code = await getProcessOutputAndValue(
+            "/usr/bin/env",
+            [*self.client_host.command(), sys.executable, "-c", OLLAMA_PYTHON],
+            env=env,
+            path=str(REPO),
+        )
+        self.assertEqual(code, 0, err.decode("utf-8", "replace"))
+        steps = json.loads(out)
+        ok = {"ok": True, "value": "success"}
+        for step in ("create", "pull", "copy", "delete"):
+            self.assertEqual(steps[step], ok, step)
+        self.assertEqual(steps["show"], {"ok": True, "value": "mine:latest"})
+        self.assertEqual(steps["generate"], {"ok": True, "value": "hello world"})
+        self.assertEqual(steps["show gamma"], {"ok": True, "value": "gamma:latest"})
+        self.assertEqual(steps["delete again"]["status"], 404)
+        self.assertRegex(
+            steps["delete again"]["error"],
+            r"^model 'shared' not found \(ollana: "
+            r"no server has it; asked 198\.18\.0\.\d+:11435, 198\.18\.0\.\d+:11435\)$",
+        )
+        tags = await self.drive("get", "/api/tags")
+        where = {m["name"]: m["ollana_servers"] for m in tags["body"]["models"]}
+        [home] = where["mine:latest"]
+        self.assertEqual(where["mine2:latest"], [home])
+        self.assertEqual(len(where["gamma:latest"]), 1)
+        self.assertEqual(
+            (where["alpha:latest"], where["beta:latest"]), ([self.a.peer], [self.b.peer])
+        )
+        self.assertNotIn("shared:latest", where)
+
+
+# Run by test_model_management_with_ollama_python in the client's namespace: each step's
+# outcome, as JSON.
+OLLAMA_PYTHON = """
+import json, sys, tempfile
+import ollama
+
+client = ollama.Client(host="http://127.0.0.1:11434", timeout=30)
+steps = {}
+
+
+def step(name, call):
+    try:
+        steps[name] = {"ok": True, "value": call()}
+    except ollama.ResponseError as e:
+        steps[name] = {"ok": False, "status": e.status_code, "error": e.error}
+
+
+with tempfile.NamedTemporaryFile(suffix=".gguf") as blob:
+    blob.write(b"GGUF, as far as a simulated Ollama can tell")
+    blob.flush()
+    digest = client.create_blob(blob.name)
+step("create", lambda: client.create(model="mine", files={"mine.gguf": digest}).status)
+step("show", lambda: client.show("mine") and "mine:latest")
+step("generate", lambda: client.generate(model="mine", prompt="hello world").response.strip())
+step("pull", lambda: client.pull("gamma").status)
+step("show gamma", lambda: client.show("gamma") and "gamma:latest")
+step("copy", lambda: client.copy("mine", "mine2").status)
+step("delete", lambda: client.delete("shared").status)
+step("delete again", lambda: client.delete("shared").status)
+json.dump(steps, sys.stdout)
+"""

@@ -11,7 +11,7 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from ollana.health import LISTING_LIMIT, MAX_MODELS
-from ollana.listings import MergedListings
+from ollana.listings import SERVERS_FIELD, MergedListings
 from ollana.peers import Peer, PeerPool
 from ollana.upstream import LocalAnswer, NoUpstream, UpstreamsFailed
 from tests.support import FakeServers, capture_logs
@@ -28,6 +28,11 @@ ONLY_LEGACY = (
 
 def ps_entry(name: str, vram: int) -> dict[str, Any]:
     return {"name": name, "model": name, "size": 1000, "size_vram": vram, "digest": name}
+
+
+def listed(entry: dict[str, Any], *servers: str) -> dict[str, Any]:
+    """An entry as the merge gives it: with the servers (a, b) that list it."""
+    return {**entry, SERVERS_FIELD: [f"{name}.example:11435" for name in servers]}
 
 
 class MergedListingsTests(SynchronousTestCase):
@@ -74,6 +79,22 @@ class MergedListingsTests(SynchronousTestCase):
         self.assertEqual(self.header(answer, b"content-type"), "application/json; charset=utf-8")
         self.assertEqual(self.header(answer, b"x-ollana-peer"), "b.example:11435, a.example:11435")
 
+    def test_tags_say_which_servers_list_each_model(self) -> None:
+        _, listing = self.answer(b"/api/tags")
+        servers = {entry["name"]: entry[SERVERS_FIELD] for entry in listing["models"]}
+        self.assertEqual(servers, {
+            "qwen3:8b": ["a.example:11435", "b.example:11435"],
+            "gemma3:1b": ["b.example:11435"],
+            "llama3.2:latest": ["a.example:11435"],
+        })  # fmt: skip
+        self.servers.refusing.add(A)
+        _, listing = self.answer(b"/api/tags")
+        servers = {entry["name"]: entry[SERVERS_FIELD] for entry in listing["models"]}
+        self.assertEqual(servers, {"qwen3:8b": ["b.example:11435"],
+                                   "gemma3:1b": ["b.example:11435"]})  # fmt: skip
+        _, listing = self.answer(b"/v1/models")
+        self.assertNotIn(SERVERS_FIELD, listing["data"][0], "OpenAI's shape stays as it is")
+
     def test_the_order_is_the_pools(self) -> None:
         self.a.latency = 0.05
         answer, listing = self.answer(b"/api/tags")
@@ -88,7 +109,9 @@ class MergedListingsTests(SynchronousTestCase):
             {"models": [ps_entry("gemma3:1b", 1), ps_entry("qwen3:8b", 9)]},
         )
         answer, listing = self.answer(b"/api/ps")
-        self.assertEqual(listing, {"models": [ps_entry("gemma3:1b", 1), ps_entry("qwen3:8b", 9)]})
+        gemma, qwen = ps_entry("gemma3:1b", 1), ps_entry("qwen3:8b", 9)
+        expected = [listed(gemma, "b"), listed(qwen, "a", "b")]
+        self.assertEqual(listing, {"models": expected})
         self.assertEqual(self.header(answer, b"x-ollana-peer"), "b.example:11435, a.example:11435")
         self.assertEqual(self.a.models, frozenset(), "a listing of running models is no inventory")
 
@@ -172,7 +195,7 @@ class MergedListingsTests(SynchronousTestCase):
         self.assertEqual(len(json.dumps(exact)), LISTING_LIMIT, "as FakeServers sends it")
         self.servers.answers[B, "/api/ps"] = (200, exact)
         _, listing = self.answer(b"/api/ps")
-        self.assertEqual(listing, {"models": [ps_entry("big", 1)]})
+        self.assertEqual(listing, {"models": [listed(ps_entry("big", 1), "b")]})
 
     def test_each_server_gives_at_most_max_models(self) -> None:
         many = [ps_entry(f"m{i}:latest", 1) for i in range(MAX_MODELS + 10)]
@@ -180,7 +203,8 @@ class MergedListingsTests(SynchronousTestCase):
         self.servers.answers[A, "/api/ps"] = (200, {"models": [ps_entry("qwen3:8b", 1)]})
         logs = capture_logs(self)
         _, listing = self.answer(b"/api/ps")
-        self.assertEqual(listing, {"models": [*many[:MAX_MODELS], ps_entry("qwen3:8b", 1)]})
+        self.assertEqual(listing, {"models": [*(listed(e, "b") for e in many[:MAX_MODELS]),
+                                              listed(ps_entry("qwen3:8b", 1), "a")]})  # fmt: skip
         self.assertEqual(
             [formatEvent(e) for e in logs],
             [f"{B}/api/ps lists {MAX_MODELS + 10} entries; only the first {MAX_MODELS} are used"],
@@ -197,14 +221,14 @@ class MergedListingsTests(SynchronousTestCase):
         self.servers.answers[B, "/api/ps"] = (200, {"models": [1, "x", None, ps_entry("a", 1)]})
         self.servers.refusing.add(A)
         _, listing = self.answer(b"/api/ps")
-        self.assertEqual(listing, {"models": [ps_entry("a", 1)]})
+        self.assertEqual(listing, {"models": [listed(ps_entry("a", 1), "b")]})
 
     def test_entries_with_a_strange_name_are_kept_undeduplicated(self) -> None:
         odd = {"name": ["odd"]}
         self.servers.answers[B, "/api/ps"] = (200, {"models": [odd, odd]})
         self.servers.answers[A, "/api/ps"] = (200, {"models": [ps_entry("a", 1)]})
         answer, listing = self.answer(b"/api/ps")
-        self.assertEqual(listing, {"models": [odd, odd, ps_entry("a", 1)]})
+        self.assertEqual(listing, {"models": [odd, odd, listed(ps_entry("a", 1), "a")]})
         self.assertEqual(self.header(answer, b"x-ollana-peer"), "b.example:11435, a.example:11435")
 
     def test_no_server_is_no_upstream(self) -> None:

@@ -1,4 +1,5 @@
-"""JSON log lines, for machines: one object per event, the message and its fields."""
+"""The logs: JSON lines for machines, levels and rotated files, the access line (a client
+node's checks at debug, streams cut short), and an idle LAN that writes nothing."""
 
 from __future__ import annotations
 
@@ -9,11 +10,20 @@ import sys
 from typing import Any
 
 import treq
-from twisted.internet import defer, task
+from twisted.internet import defer, error, task
 from twisted.internet import reactor as _reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import DatagramProtocol
-from twisted.logger import FilteringLogObserver, Logger, LogPublisher, textFileLogObserver
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogPublisher,
+    textFileLogObserver,
+)
 from twisted.python import log as legacy
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
@@ -26,7 +36,11 @@ from ollana.logs import (
     log_observer,
     text_observer,
 )
-from tests.support import ChildProcess, eventually, free_udp_port, read_text
+from ollana.proxy import ProxySettings
+from ollana.site import ProxySite
+from ollana.upstream import Router, Upstream, make_agent
+from tests.fake_ollama import FakeOllama
+from tests.support import ChildProcess, capture_logs, eventually, free_udp_port, read_text
 
 reactor: Any = _reactor
 TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
@@ -173,3 +187,138 @@ class TwistdTextLoggerTests(TestCase):
         )
         self.assertNotIn("#debug]", text)
         self.assertLess(len(text.splitlines()), 40)
+
+
+CLIENT = IPv4Address("TCP", "198.18.0.50", 40000)
+SERVER = Upstream("http://127.0.0.1:11434", peer="198.18.0.2:11435")
+
+
+class Proxied:
+    """A proxy site in memory, all to SERVER: one client connection, and the upstream
+    connection its request opens."""
+
+    def __init__(self) -> None:
+        self.reactor = MemoryReactorClock()
+        proxy = ProxySettings(make_agent(self.reactor, connect_timeout=5), Router(SERVER),
+                              self.reactor)  # fmt: skip
+        self.channel = ProxySite(proxy).buildProtocol(CLIENT)
+        self.client = StringTransport(peerAddress=CLIENT)
+        self.channel.makeConnection(self.client)
+        self.upstream: Any = None  # the upstream side of the connection a request opens
+
+    def ask(self, head: bytes) -> None:
+        """Send a request, and accept its upstream connection."""
+        self.channel.dataReceived(head)
+        host, port, factory, _, _ = self.reactor.tcpClients[-1]
+        self.upstream = factory.buildProtocol(IPv4Address("TCP", host, port))
+        self.upstream.makeConnection(StringTransport())
+
+    def answer(self, data: bytes) -> None:
+        self.upstream.dataReceived(data)
+
+
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+
+
+class AccessLineTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.proxy = Proxied()
+        self.logged = capture_logs(self)
+
+    def line(self) -> dict[str, Any]:
+        [event] = [e for e in self.logged if e.get("log_namespace") == "ollana.access"]
+        return event
+
+    def test_a_client_nodes_check_is_debug(self) -> None:
+        self.proxy.ask(b"GET /api/version HTTP/1.1\r\nHost: x\r\nX-Ollana-Check: health\r\n\r\n")
+        self.proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertEqual(self.line()["log_level"], LogLevel.debug)
+
+    def test_other_requests_are_info(self) -> None:
+        for head in (
+            b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n",  # an app's
+            b"GET /api/ps HTTP/1.1\r\nHost: x\r\nX-Ollana-Check: health\r\n\r\n",
+        ):
+            proxy = Proxied()
+            proxy.ask(head)
+            proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        levels = [e["log_level"] for e in self.logged if e.get("log_namespace") == "ollana.access"]
+        self.assertEqual(levels, [LogLevel.info, LogLevel.info])
+
+    def test_a_whole_stream_is_not_cut(self) -> None:
+        self.proxy.ask(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.proxy.answer(STREAM_HEAD + b"0\r\n\r\n")
+        line = self.line()
+        self.assertIsNone(line["cut"])
+        self.assertTrue(line["summary"].endswith(" B"), line["summary"])
+
+    def test_a_stream_cut_by_the_client(self) -> None:
+        self.proxy.ask(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.proxy.answer(STREAM_HEAD)
+        self.proxy.channel.connectionLost(Failure(error.ConnectionLost()))
+        line = self.line()
+        self.assertEqual((line["status"], line["cut"]), (200, "client"))
+        self.assertTrue(line["summary"].endswith(" B cut by client"), line["summary"])
+
+    def test_a_stream_cut_by_the_upstream(self) -> None:
+        self.proxy.ask(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.proxy.answer(STREAM_HEAD)
+        self.proxy.upstream.connectionLost(Failure(error.ConnectionLost()))
+        self.assertTrue(self.proxy.client.disconnecting, "the client's connection is cut")
+        self.proxy.channel.connectionLost(Failure(error.ConnectionAborted()))
+        line = self.line()
+        self.assertEqual((line["status"], line["cut"]), (200, "upstream"))
+        self.assertTrue(line["summary"].endswith(" B cut by upstream"), line["summary"])
+
+    def test_a_client_gone_before_the_answer_is_499_not_cut(self) -> None:
+        self.proxy.ask(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.proxy.channel.connectionLost(Failure(error.ConnectionLost()))
+        line = self.line()
+        self.assertEqual((line["status"], line["cut"]), (499, None))
+
+
+class IdleLANTests(TestCase):
+    """One server and two clients on loopback, as ollana serve runs them: once started,
+    nothing is logged at the default level while they only check on each other."""
+
+    timeout = 90
+    QUIET = 10.0  # seconds watched; with checks every second, as many as a minute at 5 s
+
+    def node(self, *args: str) -> ChildProcess:
+        child = ChildProcess.spawn(reactor, ["-m", "ollana", "serve", *self.lan, *args])
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
+        return child
+
+    async def served(self, url: str) -> float:
+        """Requests the server has proxied so far (its metrics)."""
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = await treq.get(url + "/ollana/metrics", pool=pool)
+        text = (await response.content()).decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("ollana_requests_total{"))  # fmt: skip
+
+    async def test_nothing_is_logged_while_idle(self) -> None:
+        fake = FakeOllama(models=["llama3.2:latest"], clock=reactor)
+        ollama = reactor.listenTCP(0, fake.site(access_log=False), interface="127.0.0.1")
+        self.addCleanup(ollama.stopListening)
+        self.lan = ["--broadcast", "127.255.255.255", "--discovery-port", str(free_udp_port()),
+                    "--listen", "tcp:0:interface=127.0.0.1", "--health-interval", "1"]  # fmt: skip
+        server = self.node("--mode", "server",
+                           "--ollama", f"http://127.0.0.1:{ollama.getHost().port}")  # fmt: skip
+        listening = await server.wait_for(r"Listening for HTTP on 127\.0\.0\.1:(\d+)")
+        url = f"http://127.0.0.1:{listening.group(1)}"
+        clients = [self.node("--mode", "client", "--probe-interval", "1",
+                             "--models-interval", "1") for _ in range(2)]  # fmt: skip
+        for client in clients:
+            await client.wait_for(f"Found server .* at {url} ")
+        await task.deferLater(reactor, 1.5)  # the first checks, and their first model lists
+        before = await self.served(url)
+        await server.wait_for(r"GET /ollana/metrics ")  # that request's own line
+        nodes = [server, *clients]
+        counts = [len(node.lines) for node in nodes]
+        await task.deferLater(reactor, self.QUIET)
+        new = [line for node, count in zip(nodes, counts, strict=True)
+               for line in node.lines[count:]]  # fmt: skip
+        self.assertEqual(new, [])
+        checks = await self.served(url) - before
+        self.assertGreater(checks, 2 * self.QUIET, "the clients checked all along")

@@ -21,6 +21,7 @@ from tests.support import FakeServers, capture_logs
 
 START = 1000.0
 OLLAMA = "http://127.0.0.1:11434"
+ANY = "any:latest"  # a model no server lists: every healthy one is a candidate
 NO_SERVER = "ollana: no Ollama server found on the LAN yet"
 ONLY_LEGACY = (
     "ollana: only original (legacy) Ollana servers were found; they cannot be "
@@ -72,7 +73,7 @@ class PoolRouterTests(PoolTestCase):
         slow = self.peer("a", 0.5)
         fast = self.peer("b", 0.01)
         self.peer("c", 0.9)
-        upstreams = self.router.candidates(None)
+        upstreams = self.router.candidates(ANY)
         self.assertEqual(
             upstreams,
             [
@@ -81,8 +82,27 @@ class PoolRouterTests(PoolTestCase):
             ],
         )
         self.assertEqual([u.server for u in upstreams], [fast, slow])
-        self.assertEqual(len(self.make(attempts=1).candidates(None)), 1)
-        self.assertEqual(len(self.make(attempts=5).candidates(None)), 3)
+        self.assertEqual(len(self.make(attempts=1).candidates(ANY)), 1)
+        self.assertEqual(len(self.make(attempts=5).candidates(ANY)), 3)
+
+    def test_no_model_goes_to_the_first_healthy_server_by_address(self) -> None:
+        """Not by the strategy: what one request does there (a blob pushed, say), the
+        next one finds."""
+        b = self.peer("b", 0.01)
+        a = self.peer("a", 0.5)
+        low = self.pool.add_static("198.18.0.10", 11435)
+        self.pool.check_succeeded(low, 0.9)
+        lower = self.pool.add_static("198.18.0.9", 11435)
+        self.pool.check_succeeded(lower, 0.9)
+        for strategy in ("ttft", "round-robin", "fastest"):
+            router = self.make(strategy, attempts=5)
+            for _ in range(3):
+                upstreams = router.candidates(None)
+                self.assertEqual([u.server for u in upstreams], [lower, low, a, b], strategy)
+                self.assertEqual({u.route for u in upstreams}, {"default"})
+        self.pool.suspect(lower, "connection refused")
+        self.pool.request_failed(low, "HTTP 500")
+        self.assertEqual([u.server for u in self.make(attempts=5).candidates(None)], [a, b, low])
 
     def test_candidates_are_those_having_the_model(self) -> None:
         self.peer("a", 0.01, "llama3.2:latest")
@@ -94,12 +114,12 @@ class PoolRouterTests(PoolTestCase):
         a = self.peer("a", 0.5)
         b = self.peer("b", 0.01)
         router = self.make("round-robin", attempts=1)
-        firsts = [router.candidates(None)[0].server for _ in range(3)]
+        firsts = [router.candidates(ANY)[0].server for _ in range(3)]
         self.assertEqual(firsts, [a, b, a])
         a.active = 0
         b.active = 3
-        self.assertEqual(self.make("least-connections", 1).candidates(None)[0].server, a)
-        self.assertEqual(self.make("fastest", 1).candidates(None)[0].server, b)
+        self.assertEqual(self.make("least-connections", 1).candidates(ANY)[0].server, a)
+        self.assertEqual(self.make("fastest", 1).candidates(ANY)[0].server, b)
 
     def test_unhealthy_servers_as_a_last_resort(self) -> None:
         a = self.peer("a", 0.5)
@@ -117,19 +137,19 @@ class PoolRouterTests(PoolTestCase):
         a = self.peer("a", 0.01)
         b = self.peer("b", 0.5)
         router = self.make("least-connections", attempts=1)
-        [first] = router.candidates(None)
+        [first] = router.candidates(ANY)
         self.assertIs(first.server, a)
         one, two, three = Watching(), Watching(), Watching()
         router.started(first, one)
         router.started(first, two)
         self.assertEqual((a.active, b.active), (2, 0))
-        [second] = router.candidates(None)
+        [second] = router.candidates(ANY)
         self.assertIs(second.server, b)
         router.started(second, three)
         router.ended(first, one)
         router.ended(first, two)
         self.assertEqual((a.active, b.active), (0, 1))
-        self.assertIs(router.candidates(None)[0].server, a)
+        self.assertIs(router.candidates(ANY)[0].server, a)
 
     def test_failed_suspects_the_server(self) -> None:
         a = self.peer("a", 0.01)

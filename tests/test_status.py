@@ -280,12 +280,18 @@ class StatusJSONTests(Nodes):
             {"parallel": parallel, "max_queue": max_queue, "max_loaded": max_loaded,
              "loaded": [], "models": {}, "slots_busy": 0, "slots_free": 0, "queue": 0},
         )  # fmt: skip
+        # Its Ollama's models, as its /api/tags lists them.
+        [model] = status["models"]
+        self.assertEqual((model["name"], model["size"]), ("llama3.2:latest", 1000))
+        self.assertEqual(sorted(model), ["digest", "modified_at", "name", "size"])
 
         fake.up = False
         await until(lambda: not server.status()["ollama"]["healthy"], "the Ollama down")
-        ollama = (await self.status(port))["ollama"]
+        down = await self.status(port)
+        ollama = down["ollama"]
         self.assertFalse(ollama["healthy"])
         self.assertIn("500", ollama["reason"])
+        self.assertIsNone(down["models"], "the Ollama could not say")
         self.no_own_pages_upstream()
 
     async def test_client_mode_lists_discovered_and_static_servers(self) -> None:
@@ -590,6 +596,7 @@ class DashboardTests(Nodes):
         self.assertEqual(page.field("URL"), url)
         self.assertEqual(page.field("State"), "healthy")
         self.assertIn(("Version", "0.12.0"), page.pairs)
+        self.assertEqual(page.field("Models"), "llama3.2:latest (1.0 KB)")
         self.assertEqual(page.rows, [])
         self.assertIn({"http-equiv": "refresh", "content": "5"}, page.meta)
 

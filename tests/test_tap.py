@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import io
 import os
+import re
+import signal
 import socket
+import sys
 from collections import namedtuple
 from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
+from twisted.logger import formatEvent
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from ollana import __version__, config, wire
 from ollana.netif import broadcast_addresses
 from ollana.node import OllanaService
-from ollana.tap import Options, makeService
+from ollana.tap import OPTION_GROUPS, Options, SecondSignal, StartReport, makeService, start_line
 from tests.fake_ollama import FakeOllama
-from tests.support import FakeNetworkReactor
+from tests.support import FakeNetworkReactor, capture_logs
 from tests.test_health import Silent
 
 SAFE = ["--broadcast", "127.255.255.255"]
@@ -120,7 +127,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(config.with_backlog(ssl), ssl + ":backlog=1024")
 
     def test_no_discovery_needs_no_broadcast_addresses(self) -> None:
-        s = parse("--no-discovery").settings()
+        s = parse("--mode", "server", "--no-discovery").settings()
         self.assertEqual((s.discovery, s.broadcast), (False, ()))
 
     def test_ollama_host_from_the_environment(self) -> None:
@@ -229,6 +236,62 @@ class OptionsTests(SynchronousTestCase):
             ["--mode", "client", "--no-discovery"],
             "--no-discovery in client mode needs at least one --peer",
         )
+        self.assertUsage(
+            ["--no-discovery"],
+            "--no-discovery in auto mode needs at least one --peer (or --mode server)",
+        )
+        parse("--no-discovery", "--peer", "box")  # auto mode that can find a server
+
+    def test_ollama_must_be_an_http_url(self) -> None:
+        self.assertUsage(
+            ["--ollama", "not a url"], "--ollama: not an http(s) URL or HOST:PORT: 'not a url'"
+        )
+        self.assertUsage(
+            ["--ollama", "http://gpu..lan"],
+            "--ollama: not an http(s) URL or HOST:PORT: 'http://gpu..lan'",
+        )
+        self.assertUsage(
+            [], "OLLAMA_HOST: not an http(s) URL or HOST:PORT: 'a b'", env={"OLLAMA_HOST": "a b"}
+        )
+        for good in ("gpu-1.lan", "my_box", "http://[fe80::1]:11434", "10.0.0.2:1"):
+            parse(*SAFE, "--ollama", good)
+
+
+class HelpTests(SynchronousTestCase):
+    """twistd ollana --help: the options under headings; --version: Ollana's."""
+
+    def test_options_under_headings(self) -> None:
+        text = Options().getUsage(width=100)
+        headings = [line[:-1] for line in text.splitlines() if line and line[0] != " "]
+        self.assertEqual(
+            headings[:7], ["Mode", "Discovery", "Routing", "Security", "Limits", "Logging", "Other"]
+        )
+        sections = dict(zip(headings, re.split(r"^\S.*:\n", text, flags=re.M)[1:], strict=False))
+        self.assertIn("--mode=", sections["Mode"])
+        self.assertIn("--broadcast=", sections["Discovery"])
+        self.assertIn("--strategy=", sections["Routing"])
+        self.assertIn("--secret-file=", sections["Security"])
+        self.assertIn("--max-body=", sections["Limits"])
+        self.assertIn("$OLLANA_LOG_LEVEL", sections["Logging"])
+        self.assertIn("--version", sections["Other"])
+        listed = re.findall(r"^ {2}(?:-\w,| {3}) --([\w-]+)", text, flags=re.M)
+        self.assertEqual(sorted(listed), sorted(o.rstrip("=") for o in Options().longOpt))
+        self.assertTrue(text.rstrip().endswith("(client mode)."), "the description last")
+
+    def test_every_option_has_a_heading(self) -> None:
+        grouped = {name for _, names in OPTION_GROUPS for name in names}
+        self.assertEqual({o.rstrip("=") for o in Options().longOpt} - grouped, set())
+
+    def test_columns_line_up_across_headings(self) -> None:
+        text = Options().getUsage(width=100)
+        options = re.findall(r"^ {2}(?:-\w,| {3}) --[\w-]+=? +", text, flags=re.M)
+        self.assertEqual({len(start) for start in options}, {len(options[0])}, options)
+
+    def test_version_is_ollanas(self) -> None:
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        e = self.assertRaises(SystemExit, Options().parseOptions, ["--version"])
+        self.assertEqual((e.code, out.getvalue()), (0, f"ollana {__version__}\n"))
 
 
 Entry = namedtuple("Entry", "family address netmask broadcast")
@@ -439,3 +502,163 @@ class Switchable:
 
 def no_lookup() -> list[str]:
     raise AssertionError("tests must not look up this machine's broadcast addresses")
+
+
+class Listening:
+    """What start_line reads of a listener: its port's address, once it listens."""
+
+    def __init__(self, address: Any = None) -> None:
+        self.port = None if address is None else Bound(address)
+
+
+class Bound:
+    def __init__(self, address: Any) -> None:
+        self.address = address
+
+    def getHost(self) -> Any:
+        return self.address
+
+
+class Starting:
+    """What start_line reads of an OllanaService."""
+
+    def __init__(self) -> None:
+        self.failure: str | None = None
+        self.namedServices: dict[str, Any] = {}
+
+
+class StartReportTests(SynchronousTestCase):
+    """What the daemon of ollana serve -d says on its pipe (StartReport)."""
+
+    def setUp(self) -> None:
+        self.service = Starting()
+        self.clock = Clock()
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        self.read = read
+        self.report = StartReport(write)
+
+    def said(self) -> bytes:
+        """What the pipe holds, to its end (the report closed it)."""
+        data = b""
+        while chunk := os.read(self.read, 4096):
+            data += chunk
+        return data
+
+    def test_lines(self) -> None:
+        service = Starting()
+        self.assertIsNone(start_line(service, 42), "no listener yet (auto mode choosing)")
+        service.namedServices["http"] = Listening()
+        self.assertIsNone(start_line(service, 42), "not listening yet")
+        service.namedServices["http"] = Listening(IPv4Address("TCP", "127.0.0.1", 11435))
+        self.assertEqual(start_line(service, 42), "ready 42 127.0.0.1:11435")
+        service.namedServices["http"] = Listening(IPv6Address("TCP", "::1", 11435))
+        self.assertEqual(start_line(service, 42), "ready 42 [::1]:11435")
+        service.namedServices["http"] = Listening(UNIXAddress("/run/ollana.sock"))
+        self.assertEqual(start_line(service, 42), "ready 42 /run/ollana.sock")
+        service.failure = "Cannot listen on UDP port 1:\nin use"
+        self.assertEqual(start_line(service, 42), "failed Cannot listen on UDP port 1: in use")
+
+    def test_says_once_it_listens(self) -> None:
+        self.report.watch(self.service, self.clock)
+        self.clock.advance(0.5)
+        self.service.namedServices["http"] = Listening(IPv4Address("TCP", "127.0.0.1", 11435))
+        self.clock.advance(0.1)
+        self.assertEqual(self.said(), f"ready {os.getpid()} 127.0.0.1:11435\n".encode())
+        self.assertEqual(self.clock.getDelayedCalls(), [], "no more looking")
+        self.report.say("failed later")  # the pipe is closed: nothing more, no error
+
+    def test_says_why_it_failed(self) -> None:
+        self.report.watch(self.service, self.clock)
+        self.service.failure = "Cannot listen on TCP port 11435: Address already in use."
+        self.clock.advance(0.1)
+        self.assertEqual(
+            self.said(), b"failed Cannot listen on TCP port 11435: Address already in use.\n"
+        )
+
+    def test_a_broken_look_is_said_not_raised(self) -> None:
+        self.service.namedServices = None  # type: ignore[assignment]
+        self.report.watch(self.service, self.clock)
+        self.assertEqual(
+            self.said(), b"failed could not tell whether Ollana listens; see its log\n"
+        )
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+
+    def test_nobody_asks(self) -> None:
+        report = StartReport(None)
+        report.watch(self.service, self.clock)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        report.say("ready 1 x")
+        self.report.say("")
+        self.assertEqual(self.said(), b"\n")
+
+
+class Connection:
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+class Stopping:
+    """What SecondSignal needs of a reactor; calls from the signal handler run at once."""
+
+    def __init__(self) -> None:
+        self.connections = [Connection(), Connection()]
+        self.port = object()  # a listening port, a UDP port: nothing to abort
+        self.triggers: list[tuple[str, str, Any]] = []
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        f(*args)
+
+    def getReaders(self) -> list[Any]:
+        return [self.port, *self.connections]
+
+    def getWriters(self) -> list[Any]:
+        return self.connections[:1]
+
+    def addSystemEventTrigger(self, phase: str, event: str, f: Any) -> None:
+        self.triggers.append((phase, event, f))
+
+
+class SecondSignalTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = Stopping()
+        self.first: list[int] = []
+        self.handler = SecondSignal(self.reactor)
+        self.handler.first = {signal.SIGINT: lambda n, f: self.first.append(n),
+                              signal.SIGTERM: lambda n, f: self.first.append(n)}  # fmt: skip
+        self.logged = capture_logs(self)
+
+    def test_the_first_is_the_reactors_and_another_stops_now(self) -> None:
+        self.handler(signal.SIGINT, None)
+        self.assertEqual(self.first, [signal.SIGINT])
+        self.assertEqual([c.aborted for c in self.reactor.connections], [False, False])
+        self.handler(signal.SIGINT, None)
+        self.assertEqual(self.first, [signal.SIGINT], "the reactor is not asked to stop again")
+        self.assertEqual([c.aborted for c in self.reactor.connections], [True, True])
+        [event] = [e for e in self.logged if e.get("count") is not None]
+        self.assertEqual(formatEvent(event), "SIGINT again: stopping now, closing 2 connection(s)")
+
+    def test_a_signal_once_stopping_for_another_reason_stops_now(self) -> None:
+        self.reactor.triggers.clear()
+        self.handler.install()
+        [(phase, event, stopping)] = self.reactor.triggers
+        self.assertEqual((phase, event), ("before", "shutdown"))
+        stopping()  # a start-up failure stopped the reactor, say
+        self.handler(signal.SIGTERM, None)
+        self.assertEqual(self.first, [])
+        self.assertTrue(all(c.aborted for c in self.reactor.connections))
+
+    def test_install_stands_before_the_reactors_handlers(self) -> None:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self.addCleanup(signal.signal, number, signal.getsignal(number))
+        handler = SecondSignal(self.reactor)
+        reactors = lambda n, f: None  # noqa: E731
+        signal.signal(signal.SIGINT, reactors)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # not the reactor's: left alone
+        handler.install()
+        self.assertIs(signal.getsignal(signal.SIGINT), handler)
+        self.assertEqual(signal.getsignal(signal.SIGTERM), signal.SIG_IGN)
+        self.assertEqual(handler.first, {signal.SIGINT: reactors})
