@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IProtocolFactory
@@ -26,10 +25,9 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 from ollana.gate import Gate
 from ollana.health import AgentGetter, LocalOllamaMonitor, OllamaProbe, PeerHealthChecker
@@ -40,8 +38,10 @@ from ollana.origins import OriginPolicy
 from ollana.peers import PeerPool
 from ollana.proxy import ProxySettings
 from ollana.routing import LocalRouter, PoolRouter, take_report
+from ollana.simulator import FakeOllama
 from ollana.site import ProxySite
 from ollana.upstream import make_agent
+from tests.support import capture_logs
 
 
 class MemoryNetwork(MemoryReactorClock):
@@ -196,23 +196,6 @@ class Answer:
 def ask(network: MemoryNetwork, agent: Any, url: str, body: bytes) -> Answer:
     """POST body to url (through agent, on the network) and record what comes back."""
 
-    @implementer(IBodyProducer)
-    class Whole:
-        length = len(body)
-
-        def startProducing(self, consumer: Any) -> defer.Deferred[None]:
-            consumer.write(body)
-            return defer.succeed(None)
-
-        def pauseProducing(self) -> None:
-            pass
-
-        def resumeProducing(self) -> None:
-            pass
-
-        def stopProducing(self) -> None:
-            pass
-
     answer = Answer(network.seconds())
 
     class Collect(Protocol):
@@ -237,7 +220,7 @@ def ask(network: MemoryNetwork, agent: Any, url: str, body: bytes) -> Answer:
         answer.error = failure.getErrorMessage()
 
     headers = Headers({b"content-type": [b"application/json"]})
-    agent.request(b"POST", url.encode("ascii"), headers, Whole()).addCallbacks(got, failed)
+    agent.request(b"POST", url.encode("ascii"), headers, WholeBody(body)).addCallbacks(got, failed)
     return answer
 
 
@@ -368,3 +351,36 @@ def fetch(
     agent.request(method, url.encode("ascii"), sent, producer).addCallbacks(got, failed)
     network.run_until(lambda: reply.done, most)
     return reply
+
+
+class TwoServersCase(SynchronousTestCase):
+    """A client node in front of two server nodes (at A and B, with these models), and
+    an agent to ask any of them (call)."""
+
+    A, B = "127.0.0.11", "127.0.0.12"
+    a_models = ["alpha:latest"]
+    b_models = ["beta:latest"]
+
+    def setUp(self) -> None:
+        capture_logs(self)
+        self.network = net = MemoryNetwork()  # the clock of every site too
+        self.a = ServerNode(net, self.A, FakeOllama(models=self.a_models, clock=net))
+        self.b = ServerNode(net, self.B, FakeOllama(models=self.b_models, clock=net))
+        self.client = ClientNode(net, "127.0.0.21", [self.a, self.b], "ttft")
+        self.agent = make_agent(net, connect_timeout=5)
+        net.run_until(lambda: False, 1)  # the first checks
+
+    def call(
+        self,
+        method: bytes,
+        path: str,
+        body: Any = None,
+        headers: dict[bytes, bytes] | None = None,
+        url: str | None = None,
+    ) -> Reply:
+        """One request to the client (or url), run until its answer has all come."""
+        reply = fetch(self.network, self.agent, method, (url or self.client.url) + path, body,
+                      headers)  # fmt: skip
+        self.assertTrue(reply.done, f"{method!r} {path}: no answer")
+        self.assertIsNone(reply.error, f"{method!r} {path}")
+        return reply

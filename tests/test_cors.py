@@ -7,16 +7,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from ollana.origins import OriginPolicy
 from ollana.simulator import FakeOllama
 from ollana.site import ProxySite
-from ollana.upstream import make_agent
-from tests.memnet import ClientNode, MemoryNetwork, Reply, ServerNode, fetch
-from tests.support import capture_logs
+from tests.memnet import Reply, TwoServersCase
 
 APP = "http://localhost:3000"
 EVIL = "https://evil.example"
@@ -37,33 +34,9 @@ def cors_view(reply: Reply) -> tuple[int | None, list[tuple[bytes, Sequence[byte
     return reply.status, headers, reply.body
 
 
-class ClientListenerTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        capture_logs(self)
-        self.network = net = MemoryNetwork()  # the clock of every site too
-        self.a = ServerNode(
-            self.network, "127.0.0.11", FakeOllama(models=["alpha:latest"], clock=net)
-        )
-        self.b = ServerNode(
-            self.network, "127.0.0.12", FakeOllama(models=["beta:latest"], clock=net)
-        )
-        self.client = ClientNode(self.network, "127.0.0.21", [self.a, self.b], "ttft")
-        self.agent = make_agent(self.network, connect_timeout=5)
-        self.network.run_until(lambda: False, 1)  # the first checks
-
-    def call(
-        self,
-        method: bytes,
-        path: str,
-        body: Any = None,
-        headers: dict[bytes, bytes] | None = None,
-        url: str | None = None,
-    ) -> Reply:
-        """One request to the client (or url), run until its answer has all come."""
-        reply = fetch(self.network, self.agent, method, (url or self.client.url) + path, body,
-                      headers)  # fmt: skip
-        self.assertTrue(reply.done and reply.error is None, (method, path, reply.error))
-        return reply
+class ClientListenerTests(TwoServersCase):
+    a_models = ["alpha:latest"]
+    b_models = ["beta:latest"]
 
     def ollama(
         self, method: bytes, path: str, headers: dict[bytes, bytes], body: Any = None

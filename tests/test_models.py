@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -19,9 +18,8 @@ from ollana.management import (
     merged_answer,
     with_note,
 )
-from ollana.simulator import FakeOllama
-from ollana.upstream import Sent, Upstream, make_agent
-from tests.memnet import ClientNode, MemoryNetwork, Reply, ServerNode, fetch
+from ollana.upstream import Sent, Upstream
+from tests.memnet import ServerNode, TwoServersCase
 from tests.support import capture_logs
 
 A, B = "127.0.0.11", "127.0.0.12"
@@ -30,36 +28,11 @@ BLOB = b"GGUF, as far as a simulated Ollama can tell"
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
 
 
-class LAN(SynchronousTestCase):
+class LAN(TwoServersCase):
     """Two servers (alpha and shared on A, beta and shared on B) and a client."""
 
-    def setUp(self) -> None:
-        capture_logs(self)
-        self.network = net = MemoryNetwork()  # the clock of every site too
-        self.a = ServerNode(
-            self.network, A, FakeOllama(models=["alpha:latest", "shared:latest"], clock=net)
-        )
-        self.b = ServerNode(
-            self.network, B, FakeOllama(models=["beta:latest", "shared:latest"], clock=net)
-        )
-        self.client = ClientNode(self.network, "127.0.0.21", [self.a, self.b], "ttft")
-        self.agent = make_agent(self.network, connect_timeout=5)
-        self.network.run_until(lambda: False, 1)  # the first checks
-
-    def call(
-        self,
-        method: bytes,
-        path: str,
-        body: Any = None,
-        headers: dict[bytes, bytes] | None = None,
-        url: str | None = None,
-    ) -> Reply:
-        """One request to the client (or url), run until its answer has all come."""
-        reply = fetch(self.network, self.agent, method, (url or self.client.url) + path, body,
-                      headers)  # fmt: skip
-        self.assertTrue(reply.done, f"{method!r} {path}: no answer")
-        self.assertIsNone(reply.error, f"{method!r} {path}")
-        return reply
+    a_models = ["alpha:latest", "shared:latest"]
+    b_models = ["beta:latest", "shared:latest"]
 
     def has(self, server: ServerNode, model: str) -> bool:
         return server.fake.has(model)
