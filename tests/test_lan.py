@@ -256,6 +256,11 @@ class LanProxyTests(TestCase):
             victim=victim.peer, total=len(outcomes), cut=len(cut), waited=waited,
         )  # fmt: skip
 
+    def freeze(self, child: ChildProcess) -> None:
+        """Hang a process (SIGSTOP), as a stuck machine would; it goes on after the test."""
+        child.signal(signal.SIGSTOP)
+        self.addCleanup(child.signal, signal.SIGCONT)
+
     async def test_ollama_killed_mid_load(self) -> None:
         """The Ollama behind one server dies: that server's own errors send the requests
         that had not started to the other server at once."""
@@ -272,8 +277,7 @@ class LanProxyTests(TestCase):
 
         async def hang(victim: Server) -> None:
             assert victim.ollama is not None
-            victim.ollama.signal(signal.SIGSTOP)
-            self.addCleanup(lambda: victim.ollama.signal(signal.SIGCONT) if victim.ollama else None)
+            self.freeze(victim.ollama)
 
         await self.load_until(hang)
 
@@ -283,8 +287,7 @@ class LanProxyTests(TestCase):
 
         async def hang(victim: Server) -> None:
             assert victim.ollana is not None
-            victim.ollana.signal(signal.SIGSTOP)
-            self.addCleanup(lambda: victim.ollana.signal(signal.SIGCONT) if victim.ollana else None)
+            self.freeze(victim.ollana)
 
         await self.load_until(hang)
 
