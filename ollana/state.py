@@ -18,6 +18,7 @@ secret, and a report without a good tag is ignored.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -74,6 +75,7 @@ def encode(state: ServerState, secret: bytes | None = None) -> bytes:
     return value
 
 
+@functools.lru_cache(maxsize=256)  # read on every answer; a server's value repeats
 def decode(value: bytes, secret: bytes | None = None) -> ServerState | None:
     """The report a header value carries, or None when it is not a (good) report."""
     if len(value) > MAX_STATE_HEADER:
