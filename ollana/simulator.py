@@ -63,7 +63,7 @@ kept (for a long-running demo).
 Run it standalone on loopback with ``python -m ollana.simulator --port 11434`` (the ``echo``
 model, 0.05 s between tokens; ``--max-loaded``, ``--num-parallel``, ``--load-seconds`` and
 the other scheduling options turn scheduling on; ``OLLAMA_ORIGINS`` is honoured), or
-``python -m tests.fake_ollama`` (the tests' ``llama3.2:latest``, no pacing).
+``python -m tests.support.fake_ollama`` (the tests' ``llama3.2:latest``, no pacing).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from ollana import auth, wire
-from tests.test_wire import announces, node_ids
+from tests.support.strategies import announces, node_ids
 
 SECRET = b"correct horse battery staple"
 OTHER_SECRET = b"incorrect donkey battery staple"

@@ -37,11 +37,11 @@ from ollana.cli import (
     tilde,
 )
 from ollana.tap import Options, makeService
-from tests.fake_ollama import ECHO_MODEL, FakeOllama
-from tests.support import (
+from tests.support.fake_ollama import ECHO_MODEL, FakeOllama
+from tests.support.fakes import FakeNetworkReactor
+from tests.support.processes import (
     REPO,
     ChildProcess,
-    FakeNetworkReactor,
     accepted_connections_closed,
     eventually,
     free_tcp_port,

@@ -1,4 +1,4 @@
-"""Browsers and the client's listener (tests.memnet): Ollama's origin policy applied there,
+"""Browsers and the client's listener (tests.support.memnet): Ollama's origin policy applied there,
 preflights answered there as Ollama answers them, the servers' own CORS headers replaced;
 a server's listener passes everything through to its Ollama."""
 
@@ -13,7 +13,7 @@ from twisted.web.server import Site
 from ollana.origins import OriginPolicy
 from ollana.simulator import FakeOllama
 from ollana.site import ProxySite
-from tests.memnet import Reply, TwoServersCase
+from tests.support.memnet import Reply, TwoServersCase
 
 APP = "http://localhost:3000"
 EVIL = "https://evil.example"

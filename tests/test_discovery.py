@@ -23,7 +23,7 @@ from ollana.config import Settings
 from ollana.discovery import AnnouncementListener, ProbeResponder, ReplyLimiter, Seeker
 from ollana.node import HTTPListener, ResponderService, SeekerService
 from ollana.peers import FOUND_LINES, MAX_PEERS_PER_HOST, PeerPool, Source
-from tests.support import FakeDatagramPort, FakeNetworkReactor, capture_logs
+from tests.support.fakes import FakeDatagramPort, FakeNetworkReactor, capture_logs
 
 ME = b"\x11" * 16
 OTHER = b"\x22" * 16

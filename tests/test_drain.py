@@ -14,9 +14,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from tests.fake_ollama import FakeOllama
-from tests.support import ChildProcess, free_udp_port
-from tests.test_proxy import CLIENT, ProxyHarness
+from tests.support.fake_ollama import FakeOllama
+from tests.support.http import CLIENT, ProxyHarness
+from tests.support.processes import ChildProcess, free_udp_port
 
 reactor: Any = _reactor
 TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
@@ -26,7 +26,7 @@ class DrainTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.proxy = ProxyHarness(self)
         self.proxy.send(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
-        self.upstream = self.proxy.connect_upstream()
+        self.upstream = self.proxy.connect()
         self.proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
         self.idle = self.proxy.site.buildProtocol(CLIENT)
         self.idle_transport = StringTransport(peerAddress=CLIENT)
@@ -70,7 +70,7 @@ class ClosedPoolTests(SynchronousTestCase):
     def test_a_connection_freed_after_the_pool_closed_is_closed(self) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
         proxy.agent.closeCachedConnections()  # Ollana stops while the response is under way
         proxy.answer(b"cd")

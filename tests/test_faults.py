@@ -17,7 +17,7 @@ from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from tests.support import ChildProcess, accepted_connections_closed, free_tcp_port
+from tests.support.processes import ChildProcess, accepted_connections_closed, free_tcp_port
 
 reactor: Any = _reactor
 TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]

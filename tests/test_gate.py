@@ -17,8 +17,8 @@ from twisted.web.http_headers import Headers
 from ollana.auth import request_credential
 from ollana.gate import Gate, local_network_address, parse_network
 from ollana.site import BusyAnswer, ProxyChannel
-from tests.support import capture_logs
-from tests.test_proxy import ProxyHarness, head, header_values
+from tests.support.fakes import capture_logs
+from tests.support.http import ProxyHarness, head, header_values
 
 SECRET = b"correct horse battery staple"
 LAN = IPv4Address("TCP", "192.168.1.20", 40000)
@@ -101,7 +101,7 @@ class CredentialTests(SynchronousTestCase):
         proxy = ProxyHarness(self, gate=server_gate(secret=SECRET), client=LAN)
         credential = request_credential(SECRET)
         proxy.send(b"GET / HTTP/1.1\r\nHost: x\r\nX-Ollana-Credential: " + credential + b"\r\n\r\n")
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         self.assertEqual(header_values(upstream.value(), b"x-ollana-credential"), [])
         self.assertNotIn(credential, upstream.value())
 
@@ -137,7 +137,7 @@ class LimitTests(SynchronousTestCase):
         proxy.send(b"8\r\n12345678\r\n")
         self.assertEqual(head(proxy.response())[0], b"HTTP/1.1 413 Request Entity Too Large")
         proxy.channel.connectionLost(Failure(error.ConnectionDone()))
-        self.assertTrue(proxy.reactor.connectors[0].stoppedConnecting or proxy.upstreams == [])
+        self.assertTrue(proxy.reactor.connectors[0].stoppedConnecting or proxy.transports == [])
 
     def test_no_limit_by_default(self) -> None:
         proxy = ProxyHarness(self)
@@ -160,7 +160,7 @@ class LimitTests(SynchronousTestCase):
     def test_headers_in_time_stop_the_timer(self) -> None:
         proxy = ProxyHarness(self, gate=Gate(header_timeout=30))
         proxy.send(GET)
-        proxy.connect_upstream()
+        proxy.connect()
         proxy.reactor.advance(100)
         self.assertNotIn(b"408", proxy.response())
 
@@ -248,7 +248,7 @@ class BadInputTests(SynchronousTestCase):
     def test_broken_chunked_encoding(self) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         proxy.send(b"zz\r\nhello\r\n")
         self.assertEqual(proxy.response(), MALFORMED)
         self.assertTrue(proxy.client.disconnecting)
@@ -279,7 +279,7 @@ class BadInputTests(SynchronousTestCase):
     def test_a_body_shorter_than_declared_leaves_others_alone(self) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         proxy.channel.connectionLost(Failure(error.ConnectionDone()))  # the liar leaves
         self.assertTrue(upstream.disconnecting)
         other = ProxyHarness(self)

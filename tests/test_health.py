@@ -16,7 +16,6 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
 from ollana import wire
 from ollana.health import (
@@ -31,28 +30,15 @@ from ollana.health import (
     choose_mode,
 )
 from ollana.peers import Peer, PeerPool
-from tests.fake_ollama import FakeOllama
-from tests.support import FakeServers, capture_logs
+from tests.support.fake_ollama import FakeOllama
+from tests.support.fakes import FakeServers, capture_logs
+from tests.support.http import Silent
 
 reactor: Any = _reactor
 URL = "http://127.0.0.1:11434"
 START = 1000.0  # the checker tests' clock starts here
 A = "http://a.example:11435"
 B = "http://198.18.0.2:11435"
-
-
-class Silent(Resource):
-    """Accepts requests and never answers them."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pending: list[Any] = []
-
-    def render(self, request: Any) -> Any:
-        self.pending.append(request)
-        return NOT_DONE_YET
 
 
 class Refusing:

@@ -35,7 +35,7 @@ from ollana.httpclient import (
     UpstreamAgent,
 )
 from ollana.upstream import UpstreamEndpoints, describe_error, make_agent
-from tests.test_proxy import head, header_values
+from tests.support.http import FakeUpstreams, after_head, head, header_values
 
 reactor: Any = _reactor  # for the loopback tests only
 ORIGIN = b"http://127.0.0.1:11434"
@@ -102,12 +102,12 @@ class Collect(Protocol):
         self.ended.trap(ResponseDone)
 
 
-class Upstreams:
-    """An UpstreamAgent and the upstream connections it opens, accepted one at a time;
-    make_agent's unless a max_idle or a limit (an UpstreamAgent argument) is given."""
+class Upstreams(FakeUpstreams):
+    """An UpstreamAgent and the upstream connections it opens; make_agent's unless a
+    max_idle or a limit (an UpstreamAgent argument) is given."""
 
     def __init__(self, max_idle: int | None = None, **limits: Any) -> None:
-        self.reactor = MemoryReactorClock()
+        super().__init__(MemoryReactorClock())
         if max_idle is None and not limits:
             self.agent = make_agent(self.reactor, connect_timeout=5)
         else:
@@ -115,9 +115,6 @@ class Upstreams:
             self.agent = UpstreamAgent(
                 self.reactor, endpoints, max_idle or 64, idle_timeout=50, **limits
             )
-        self.handled = 0  # connection attempts accepted or refused so far
-        self.protocols: list[Any] = []
-        self.transports: list[StringTransport] = []
 
     def request(
         self,
@@ -127,40 +124,6 @@ class Upstreams:
         body: Body | None = None,
     ) -> Deferred[Any]:  # of an UpstreamResponse
         return self.agent.request(method, ORIGIN + path, headers, body)
-
-    @property
-    def attempts(self) -> int:
-        return len(self.reactor.tcpClients)
-
-    def connect(self, transport: StringTransport | None = None) -> StringTransport:
-        """Accept the agent's next connection attempt, which must go to 127.0.0.1:11434."""
-        host, port, factory, timeout, _ = self.reactor.tcpClients[self.handled]
-        assert (host, port, timeout) == ("127.0.0.1", 11434, 5), (host, port, timeout)
-        self.handled += 1
-        address = IPv4Address("TCP", host, port)
-        protocol: Any = factory.buildProtocol(address)
-        if transport is None:
-            transport = StringTransport(peerAddress=address)
-        protocol.makeConnection(transport)
-        self.protocols.append(protocol)
-        self.transports.append(transport)
-        return transport
-
-    def refuse(self) -> None:
-        _, _, factory, _, _ = self.reactor.tcpClients[self.handled]
-        connector = self.reactor.connectors[self.handled]
-        self.handled += 1
-        factory.clientConnectionFailed(connector, Failure(error.ConnectionRefusedError()))
-
-    def answer(self, data: bytes, index: int = -1) -> None:
-        self.protocols[index].dataReceived(data)
-
-    def lose(self, index: int = -1, reason: Exception | None = None) -> None:
-        self.protocols[index].connectionLost(Failure(reason or error.ConnectionDone()))
-
-
-def after_head(data: bytes) -> bytes:
-    return data.split(b"\r\n\r\n", 1)[1]
 
 
 class RequestTests(SynchronousTestCase):
@@ -1212,7 +1175,7 @@ class HandshakeTimeoutTests(SynchronousTestCase):
         self.result = self.up.request()
 
     def test_no_handshake_in_time_fails_the_call(self) -> None:
-        transport = self.up.connect(tls_transport())
+        transport = self.up.connect(transport=tls_transport())
         self.up.reactor.advance(4.9)
         self.assertNoResult(self.result)
         self.up.reactor.advance(0.1)
@@ -1235,7 +1198,7 @@ class HandshakeTimeoutTests(SynchronousTestCase):
         self.assertEqual(describe_error(failure.value), "TLS handshake timed out after 2 s")
 
     def test_a_completed_handshake_stops_the_timer(self) -> None:
-        transport = self.up.connect(tls_transport())
+        transport = self.up.connect(transport=tls_transport())
         self.up.reactor.advance(4.9)
         self.up.protocols[-1].handshakeCompleted()
         self.assertEqual(self.up.reactor.getDelayedCalls(), [])
@@ -1245,7 +1208,7 @@ class HandshakeTimeoutTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
 
     def test_the_timer_stops_when_the_connection_is_lost(self) -> None:
-        self.up.connect(tls_transport())
+        self.up.connect(transport=tls_transport())
         self.up.lose(reason=error.ConnectionLost())
         self.failureResultOf(self.result, ResponseNeverReceived)
         self.assertEqual(self.up.reactor.getDelayedCalls(), [])

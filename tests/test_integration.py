@@ -24,8 +24,8 @@ from twisted.web.client import HTTPConnectionPool
 from ollana import wire
 from ollana.discovery import AnnouncementListener
 from ollana.peers import PeerPool
-from tests.fake_ollama import FakeOllama
-from tests.support import (
+from tests.support.fake_ollama import FakeOllama
+from tests.support.processes import (
     REPO,
     ChildProcess,
     eventually,

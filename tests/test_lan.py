@@ -22,8 +22,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests import netns
-from tests.support import REPO, ChildProcess, python_env
+from tests.support import netns
+from tests.support.processes import REPO, ChildProcess, python_env
 
 reactor: Any = _reactor
 log = Logger()
@@ -64,7 +64,9 @@ class LanDiscoveryTests(TestCase):
         return spawn(self, host, args)
 
     async def test_zero_configuration_discovery(self) -> None:
-        ollama = self.spawn(self.server_host, ["-m", "tests.fake_ollama", "--port", "11434"])
+        ollama = self.spawn(
+            self.server_host, ["-m", "tests.support.fake_ollama", "--port", "11434"]
+        )
         await ollama.wait_for(r"fake Ollama on http://127\.0\.0\.1:11434")
         server = self.spawn(self.server_host, TWISTD + ["-n", "--pidfile=", "ollana"])
         await server.wait_for(r"Auto mode: server mode")
@@ -130,7 +132,7 @@ class LanProxyTests(TestCase):
         """Fake Ollamas, then Ollana on every host; done once the client has found both."""
         for server in (self.a, self.b):
             models = [arg for model in server.models for arg in ("--model", model)]
-            fake = ["-m", "tests.fake_ollama", "--port", "11434", "--pace", PACE, *models]
+            fake = ["-m", "tests.support.fake_ollama", "--port", "11434", "--pace", PACE, *models]
             server.ollama = spawn(self, server.host, fake)
         for server in (self.a, self.b):
             assert server.ollama is not None
@@ -153,10 +155,10 @@ class LanProxyTests(TestCase):
         return server.ollana
 
     async def drive(self, *args: str) -> Any:
-        """Run tests.lan_driver in the client's namespace; its JSON answer."""
+        """Run tests.support.lan_driver in the client's namespace; its JSON answer."""
         out, err, code = await getProcessOutputAndValue(
             "/usr/bin/env",
-            [*self.client_host.command(), sys.executable, "-m", "tests.lan_driver", *args],
+            [*self.client_host.command(), sys.executable, "-m", "tests.support.lan_driver", *args],
             env=python_env(),
             path=str(REPO),
         )
@@ -181,7 +183,7 @@ class LanProxyTests(TestCase):
         """SIGKILL of a server under load: only streams already under way may fail; requests
         it had not answered go to the other, as do new ones; back, it is used again."""
         await self.start()
-        load = spawn(self, self.client_host, ["-m", "tests.lan_driver", "load", "shared",
+        load = spawn(self, self.client_host, ["-m", "tests.support.lan_driver", "load", "shared",
                                               "--held", "5", "--streams", "40",
                                               "--every", "0.02", "--after", "30"])  # fmt: skip
         streaming = json.loads((await load.wait_for(r"^streaming (.*)$")).group(1))
@@ -230,7 +232,7 @@ class LanProxyTests(TestCase):
         no request may fail that had not started streaming, and requests waiting there
         (held ones) and every one started afterwards are served by the other server."""
         await self.start()
-        load = spawn(self, self.client_host, ["-m", "tests.lan_driver", "load", "shared",
+        load = spawn(self, self.client_host, ["-m", "tests.support.lan_driver", "load", "shared",
                                               "--held", "5", "--streams", "40",
                                               "--every", "0.02", "--after", "30"])  # fmt: skip
         streaming = json.loads((await load.wait_for(r"^streaming (.*)$")).group(1))

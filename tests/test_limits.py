@@ -17,7 +17,7 @@ from ollana.limits import (
     raise_open_files,
     soft_limit_target,
 )
-from tests.support import capture_logs
+from tests.support.fakes import capture_logs
 
 INFINITY = -1  # as resource.RLIM_INFINITY on Linux
 

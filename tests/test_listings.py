@@ -14,7 +14,7 @@ from ollana.health import LISTING_LIMIT, MAX_MODELS
 from ollana.listings import SERVERS_FIELD, MergedListings
 from ollana.peers import Peer, PeerPool
 from ollana.upstream import LocalAnswer, NoUpstream, UpstreamsFailed
-from tests.support import FakeServers, capture_logs
+from tests.support.fakes import FakeServers, capture_logs
 
 START = 1000.0
 A = "http://a.example:11435"

@@ -12,7 +12,7 @@ from ollana.health import OllamaProbe
 from ollana.interfaces import IServerState, IStateSource
 from ollana.load import OllamaLoad, environment_limits, ollama_limits
 from ollana.state import ServerState, decode
-from tests.support import FakeServers, capture_logs
+from tests.support.fakes import FakeServers, capture_logs
 
 START = 1000.0
 OLLAMA = "http://127.0.0.1:11434"

@@ -39,8 +39,9 @@ from ollana.logs import (
 from ollana.proxy import ProxySettings
 from ollana.site import ProxySite
 from ollana.upstream import Router, Upstream, make_agent
-from tests.fake_ollama import FakeOllama
-from tests.support import ChildProcess, capture_logs, eventually, free_udp_port, read_text
+from tests.support.fake_ollama import FakeOllama
+from tests.support.fakes import capture_logs
+from tests.support.processes import ChildProcess, eventually, free_udp_port, read_text
 
 reactor: Any = _reactor
 TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]

@@ -1,4 +1,4 @@
-"""Model management through a client in front of two servers (tests.memnet): blobs and
+"""Model management through a client in front of two servers (tests.support.memnet): blobs and
 create, pull, copy, delete and show behave as they do against one Ollama; the merged
 /api/tags says which server has what; a 404 for a model no server has names the servers
 asked. The requests are those ollama-python and the ollama CLI send."""
@@ -19,8 +19,8 @@ from ollana.management import (
     with_note,
 )
 from ollana.upstream import Sent, Upstream
-from tests.memnet import ServerNode, TwoServersCase
-from tests.support import capture_logs
+from tests.support.fakes import capture_logs
+from tests.support.memnet import ServerNode, TwoServersCase
 
 A, B = "127.0.0.11", "127.0.0.12"
 PEER_A, PEER_B = f"{A}:11435", f"{B}:11435"

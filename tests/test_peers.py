@@ -19,7 +19,7 @@ from ollana.peers import (
     Source,
     model_key,
 )
-from tests.support import capture_logs
+from tests.support.fakes import capture_logs
 
 A = bytes(16)
 B = bytes([1]) * 16

@@ -14,117 +14,25 @@ from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer, error
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from ollana.affinity import KEY_LIMIT, conversation_key, wants_key
-from ollana.gate import Gate
-from ollana.proxy import ProxySettings
-from ollana.site import MIN_BODY_RATE, ProxySite
+from ollana.site import MIN_BODY_RATE
 from ollana.upstream import (
     LocalAnswer,
-    NoUpstream,
     Router,
     Upstream,
     UpstreamsFailed,
     Watcher,
-    make_agent,
 )
-from tests.support import capture_logs
-
-CLIENT = IPv4Address("TCP", "198.18.0.50", 40000)
-UPSTREAM = Upstream("http://127.0.0.1:11434", peer="198.18.0.2:11435")
-
-
-class Scripted(Router):
-    """One upstream; or NoUpstream when there is none; or a chooser that breaks."""
-
-    def __init__(self, upstream: Upstream | Exception | None) -> None:
-        super().__init__()
-        self.outcome = upstream
-
-    def candidates(self, model: str | None, key: str | None = None) -> list[Upstream]:
-        if self.outcome is None:
-            raise NoUpstream("ollana: no Ollama server found on the LAN yet")
-        if isinstance(self.outcome, Exception):
-            raise self.outcome
-        return [self.outcome]
-
-
-class ProxyHarness:
-    """A proxy site with one client connection and the upstream connections it opens."""
-
-    def __init__(
-        self,
-        case: SynchronousTestCase,
-        upstream: Upstream | Exception | Router | None = UPSTREAM,
-        gate: Gate | None = None,
-        client: IPv4Address = CLIENT,
-    ) -> None:
-        self.reactor = MemoryReactorClock()
-        agent = self.agent = make_agent(self.reactor, connect_timeout=5)
-        router = upstream if isinstance(upstream, Router) else Scripted(upstream)
-        settings = ProxySettings(agent, router, self.reactor, gate=gate or Gate())
-        self.site = ProxySite(settings)
-        self.handled = 0  # connection attempts accepted or refused so far
-        self.channel = self.site.buildProtocol(client)
-        self.client = StringTransport(peerAddress=client)
-        self.channel.makeConnection(self.client)
-        self.upstreams: list[tuple[Any, StringTransport]] = []
-
-    def send(self, data: bytes) -> None:
-        self.channel.dataReceived(data)
-
-    def connect_upstream(self, port: int = 11434) -> StringTransport:
-        """Accept the proxy's next upstream connection attempt, which must go to port."""
-        host, to, factory, timeout, _ = self.reactor.tcpClients[self.handled]
-        self.handled += 1
-        assert (host, to, timeout) == ("127.0.0.1", port, 5), (host, to, timeout)
-        protocol: Any = factory.buildProtocol(IPv4Address("TCP", host, port))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
-        protocol.makeConnection(transport)
-        self.upstreams.append((protocol, transport))
-        return transport
-
-    def answer(self, data: bytes, index: int = -1) -> None:
-        self.upstreams[index][0].dataReceived(data)
-
-    def refuse_upstream(self, port: int = 11434, reason: Exception | None = None) -> None:
-        """Fail the proxy's next upstream connection attempt (refused, unless told)."""
-        host, to, factory, _, _ = self.reactor.tcpClients[self.handled]
-        assert (host, to) == ("127.0.0.1", port), (host, to)
-        connector = self.reactor.connectors[self.handled]
-        self.handled += 1
-        factory.clientConnectionFailed(connector, Failure(reason or error.ConnectionRefusedError()))
-
-    def lose_upstream(self, index: int = -1) -> None:
-        """The upstream connection breaks (a real transport reports it like this)."""
-        self.upstreams[index][0].connectionLost(Failure(error.ConnectionLost()))
-
-    def response(self) -> bytes:
-        return self.client.value()
-
-
-def producer(transport: StringTransport) -> Any:
-    """What a transport would pause when its buffer fills."""
-    assert transport.producer is not None
-    return transport.producer
-
-
-def head(data: bytes) -> tuple[bytes, list[bytes]]:
-    """The first line and header lines of an HTTP message."""
-    lines = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
-    return lines[0], lines[1:]
-
-
-def header_values(data: bytes, name: bytes) -> list[bytes]:
-    return [
-        line.split(b":", 1)[1].strip()
-        for line in head(data)[1]
-        if line.split(b":", 1)[0].lower() == name.lower()
-    ]
+from tests.support.fakes import capture_logs
+from tests.support.http import (
+    ProxyHarness,
+    head,
+    header_values,
+    producer,
+)
 
 
 class RequestForwardingTests(SynchronousTestCase):
@@ -138,7 +46,7 @@ class RequestForwardingTests(SynchronousTestCase):
             b"Keep-Alive: 5\r\nProxy-Authorization: Basic eA==\r\nTE: trailers\r\n"
             b"Upgrade: h2c\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n"
         )
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         line, headers = head(upstream.value())
         self.assertEqual(line, b"DELETE /api/delete?force=1&x=%2F HTTP/1.1")
         sent = upstream.value()
@@ -153,13 +61,13 @@ class RequestForwardingTests(SynchronousTestCase):
     def test_absolute_form_target_becomes_a_path(self) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"GET http://localhost:11434/api/tags?a=b HTTP/1.1\r\nHost: x\r\n\r\n")
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         self.assertEqual(head(upstream.value())[0], b"GET /api/tags?a=b HTTP/1.1")
 
     def test_absolute_form_without_a_path(self) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"GET http://localhost:11434?a=b HTTP/1.1\r\nHost: x\r\n\r\n")
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         self.assertEqual(head(upstream.value())[0], b"GET /?a=b HTTP/1.1")
 
     def test_unproxyable_target_is_a_400(self) -> None:
@@ -181,7 +89,7 @@ class ResponseRelayTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.proxy = ProxyHarness(self)
         self.proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
-        self.upstream = self.proxy.connect_upstream()
+        self.upstream = self.proxy.connect()
 
     def test_headers_status_and_body(self) -> None:
         self.proxy.answer(
@@ -258,7 +166,7 @@ class ResponseRelayTests(SynchronousTestCase):
 
     def test_upstream_dying_mid_stream_aborts_the_client(self) -> None:
         self.proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
-        self.proxy.lose_upstream()
+        self.proxy.lose()
         self.assertTrue(self.proxy.client.disconnecting)
         self.assertTrue(self.proxy.response().endswith(b"3\r\nabc\r\n"), "no clean end")
 
@@ -336,7 +244,7 @@ class UploadTests(SynchronousTestCase):
     def test_body_streams_before_it_is_complete(self) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"POST /api/blobs/sha256:ab HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         self.assertEqual(header_values(upstream.value(), b"content-length"), [b"10"])
         proxy.send(b"01234")
         self.assertTrue(upstream.value().endswith(b"\r\n\r\n01234"))
@@ -349,7 +257,7 @@ class UploadTests(SynchronousTestCase):
     def test_chunked_upload_goes_up_chunked(self) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"POST /api/create HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         self.assertEqual(header_values(upstream.value(), b"transfer-encoding"), [b"chunked"])
         proxy.send(b"3\r\nabc\r\n")
         self.assertTrue(upstream.value().endswith(b"3\r\nabc\r\n"))
@@ -359,7 +267,7 @@ class UploadTests(SynchronousTestCase):
     def test_slow_upstream_pauses_the_client(self) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"POST /api/blobs/sha256:ab HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n")
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         proxy.send(b"aaa")
         self.assertEqual(proxy.client.producerState, "producing")
         producer(upstream).pauseProducing()  # the upstream's send buffer is full
@@ -376,7 +284,7 @@ class UploadTests(SynchronousTestCase):
         proxy = ProxyHarness(self)
         proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabc")
         self.assertEqual(proxy.client.producerState, "paused")
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         self.assertTrue(upstream.value().endswith(b"\r\n\r\nabc"))
         self.assertEqual(proxy.client.producerState, "producing")
 
@@ -387,7 +295,7 @@ class UploadTests(SynchronousTestCase):
             b"Expect: 100-continue\r\n\r\n"
         )
         self.assertEqual(proxy.response(), b"HTTP/1.1 100 Continue\r\n\r\n")
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         self.assertEqual(header_values(upstream.value(), b"expect"), [])
         proxy.send(b"xyz")
         self.assertTrue(upstream.value().endswith(b"xyz"))
@@ -396,7 +304,7 @@ class UploadTests(SynchronousTestCase):
         proxy = ProxyHarness(self)
         proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabc")
         self.assertEqual(proxy.client.producerState, "paused")
-        proxy.refuse_upstream()
+        proxy.refuse()
         self.assertEqual(proxy.client.producerState, "producing")
         proxy.send(b"def")
         self.assertTrue(proxy.response().startswith(b"HTTP/1.1 502 Bad Gateway"))
@@ -410,14 +318,14 @@ class UploadTimeoutTests(SynchronousTestCase):
         self.proxy.send(
             b"POST /api/blobs/sha256:ab HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n"
         )
-        self.upstream = self.proxy.connect_upstream()
+        self.upstream = self.proxy.connect()
 
     def test_a_slow_uploader_is_not_an_idle_upstream(self) -> None:
         proxy = ProxyHarness(self)
         chunk = b"ab" * 25 * MIN_BODY_RATE  # 50 s worth at the slowest rate allowed
         proxy.send(b"POST /api/blobs/sha256:ab HTTP/1.1\r\nHost: x\r\n"
                    b"Content-Length: %d\r\n\r\n" % (15 * len(chunk)))  # fmt: skip
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         for _ in range(15):  # 750 s in all, the client never quiet for a minute
             proxy.send(chunk)
             proxy.reactor.advance(50)
@@ -466,7 +374,7 @@ class UploadTimeoutTests(SynchronousTestCase):
         self.assertFalse(self.upstream.disconnecting)
         self.proxy.reactor.advance(1)
         self.assertTrue(self.upstream.disconnecting)
-        self.proxy.lose_upstream()
+        self.proxy.lose()
         self.assertEqual(self.proxy.client.producerState, "producing", "the rest is dropped")
         self.proxy.send(b"b" * 20)
         response = self.proxy.response()
@@ -490,14 +398,14 @@ class UploadTimeoutTests(SynchronousTestCase):
         # once it is gone (a turn later, for a real transport) the request ends, and the
         # client's next request on its connection is served.
         self.assertTrue(self.upstream.disconnected, "aborted")
-        self.proxy.lose_upstream()
+        self.proxy.lose()
         self.proxy.send(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
-        self.proxy.connect_upstream()
+        self.proxy.connect()
 
     def test_upstream_lost_mid_upload(self) -> None:
         logged = capture_logs(self)
         self.proxy.send(b"a" * 10)
-        self.proxy.lose_upstream()
+        self.proxy.lose()
         self.proxy.send(b"b" * 20)  # the client goes on; its body has nowhere to go
         response = self.proxy.response()
         self.assertEqual(head(response)[0], b"HTTP/1.1 502 Bad Gateway")
@@ -531,7 +439,7 @@ class ErrorTests(SynchronousTestCase):
     def test_refused_is_a_502_naming_the_upstream(self) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
-        proxy.refuse_upstream()
+        proxy.refuse()
         response = proxy.response()
         self.assertEqual(head(response)[0], b"HTTP/1.1 502 Bad Gateway")
         self.assertEqual(
@@ -542,7 +450,7 @@ class ErrorTests(SynchronousTestCase):
     def test_connect_timeout_is_a_504(self) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
-        proxy.refuse_upstream(reason=error.TimeoutError())
+        proxy.refuse(reason=error.TimeoutError())
         response = proxy.response()
         self.assertEqual(head(response)[0], b"HTTP/1.1 504 Gateway Time-out")
         self.assertEqual(
@@ -553,7 +461,7 @@ class ErrorTests(SynchronousTestCase):
     def test_silent_upstream_is_a_504_after_the_first_byte_timeout(self) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         proxy.reactor.advance(299)
         self.assertEqual(proxy.response(), b"")
         proxy.reactor.advance(1)
@@ -570,7 +478,7 @@ class ErrorTests(SynchronousTestCase):
     ) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"POST /api/blobs/sha256:1 HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         producer(upstream).pauseProducing()  # the upstream reads no more of the body
         proxy.send(b"cd")  # held: the client is not read from meanwhile
         proxy.reactor.advance(119)
@@ -591,7 +499,7 @@ class ErrorTests(SynchronousTestCase):
     def test_client_leaving_before_the_response_closes_the_upstream(self) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         proxy.channel.connectionLost(Failure(error.ConnectionDone()))
         self.assertTrue(upstream.disconnecting)
         proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
@@ -605,7 +513,7 @@ class ConnectionReuseTests(SynchronousTestCase):
         for n, method in enumerate(methods):
             proxy.send(method + b" /api/x?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % n)
             if n == 0:
-                upstream = proxy.connect_upstream()
+                upstream = proxy.connect()
             self.assertEqual(len(proxy.reactor.tcpClients), 1, "the connection is reused")
             self.assertTrue(
                 upstream.value().startswith(method + b" /api/x?n=%d HTTP/1.1\r\n" % n),
@@ -626,7 +534,7 @@ class ConnectionReuseTests(SynchronousTestCase):
     def test_client_asking_to_close(self) -> None:
         proxy = ProxyHarness(self)
         proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         self.assertEqual(header_values(upstream.value(), b"connection"), [], "a hop-by-hop header")
         proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         response = proxy.response()
@@ -696,8 +604,8 @@ class RetryTests(SynchronousTestCase):
         router = Recording(A, B)
         proxy = ProxyHarness(self, router)
         proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabcdef")
-        proxy.refuse_upstream(1001)
-        upstream = proxy.connect_upstream(1002)
+        proxy.refuse(1001)
+        upstream = proxy.connect(port=1002)
         self.assertTrue(upstream.value().endswith(b"\r\n\r\nabcdef"))
         proxy.answer(OK)
         response = proxy.response()
@@ -712,10 +620,10 @@ class RetryTests(SynchronousTestCase):
     def test_a_body_still_arriving_follows_to_the_next_server(self) -> None:
         proxy = ProxyHarness(self, Recording(A, B))
         proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabc")
-        first = proxy.connect_upstream(1001)
+        first = proxy.connect(port=1001)
         self.assertTrue(first.value().endswith(b"abc"))
-        proxy.lose_upstream()  # reset before any answer
-        second = proxy.connect_upstream(1002)
+        proxy.lose()  # reset before any answer
+        second = proxy.connect(port=1002)
         self.assertTrue(second.value().endswith(b"\r\n\r\nabc"))
         proxy.send(b"def")
         self.assertTrue(second.value().endswith(b"\r\n\r\nabcdef"))
@@ -726,9 +634,9 @@ class RetryTests(SynchronousTestCase):
         router = Recording(A, B)
         proxy = ProxyHarness(self, router)
         proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
-        proxy.connect_upstream(1001)
+        proxy.connect(port=1001)
         proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
-        proxy.lose_upstream()
+        proxy.lose()
         self.assertEqual(len(proxy.reactor.tcpClients), 1, "no second attempt")
         self.assertTrue(proxy.client.disconnecting)
         self.assertEqual(router.events, [("started", A.peer), ("ended", A.peer)])
@@ -736,9 +644,9 @@ class RetryTests(SynchronousTestCase):
     def test_no_retry_when_the_body_outgrew_the_replay_buffer(self) -> None:
         proxy = ProxyHarness(self, Recording(A, B, scan_limit=4))
         proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabc")
-        proxy.connect_upstream(1001)
+        proxy.connect(port=1001)
         proxy.send(b"de")  # 5 bytes sent: more than can be replayed
-        proxy.lose_upstream()
+        proxy.lose()
         proxy.send(b"f")
         self.assertEqual(len(proxy.reactor.tcpClients), 1, "no second attempt")
         response = proxy.response()
@@ -748,9 +656,9 @@ class RetryTests(SynchronousTestCase):
     def test_attempts_are_bounded_and_all_reasons_reported(self) -> None:
         proxy = ProxyHarness(self, Recording(A, B, C))
         proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
-        proxy.refuse_upstream(1001)
-        proxy.refuse_upstream(1002, error.TimeoutError())
-        proxy.refuse_upstream(1003)
+        proxy.refuse(1001)
+        proxy.refuse(1002, error.TimeoutError())
+        proxy.refuse(1003)
         self.assertEqual(len(proxy.reactor.tcpClients), 3)
         response = proxy.response()
         self.assertEqual(head(response)[0], b"HTTP/1.1 502 Bad Gateway")
@@ -771,12 +679,12 @@ class RetryTests(SynchronousTestCase):
             router = Recording(A, B)
             proxy = ProxyHarness(self, router)
             proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabcdef")
-            first = proxy.connect_upstream(1001)
+            first = proxy.connect(port=1001)
             code = {b"unreachable": b"502", b"timeout": b"504", b"busy": b"503"}[kind]
             proxy.answer(b"HTTP/1.1 " + code + b" Oops\r\nX-Ollana-Error: " + kind
                          + b"\r\nContent-Length: 2\r\n\r\n{}")  # fmt: skip
             self.assertTrue(first.disconnecting, kind)
-            second = proxy.connect_upstream(1002)
+            second = proxy.connect(port=1002)
             self.assertTrue(second.value().endswith(b"\r\n\r\nabcdef"), kind)
             proxy.answer(OK)
             self.assertTrue(proxy.response().startswith(b"HTTP/1.1 200 OK"), kind)
@@ -790,7 +698,7 @@ class RetryTests(SynchronousTestCase):
     def test_a_servers_own_error_is_relayed_when_no_server_is_left(self) -> None:
         proxy = ProxyHarness(self, Recording(A))
         proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
-        proxy.connect_upstream(1001)
+        proxy.connect(port=1001)
         proxy.answer(b"HTTP/1.1 503 Service Unavailable\r\nX-Ollana-Error: busy\r\n"
                      b"Retry-After: 1\r\nContent-Length: 2\r\n\r\n{}")  # fmt: skip
         response = proxy.response()
@@ -803,7 +711,7 @@ class RetryTests(SynchronousTestCase):
             router = Recording(A, B)
             proxy = ProxyHarness(self, router)
             proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
-            proxy.connect_upstream(1001)
+            proxy.connect(port=1001)
             proxy.answer(b"HTTP/1.1 " + code + b" X\r\nContent-Length: 2\r\n\r\n{}")
             self.assertTrue(proxy.response().startswith(b"HTTP/1.1 " + code), code)
             self.assertEqual(len(proxy.reactor.tcpClients), 1, code)
@@ -814,9 +722,9 @@ class RetryTests(SynchronousTestCase):
         router = Recording(A, B)
         proxy = ProxyHarness(self, router)
         proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
-        proxy.connect_upstream(1001)
+        proxy.connect(port=1001)
         proxy.answer(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\n{}")
-        proxy.connect_upstream(1002)
+        proxy.connect(port=1002)
         proxy.answer(OK)
         self.assertTrue(proxy.response().startswith(b"HTTP/1.1 200 OK"))
         self.assertEqual(
@@ -830,7 +738,7 @@ class RetryTests(SynchronousTestCase):
             proxy = ProxyHarness(self, router)
             proxy.send(b'POST /api/show HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\n\r\n'
                        b'{"model": "qwen"}')  # fmt: skip
-            proxy.connect_upstream(1001)
+            proxy.connect(port=1001)
             proxy.answer(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}")
             self.assertEqual(len(proxy.reactor.tcpClients), 2 if retried else 1, listed)
             self.assertEqual([e for e in router.events if e[0].split()[0] in COUNTS], [])
@@ -839,11 +747,11 @@ class RetryTests(SynchronousTestCase):
         router = Recording(A, B)
         proxy = ProxyHarness(self, router)
         proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
-        first = proxy.connect_upstream(1001)
+        first = proxy.connect(port=1001)
         proxy.reactor.advance(10)
         router.found_down(A.url, "no answer within 3 s")
         self.assertTrue(first.disconnecting)
-        second = proxy.connect_upstream(1002)
+        second = proxy.connect(port=1002)
         self.assertTrue(second.value().endswith(b"\r\n\r\n{}"))
         router.found_down(A.url, "again")  # the first attempt is no longer watching
         proxy.answer(OK)
@@ -856,7 +764,7 @@ class RetryTests(SynchronousTestCase):
         router = Recording(A)
         proxy = ProxyHarness(self, router)
         proxy.send(b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n")
-        proxy.connect_upstream(1001)
+        proxy.connect(port=1001)
         router.found_down(A.url, "no answer within 3 s")
         response = proxy.response()
         self.assertEqual(head(response)[0], b"HTTP/1.1 502 Bad Gateway")
@@ -870,7 +778,7 @@ class RetryTests(SynchronousTestCase):
         router = Recording(A, B)
         proxy = ProxyHarness(self, router)
         proxy.send(b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n")
-        upstream = proxy.connect_upstream(1001)
+        upstream = proxy.connect(port=1001)
         proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
         proxy.reactor.advance(4)
         router.found_down(A.url, "no answer within 3 s")
@@ -884,7 +792,7 @@ class RetryTests(SynchronousTestCase):
         router = Recording(A, B)
         proxy = ProxyHarness(self, router)
         proxy.send(b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n")
-        proxy.connect_upstream(1001)
+        proxy.connect(port=1001)
         proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
         router.found_down(A.url, "no answer within 3 s")
         router.found_down(A.url, "no answer within 3 s")
@@ -903,13 +811,13 @@ class RetryTests(SynchronousTestCase):
         router = Recording(A, B)
         proxy = ProxyHarness(self, router)
         proxy.send(b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n")
-        first = proxy.connect_upstream(1001)
+        first = proxy.connect(port=1001)
         proxy.reactor.advance(299)
         self.assertFalse(first.disconnecting)
         proxy.reactor.advance(1)
         self.assertTrue(first.disconnecting)
-        proxy.lose_upstream()
-        proxy.connect_upstream(1002)
+        proxy.lose()
+        proxy.connect(port=1002)
         proxy.answer(OK)
         self.assertTrue(proxy.response().startswith(b"HTTP/1.1 200 OK"))
         # Slow is not broken: the checks, not this request, say whether A is down; but
@@ -923,7 +831,7 @@ class RetryTests(SynchronousTestCase):
         router = Recording(A, B)
         proxy = ProxyHarness(self, router)
         proxy.send(b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n")
-        proxy.connect_upstream(1001)
+        proxy.connect(port=1001)
         proxy.channel.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(router.events, [("started", A.peer), ("ended", A.peer)])
         self.assertEqual(len(proxy.reactor.tcpClients), 1)
@@ -939,7 +847,7 @@ class ModelRoutingTests(SynchronousTestCase):
         self.assertEqual(proxy.client.producerState, "producing")
         proxy.send(b'el": "llava", "x": 1}')
         self.assertEqual(router.asked, ["llava"])
-        upstream = proxy.connect_upstream(1001)
+        upstream = proxy.connect(port=1001)
         self.assertTrue(
             upstream.value().endswith(b'\r\n\r\n{"prompt": "hi", "model": "llava", "x": 1}')
         )
@@ -949,7 +857,7 @@ class ModelRoutingTests(SynchronousTestCase):
         proxy = ProxyHarness(self, router)
         proxy.send(b"POST /api/pull HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
         self.assertEqual(router.asked, [None])
-        self.assertTrue(proxy.connect_upstream(1001).value().endswith(b"\r\n\r\n{}"))
+        self.assertTrue(proxy.connect(port=1001).value().endswith(b"\r\n\r\n{}"))
 
     def test_a_body_past_the_scan_limit_goes_to_the_normal_choice(self) -> None:
         router = Recording(A, model_aware=True, scan_limit=8)
@@ -957,7 +865,7 @@ class ModelRoutingTests(SynchronousTestCase):
         proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 38\r\n\r\n")
         proxy.send(b'{"images": ["AAAAAAAA')
         self.assertEqual(router.asked, [None])
-        upstream = proxy.connect_upstream(1001)
+        upstream = proxy.connect(port=1001)
         proxy.send(b'"], "model": "x"}')
         self.assertTrue(upstream.value().endswith(b'{"images": ["AAAAAAAA"], "model": "x"}'))
 
@@ -1009,7 +917,7 @@ class ReviewRegressionTests(SynchronousTestCase):
         proxy = ProxyHarness(self, router)
         proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabcdef")
         self.assertEqual(router.asked, [None])
-        proxy.refuse_upstream(1001)
+        proxy.refuse(1001)
         self.assertEqual(len(proxy.reactor.tcpClients), 1, "no replay: no second attempt")
         self.assertTrue(proxy.response().startswith(b"HTTP/1.1 502 "))
 
@@ -1058,7 +966,7 @@ class AffinityKeyTests(SynchronousTestCase):
         self.assertEqual(proxy.client.producerState, "producing", "the rest is read")
         proxy.send(CHAT[40:])
         self.assertEqual((router.asked, router.keys), (["llama3.2"], [CHAT_KEY]))
-        upstream = proxy.connect_upstream(1001)
+        upstream = proxy.connect(port=1001)
         self.assertTrue(upstream.value().endswith(b"\r\n\r\n" + CHAT))
         proxy.answer(OK)
         self.assertTrue(proxy.response().startswith(b"HTTP/1.1 200 OK"))
@@ -1071,8 +979,8 @@ class AffinityKeyTests(SynchronousTestCase):
         proxy.send(CHAT[30:])
         self.assertEqual(router.keys, [conversation_key(b"/v1/chat/completions", "llama3.2",
                                                         CHAT)])  # fmt: skip
-        proxy.refuse_upstream(1001)
-        upstream = proxy.connect_upstream(1002)
+        proxy.refuse(1001)
+        upstream = proxy.connect(port=1002)
         self.assertTrue(upstream.value().endswith(b"\r\n\r\n" + CHAT))
 
     def test_a_body_past_the_key_limit_is_routed_without_a_key_at_once(self) -> None:
@@ -1086,7 +994,7 @@ class AffinityKeyTests(SynchronousTestCase):
         self.assertEqual(router.asked, [], "up to the limit, the key may still come")
         proxy.send(text[KEY_LIMIT - len(start) : KEY_LIMIT - len(start) + 1])
         self.assertEqual((router.asked, router.keys), (["llama3.2"], [None]))
-        upstream = proxy.connect_upstream(1001)
+        upstream = proxy.connect(port=1001)
         self.assertTrue(upstream.value().endswith(b"\r\n\r\n" + (start + text)[: KEY_LIMIT + 1]))
         proxy.send(text[KEY_LIMIT - len(start) + 1 :] + end)
         self.assertTrue(upstream.value().endswith(b"\r\n\r\n" + start + text + end))
@@ -1100,7 +1008,7 @@ class AffinityKeyTests(SynchronousTestCase):
         proxy.send(post(b"/api/chat", len(body)) + body[:100])
         proxy.send(body[100:])
         self.assertEqual((router.asked, router.keys), (["llama3.2"], [None]))
-        self.assertTrue(proxy.connect_upstream(1001).value().endswith(body))
+        self.assertTrue(proxy.connect(port=1001).value().endswith(body))
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_other_requests_do_not_wait_for_the_body(self) -> None:
@@ -1109,7 +1017,7 @@ class AffinityKeyTests(SynchronousTestCase):
         body = b'{"model": "llama3.2", "input": "What is Twisted?"}'
         proxy.send(post(b"/api/embed", len(body)) + body[:30])
         self.assertEqual((router.asked, router.keys), (["llama3.2"], [None]))
-        proxy.connect_upstream(1001)
+        proxy.connect(port=1001)
         proxy.send(body[30:])
         proxy.answer(OK)
         proxy.client.clear()
@@ -1134,7 +1042,7 @@ class RouteHeaderTests(SynchronousTestCase):
     def test_the_reason_a_server_was_chosen(self) -> None:
         proxy = ProxyHarness(self, Recording(replace(A, route="affinity")))
         proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
-        proxy.connect_upstream(1001)
+        proxy.connect(port=1001)
         proxy.answer(b"HTTP/1.1 200 OK\r\nX-Ollana-Route: bogus\r\nContent-Length: 2\r\n\r\nok")
         self.assertEqual(header_values(proxy.response(), b"x-ollana-route"), [b"affinity"])
 
@@ -1142,15 +1050,15 @@ class RouteHeaderTests(SynchronousTestCase):
         router = Recording(replace(A, route="warm"), replace(B, route="cold"))
         proxy = ProxyHarness(self, router)
         proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
-        proxy.refuse_upstream(1001)
-        proxy.connect_upstream(1002)
+        proxy.refuse(1001)
+        proxy.connect(port=1002)
         proxy.answer(OK)
         self.assertEqual(header_values(proxy.response(), b"x-ollana-route"), [b"cold"])
 
     def test_no_reason_no_header(self) -> None:
         proxy = ProxyHarness(self, Recording(A))
         proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
-        proxy.connect_upstream(1001)
+        proxy.connect(port=1001)
         proxy.answer(OK)
         self.assertEqual(header_values(proxy.response(), b"x-ollana-route"), [])
 
@@ -1159,7 +1067,7 @@ class RouteHeaderTests(SynchronousTestCase):
         router.added = [(b"x-ollana-state", b'{"n":1}')]
         proxy = ProxyHarness(self, router)
         proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
-        proxy.connect_upstream(1001)
+        proxy.connect(port=1001)
         proxy.answer(b"HTTP/1.1 200 OK\r\nX-Ollana-State: theirs\r\nContent-Length: 2\r\n\r\nok")
         self.assertEqual(header_values(proxy.response(), b"x-ollana-state"), [b'{"n":1}'])
         router.added = [(b"x-ollana-state", b'{"n":2}')]  # the state has changed since

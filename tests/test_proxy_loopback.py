@@ -22,8 +22,8 @@ from twisted.web.http_headers import Headers
 
 from ollana.node import OllanaService
 from ollana.tap import Options, makeService
-from tests.fake_ollama import FakeOllama
-from tests.support import accepted_connections_closed, free_udp_port
+from tests.support.fake_ollama import FakeOllama
+from tests.support.processes import accepted_connections_closed, free_udp_port
 
 reactor: Any = _reactor
 LOOPBACK = "tcp:0:interface=127.0.0.1"

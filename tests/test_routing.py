@@ -17,7 +17,7 @@ from ollana.peers import Peer, PeerPool, model_key
 from ollana.routing import SERVER_SCAN_LIMIT, LocalRouter, PoolRouter
 from ollana.state import STATE_HEADER, ServerState, decode, encode
 from ollana.upstream import LocalAnswer, NoUpstream, Router, Upstream
-from tests.support import FakeServers, capture_logs
+from tests.support.fakes import FakeServers, capture_logs
 
 START = 1000.0
 OLLAMA = "http://127.0.0.1:11434"

@@ -1,4 +1,4 @@
-"""Routing on a LAN in memory (tests.memnet): client nodes, server nodes and simulated
+"""Routing on a LAN in memory (tests.support.memnet): client nodes, server nodes and simulated
 Ollamas that schedule as Ollama does, on one clock, so that what the strategies do to a
 user's time to first token is measured deterministically."""
 
@@ -15,8 +15,8 @@ from twisted.web.server import Site
 
 from ollana.simulator import FakeOllama, Scheduling
 from ollana.upstream import make_agent
-from tests.memnet import Answer, ChatWorkload, ClientNode, MemoryNetwork, ServerNode, ask
-from tests.support import capture_logs
+from tests.support.fakes import capture_logs
+from tests.support.memnet import Answer, ChatWorkload, ClientNode, MemoryNetwork, ServerNode, ask
 
 MODELS = ["m1:latest", "m2:latest", "m3:latest"]
 # Three servers that each hold one model at a time, two slots, 2 s loads; prompts are

@@ -14,8 +14,8 @@ from twisted.web.client import HTTPConnectionPool, ResponseNeverReceived
 
 from ollana.tap import Options, makeService
 from ollana.tls import ensure_self_signed
-from tests.fake_ollama import FakeOllama
-from tests.support import eventually, free_udp_port
+from tests.support.fake_ollama import FakeOllama
+from tests.support.processes import eventually, free_udp_port
 
 reactor: Any = _reactor
 LOOPBACK = ["--listen", "tcp:0:interface=127.0.0.1", "--broadcast", "127.255.255.255"]

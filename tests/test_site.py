@@ -17,8 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from ollana.gate import Gate
 from ollana.logs import Summary
 from ollana.site import BUSY_AT_ONCE, BUSY_READ, BUSY_WAIT, MIN_BODY_RATE, BusyAnswer
-from tests.support import capture_logs
-from tests.test_proxy import ProxyHarness, head, header_values, producer
+from tests.support.fakes import capture_logs
+from tests.support.http import ProxyHarness, head, header_values, producer
 
 SOURCE = IPv4Address("TCP", "198.18.0.50", 40000)  # ProxyHarness's client
 GET = b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -133,7 +133,7 @@ class BodyTimeoutTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.proxy = ProxyHarness(self)
         self.proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
-        self.upstream = self.proxy.connect_upstream()
+        self.upstream = self.proxy.connect()
 
     def test_a_body_that_stops_is_408_and_its_upstream_request_dropped(self) -> None:
         logged = capture_logs(self)
@@ -179,7 +179,7 @@ class BodyTimeoutTests(SynchronousTestCase):
         proxy = ProxyHarness(self)
         size = MIN_BODY_RATE * 130
         proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
-        upstream = proxy.connect_upstream()
+        upstream = proxy.connect()
         for _ in range(13):
             proxy.send(b"a" * MIN_BODY_RATE * 10)
             proxy.reactor.advance(10)

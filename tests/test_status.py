@@ -34,8 +34,8 @@ from ollana.simulator import FOREVER, Scheduling
 from ollana.state import ServerState
 from ollana.status import CSS, DashboardPage, duration, state_status
 from ollana.tap import Options, makeService
-from tests.fake_ollama import FakeOllama
-from tests.support import accepted_connections_closed, eventually, free_udp_port
+from tests.support.fake_ollama import FakeOllama
+from tests.support.processes import accepted_connections_closed, eventually, free_udp_port
 
 reactor: Any = _reactor
 LOOPBACK = "tcp:0:interface=127.0.0.1"

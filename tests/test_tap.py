@@ -26,9 +26,9 @@ from ollana import __version__, config, wire
 from ollana.netif import broadcast_addresses
 from ollana.node import OllanaService
 from ollana.tap import OPTION_GROUPS, Options, SecondSignal, StartReport, makeService, start_line
-from tests.fake_ollama import FakeOllama
-from tests.support import FakeNetworkReactor, capture_logs
-from tests.test_health import Silent
+from tests.support.fake_ollama import FakeOllama
+from tests.support.fakes import FakeNetworkReactor, capture_logs
+from tests.support.http import Silent
 
 SAFE = ["--broadcast", "127.255.255.255"]
 

@@ -9,27 +9,9 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from ollana import wire
+from tests.support.strategies import messages
 
 NODE = bytes(range(16))
-
-node_ids = st.binary(min_size=16, max_size=16)
-announces = st.builds(
-    wire.Announce,
-    node_id=node_ids,
-    port=st.integers(1, 65535),
-    scheme=st.sampled_from(wire.SCHEMES),
-    version=st.text(
-        st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp", "Cf", "Co", "Cn", "Zs")),
-        max_size=16,
-    ),
-    fingerprint=st.none() | st.binary(min_size=32, max_size=32),
-)
-messages = st.one_of(
-    st.builds(wire.Probe, node_ids),
-    st.builds(wire.Bye, node_ids),
-    st.just(wire.LegacyHello()),
-    announces,
-)
 
 
 def header(kind: int, version: int = wire.PROTOCOL_VERSION, magic: bytes = b"LANA") -> bytes:

@@ -41,7 +41,7 @@ from ollana.routing import LocalRouter, PoolRouter, take_report
 from ollana.simulator import FakeOllama
 from ollana.site import ProxySite
 from ollana.upstream import make_agent
-from tests.support import capture_logs
+from tests.support.fakes import capture_logs
 
 
 class MemoryNetwork(MemoryReactorClock):

@@ -1,7 +1,7 @@
 """HTTP requests to the local Ollana from inside a test namespace, reported as JSON.
 
 tests/test_lan.py cannot reach a namespace's 127.0.0.1 from outside, so it runs this inside
-with ``ip netns exec NS python -m tests.lan_driver COMMAND ...``:
+with ``ip netns exec NS python -m tests.support.lan_driver COMMAND ...``:
 
 - ``get PATH``: one GET; prints one request's outcome (status, X-Ollana-Peer, body).
 - ``generate MODEL``: one POST /api/generate with ``"stream": false``; prints the same.

@@ -1,6 +1,6 @@
 """The tests' fake Ollama: ollana.simulator, where it now lives, re-exported.
 
-``python -m tests.fake_ollama --port N [--pace S] [--model NAME]...`` serves it on
+``python -m tests.support.fake_ollama --port N [--pace S] [--model NAME]...`` serves it on
 loopback with the tests' defaults: the model ``llama3.2:latest``, no pacing.
 """
 
