@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
 
 KEY_LIMIT = 256 * 1024  # bytes of a body parsed for its key (a few ms at most)
 PROMPT_START = 512  # characters of a prompt that stand for its start
@@ -44,7 +43,7 @@ def conversation_key(path: bytes, model: str, body: bytes) -> str | None:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-def _chat_start(request: dict[str, Any]) -> list[str]:
+def _chat_start(request: dict[str, object]) -> list[str]:
     system = user = ""
     messages = request.get("messages")
     for message in messages if isinstance(messages, list) else ():
@@ -59,11 +58,11 @@ def _chat_start(request: dict[str, Any]) -> list[str]:
     return [system, user]
 
 
-def _prompt_start(request: dict[str, Any]) -> list[str]:
+def _prompt_start(request: dict[str, object]) -> list[str]:
     return [_text(request.get("system")), _text(request.get("prompt"))[:PROMPT_START]]
 
 
-def _text(value: Any) -> str:
+def _text(value: object) -> str:
     """A message's content as text: a string, or the text parts of an OpenAI-style list."""
     if isinstance(value, str):
         return value

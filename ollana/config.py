@@ -1,7 +1,8 @@
 """Settings and the parsers that turn command-line text into them.
 
 Every parser raises twisted.python.usage.UsageError with a one-line reason that
-names the option, so a bad value never ends in a traceback.
+names the option, so a bad value never ends in a traceback. Listening endpoint
+descriptions are read here too (parse_endpoint, without making the endpoint).
 """
 
 from __future__ import annotations
@@ -9,12 +10,11 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 from urllib.parse import urlsplit
 
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.testing import MemoryReactor
 from twisted.python.usage import UsageError
 
 MODES = ("auto", "server", "client")
@@ -25,6 +25,23 @@ DEFAULT_OLLAMA = f"http://127.0.0.1:{OLLAMA_PORT}"
 CLIENT_LISTEN = f"tcp:{OLLAMA_PORT}:interface=127.0.0.1"
 SERVER_LISTEN = f"tcp:{SERVER_PORT}"
 LIMITED_BROADCAST = "255.255.255.255"
+
+
+class ServerTLS(Protocol):
+    """What a server needs of its certificate (an ollana.tls.ServerCertificate)."""
+
+    @property
+    def cert_path(self) -> str: ...
+
+    @property
+    def fingerprint(self) -> bytes:
+        """SHA-256 of the certificate, as announcements carry it."""
+
+    @property
+    def fingerprint_hex(self) -> str: ...
+
+    def listen_description(self, listen: str) -> str:
+        """The ssl: description serving it where the tcp: description listen says."""
 
 
 @dataclass(frozen=True)
@@ -52,11 +69,11 @@ class Settings:
     attempts: int = 3
     drain_timeout: float = 30.0
     secret: bytes | None = field(default=None, repr=False)  # never in logs or reprs
-    allow: tuple[Any, ...] | None = None  # networks; None: the local ones
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None  # None: local
     max_body: int | None = None
     max_connections: int = 256  # per source, server mode
     header_timeout: float = 30.0
-    tls: Any = None  # the server's ollana.tls.ServerCertificate, with --tls
+    tls: ServerTLS | None = None  # the server's certificate, with --tls
     tls_ca: str | None = None  # clients check servers against this CA
     node_id: bytes = field(default_factory=lambda: os.urandom(16))
 
@@ -201,19 +218,112 @@ def _is_host(host: str) -> bool:
     return True
 
 
+# The endpoint kinds Ollana listens on, with their arguments in positional order (as
+# twisted.internet.endpoints.serverFromString reads them).
+ENDPOINT_ARGUMENTS = {
+    "tcp": ("port", "interface", "backlog"),
+    "tcp6": ("port", "backlog", "interface"),
+    "ssl": ("port", "privateKey", "certKey", "sslmethod", "interface", "backlog",
+            "extraCertChain", "dhParameters"),
+    "unix": ("address", "mode", "backlog", "lockfile"),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ListenEndpoint:
+    """A listening endpoint description, read: its kind and its arguments by name."""
+
+    kind: str
+    arguments: Mapping[str, str]
+
+    @property
+    def port(self) -> int | None:
+        """The TCP port (0: any free one); None for a unix: endpoint."""
+        return int(self.arguments["port"]) if "port" in self.arguments else None
+
+
+def parse_endpoint(text: str) -> ListenEndpoint:
+    """Read a Twisted server endpoint description of a kind Ollana listens on (tcp:, tcp6:,
+    ssl:, unix:), as serverFromString would, without making the endpoint. Raises ValueError
+    with a one-line reason."""
+    positional, named = description_arguments(text)
+    kind = positional.pop(0) if positional else ""
+    names = ENDPOINT_ARGUMENTS.get(kind)
+    if names is None:
+        raise ValueError(f"Unknown endpoint type: '{kind.lower()}'")
+    if len(positional) > len(names):
+        raise ValueError(f"{kind} takes at most {len(names)} arguments ({', '.join(names)})")
+    arguments = dict(zip(names, positional, strict=False))
+    for name, value in named.items():
+        if name not in names:
+            raise ValueError(f"{kind} has no argument {name!r}")
+        if name in arguments:
+            raise ValueError(f"{name} given twice")
+        arguments[name] = value
+    if names[0] not in arguments:
+        raise ValueError(f"no {names[0]}")
+    for name in ("port", "backlog", "lockfile"):
+        if name in arguments:
+            int(arguments[name])  # its ValueError says which text is not a number
+    if "mode" in arguments:
+        int(arguments["mode"], 8)
+    return ListenEndpoint(kind, arguments)
+
+
+def description_arguments(text: str) -> tuple[list[str], dict[str, str]]:
+    """An endpoint description's positional and keyword arguments, unescaped, as Twisted
+    reads them: colons separate them, the first = in one names it, a backslash escapes."""
+    positional: list[str] = []
+    named: dict[str, str] = {}
+    for part in split_description(text):
+        pieces = [""]
+        escaped = False
+        for char in part:
+            if escaped:
+                pieces[-1] += char
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == "=" and len(pieces) == 1:
+                pieces.append("")
+            else:
+                pieces[-1] += char
+        if escaped:
+            raise ValueError("it ends in a backslash")
+        if len(pieces) == 1:
+            positional.append(pieces[0])
+        else:
+            named[pieces[0]] = pieces[1]
+    return positional, named
+
+
 def check_endpoint(text: str, option: str = "--listen") -> str:
-    """A Twisted server endpoint description, checked without touching the network."""
+    """A listening endpoint description of a kind Ollana listens on (see parse_endpoint),
+    checked without touching the network; the files an ssl: one names must be readable."""
     try:
-        endpoint = serverFromString(MemoryReactor(), text)
-    except Exception as e:
-        reason = str(e) or type(e).__name__
-        raise UsageError(
-            f"{option}: not a valid endpoint description: {text!r} ({reason})"
-        ) from None
-    port = getattr(endpoint, "_port", None)  # TCP and SSL endpoints keep it there
-    if isinstance(port, int) and not 0 <= port <= 65535:
-        raise UsageError(f"{option}: port must be 0-65535, not {port}")
+        endpoint = parse_endpoint(text)
+    except ValueError as e:
+        raise UsageError(f"{option}: not a valid endpoint description: {text!r} ({e})") from None
+    if endpoint.port is not None and not 0 <= endpoint.port <= 65535:
+        raise UsageError(f"{option}: port must be 0-65535, not {endpoint.port}")
+    for path in ssl_files(endpoint):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise UsageError(
+                f"{option}: not a valid endpoint description: {text!r} ({e})"
+            ) from None
     return text
+
+
+def ssl_files(endpoint: ListenEndpoint) -> list[str]:
+    """The files an ssl: endpoint reads when it is made (none for other kinds)."""
+    if endpoint.kind != "ssl":
+        return []
+    key = endpoint.arguments.get("privateKey", "server.pem")  # Twisted's default
+    files = [key, endpoint.arguments.get("certKey", key)]
+    return files + [endpoint.arguments[n] for n in ("extraCertChain",) if n in endpoint.arguments]
 
 
 def split_description(text: str) -> list[str]:

@@ -7,13 +7,26 @@ import os
 import signal
 import socket
 import sys
-from typing import Any, TextIO
+from types import FrameType
+from typing import TYPE_CHECKING, TextIO
 
 from twisted.internet import defer, task
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from ollana import config
-from ollana.tap import OllanaOptions
+from ollana.tap import OllanaOptions, Options
+
+if TYPE_CHECKING:  # imported when the demo starts
+    from ollana.node import OllanaService
 
 LOOPBACK_BROADCAST = "127.255.255.255"
 DEMO_PORT = 11434
@@ -67,10 +80,8 @@ def free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
-def node_options(*args: str) -> Any:
+def node_options(*args: str) -> Options:
     """A loopback-only node's options: the demo's nodes listen and broadcast on loopback."""
-    from ollana.tap import Options
-
     options = Options()
     # Quick checks and a short drain, so that the demo is lively and Ctrl-C is quick.
     extra = ["--health-interval", "2", "--probe-interval", "2", "--models-interval", "5",
@@ -80,16 +91,19 @@ def node_options(*args: str) -> Any:
 
 
 class Demo:
-    """The demo's pieces, started and stopped together on one reactor."""
+    """The demo's pieces, started and stopped together on one reactor (the running one:
+    also its IReactorCore, IReactorFromThreads, IReactorTCP, IReactorUDP)."""
 
-    def __init__(self, reactor: Any, options: DemoOptions, out: TextIO, err: TextIO) -> None:
+    def __init__(
+        self, reactor: IReactorTime, options: DemoOptions, out: TextIO, err: TextIO
+    ) -> None:
         self.reactor = reactor
         self.options = options
         self.out = out
         self.err = err
         self.exit_code = 0
-        self.nodes: list[Any] = []
-        self.ollama_port: Any = None
+        self.nodes: list[OllanaService] = []
+        self.ollama_port: IListeningPort | None = None
         self._stopping = False
         self._signals = 0
 
@@ -100,17 +114,18 @@ class Demo:
         d = defer.Deferred.fromCoroutine(self._start())
         d.addErrback(self._failed)
 
-    def _signalled(self, number: int, frame: Any) -> None:
+    def _signalled(self, number: int, frame: FrameType | None) -> None:
         self._signals += 1
         if self._signals > 1:
             os._exit(128 + number)  # a second Ctrl-C: do not wait for anything
-        self.reactor.callFromThread(self._stop_reactor)
+        IReactorFromThreads(self.reactor).callFromThread(self._stop_reactor)
 
     def _stop_reactor(self) -> None:
-        if self.reactor.running and not self._stopping:
-            self.reactor.stop()
+        reactor = IReactorCore(self.reactor)
+        if reactor.running and not self._stopping:
+            reactor.stop()
 
-    def _failed(self, failure: Any) -> None:
+    def _failed(self, failure: Failure) -> None:
         self.err.write(f"ollana demo: {failure.getErrorMessage()}\n")
         self.exit_code = 1
         self._stop_reactor()
@@ -123,8 +138,10 @@ class Demo:
         fake = FakeOllama(models=[ECHO_MODEL], clock=reactor, record=False)
         fake.pace = self.options["pace"]
         site = fake.site(access_log=False)  # the server's access lines say it all
-        self.ollama_port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        ollama = f"http://127.0.0.1:{self.ollama_port.getHost().port}"
+        endpoint = TCP4ServerEndpoint(IReactorTCP(reactor), 0, interface="127.0.0.1")
+        listening: IListeningPort = await endpoint.listen(site)
+        self.ollama_port = listening
+        ollama = f"http://127.0.0.1:{listening.getHost().port}"  # type: ignore[attr-defined]
         discovery = str(free_udp_port())
         loopback = "tcp:0:interface=127.0.0.1"
 
@@ -175,12 +192,11 @@ Ctrl-C stops the demo.
 """)  # fmt: skip
         self.out.flush()
 
-    async def _listening(self, node: Any) -> int:
-        listening = node.getServiceNamed("http").whenListening()
-        port: int = await listening.addTimeout(10, self.reactor)
+    async def _listening(self, node: OllanaService) -> int:
+        port: int = await node.whenListening().addTimeout(10, self.reactor)
         return port
 
-    async def _found(self, client: Any, model: str, deadline: float = 15) -> str | None:
+    async def _found(self, client: OllanaService, model: str, deadline: float = 15) -> str | None:
         """Wait until the client knows a healthy server that has model; its address."""
         for _ in range(int(deadline / 0.1)):
             for peer in client.pool:
@@ -205,8 +221,9 @@ Ctrl-C stops the demo.
             for node in reversed(self.nodes):
                 if node.running:
                     await defer.maybeDeferred(node.stopService)
-            if self.ollama_port is not None:
-                await defer.maybeDeferred(self.ollama_port.stopListening)
+            stopped = self.ollama_port.stopListening() if self.ollama_port is not None else None
+            if stopped is not None:
+                await stopped
             if self._signals:
                 self.out.write("Stopped.\n")
                 self.out.flush()
@@ -231,9 +248,8 @@ def begin_demo_logging(verbose: bool, out: TextIO, err: TextIO) -> None:
 
 
 def run_demo(options: DemoOptions) -> int:
-    from twisted.internet import reactor as _reactor
+    from twisted.internet import reactor
 
-    reactor: Any = _reactor
     begin_demo_logging(options["verbose"], sys.stdout, sys.stderr)
     demo = Demo(reactor, options, sys.stdout, sys.stderr)
     reactor.callWhenRunning(demo.start)

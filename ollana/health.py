@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, TypeVar, cast
+from typing import Protocol, TypeVar, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer, protocol
@@ -15,7 +15,9 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
 
+from ollana.interfaces import JSON
 from ollana.peers import Peer, PeerPool, Source, model_key
 from ollana.upstream import describe_error
 
@@ -32,20 +34,24 @@ MAX_MODELS = 1024  # entries used of one server's listing
 
 
 class HTTPGetter(Protocol):
-    """What we need of a treq HTTPClient (treq.testing.StubTreq fits too): a GET whose
-    response has a code and delivers its body as an IResponse does."""
+    """What we need of a treq HTTPClient (treq.testing.StubTreq fits too): a GET, with
+    headers if given, whose response has a code and delivers its body as an IResponse does."""
 
-    def get(self, url: str, /) -> defer.Deferred[Any]: ...
+    def get(
+        self, url: str, /, *, headers: Mapping[bytes, list[bytes]] | None = None
+    ) -> defer.Deferred[IResponse]: ...
 
 
 class AgentGetter:
     """An HTTPGetter on a twisted.web Agent. (treq's own cannot reach IPv6 addresses: it
     IDNA-encodes the host of http://[::1]:port.)"""
 
-    def __init__(self, agent: Any) -> None:
+    def __init__(self, agent: IAgent) -> None:
         self._agent = agent
 
-    def get(self, url: str, /, headers: Mapping[bytes, list[bytes]] | None = None) -> Any:
+    def get(
+        self, url: str, /, headers: Mapping[bytes, list[bytes]] | None = None
+    ) -> defer.Deferred[IResponse]:
         return self._agent.request(b"GET", url.encode("ascii"), Headers(headers or {}))
 
 
@@ -61,7 +67,7 @@ class _BoundedBody(protocol.Protocol):
         self.body: defer.Deferred[bytes] = defer.Deferred(lambda _: self._stop())
 
     @classmethod
-    def read(cls, response: Any, limit: int, too_large: str) -> defer.Deferred[bytes]:
+    def read(cls, response: IResponse, limit: int, too_large: str) -> defer.Deferred[bytes]:
         """The body of response; OllamaUnavailable(too_large) past limit bytes."""
         reader = cls(limit, too_large)
         response.deliverBody(reader)
@@ -131,7 +137,7 @@ class OllamaProbe:
         otherwise."""
         return self._ask("/api/tags", self._names_of, timeout, self.listing_limit)
 
-    def json(self, path: str, timeout: float) -> defer.Deferred[Any]:
+    def json(self, path: str, timeout: float) -> defer.Deferred[JSON]:
         """The JSON answer to GET path, like version() otherwise."""
         return self._ask(path, lambda answer: answer, timeout, self.listing_limit)
 
@@ -152,7 +158,7 @@ class OllamaProbe:
     def _ask(
         self,
         path: str,
-        parse: Callable[[Any], T],
+        parse: Callable[[JSON], T],
         timeout: float,
         limit: int,
         seen: HeadersSeen | None = None,
@@ -172,7 +178,7 @@ class OllamaProbe:
             if not result.called:
                 result.callback(value)
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> None:
             if not result.called:
                 reason = failure.value
                 if not isinstance(reason, OllamaUnavailable):
@@ -184,7 +190,7 @@ class OllamaProbe:
         return result
 
     async def _fetch(
-        self, path: str, parse: Callable[[Any], T], limit: int, seen: HeadersSeen | None
+        self, path: str, parse: Callable[[JSON], T], limit: int, seen: HeadersSeen | None
     ) -> T:
         response = await self._http.get(self.base_url + path)
         headers = getattr(response, "headers", None)
@@ -199,14 +205,14 @@ class OllamaProbe:
         except (ValueError, KeyError, TypeError):
             raise OllamaUnavailable(f"{path} gave no valid answer") from None
 
-    def _names_of(self, answer: Any) -> list[str]:
+    def _names_of(self, answer: JSON) -> list[str]:
         models = answer["models"]
         if not isinstance(models, list):
             raise TypeError(models)
         return [str(model["name"]) for model in self.first(models, "/api/tags")]
 
 
-def _version_of(answer: Any) -> str:
+def _version_of(answer: JSON) -> str:
     version = answer["version"]
     if not isinstance(version, str):
         raise TypeError(version)
@@ -233,6 +239,7 @@ class PeerHealthChecker(Service):
         on_report: Callable[[Peer, Headers], object] = lambda peer, headers: None,
     ) -> None:
         self.pool = pool
+        pool.watch_added(self._added)
         self.on_report = on_report  # what reads the state a server reports with its answer
         self._http = http
         self._clock = clock
@@ -241,12 +248,11 @@ class PeerHealthChecker(Service):
         self.models_interval = models_interval
         self.max_backoff = max(max_backoff, interval)
         self._loop: LoopingCall | None = None
-        self._checking: dict[Peer, defer.Deferred[Any]] = {}  # by identity: a server
+        self._checking: dict[Peer, defer.Deferred[None]] = {}  # by identity: a server
         # that said bye and came back is a new Peer, checked afresh
 
     def startService(self) -> None:
         super().startService()
-        self.pool.on_added = self._added
         self._loop = LoopingCall(self.tick)
         self._loop.clock = self._clock
         self._loop.start(self.interval, now=True).addErrback(
@@ -254,13 +260,13 @@ class PeerHealthChecker(Service):
         )
 
     def _added(self, peer: Peer) -> None:
-        """A new server: know its health and models before the next tick."""
+        """A new server (or one that moved): know its health and models before the next
+        tick, while running."""
         if self.running and peer.usable and peer not in self._checking:
             self.check(peer)
 
     def stopService(self) -> None:
         super().stopService()
-        self.pool.on_added = lambda peer: None
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         for checking in list(self._checking.values()):
@@ -276,12 +282,11 @@ class PeerHealthChecker(Service):
         except Exception:
             self.log.failure("Error in the server health checks")
 
-    def check(self, peer: Peer) -> defer.Deferred[Any]:
+    def check(self, peer: Peer) -> defer.Deferred[None]:
         """Check one server now (its models too, when due); never fails."""
         probe = OllamaProbe(self._http, self._clock, peer.url)
         started = self._clock.seconds()
-        d: defer.Deferred[Any] = probe.version(self.timeout, lambda h: self.on_report(peer, h))
-        d.addCallbacks(
+        d = probe.version(self.timeout, lambda h: self.on_report(peer, h)).addCallbacks(
             lambda _: self._passed(peer, probe, self._clock.seconds() - started),
             lambda failure: self._failed(peer, failure),
         )
@@ -298,7 +303,9 @@ class PeerHealthChecker(Service):
         """A request could not reach peer: take it out of use and check it at the next tick."""
         self.pool.suspect(peer, reason)
 
-    def _passed(self, peer: Peer, probe: OllamaProbe, latency: float) -> Any:
+    def _passed(
+        self, peer: Peer, probe: OllamaProbe, latency: float
+    ) -> defer.Deferred[None] | None:
         if not self.running:
             return None
         recovered = self.pool.check_succeeded(peer, latency)
@@ -314,13 +321,13 @@ class PeerHealthChecker(Service):
         peer.models = frozenset(model_key(name) for name in names)
         peer.models_checked = self._clock.seconds()
 
-    def _no_models(self, peer: Peer, failure: Any) -> None:
+    def _no_models(self, peer: Peer, failure: Failure) -> None:
         if self.running:
             failure.trap(OllamaUnavailable)
             self.log.info("No model list from {url}: {reason}", url=peer.url,
                           reason=str(failure.value))  # fmt: skip
 
-    def _failed(self, peer: Peer, failure: Any) -> None:
+    def _failed(self, peer: Peer, failure: Failure) -> None:
         if not self.running:
             return  # cancelled by stopService: says nothing about the server
         failure.trap(OllamaUnavailable)
@@ -394,8 +401,7 @@ class LocalOllamaMonitor(Service):
 
     def check(self) -> defer.Deferred[None]:
         """Check once; the result only changes state and is never an error."""
-        d: defer.Deferred[Any] = self._probe.version(self.timeout)
-        d.addCallbacks(self._up, self._down)
+        d = self._probe.version(self.timeout).addCallbacks(self._up, self._down)
         d.addErrback(lambda f: self.log.failure("Error while checking the local Ollama", f))
         self._checking = d
 
@@ -429,11 +435,12 @@ class LocalOllamaMonitor(Service):
         if self.running and self.healthy:
             self._went_down(reason, cheap_to_try=True)
 
-    def _down(self, failure: Any) -> None:
+    def _down(self, failure: Failure) -> None:
         if not self.running:
             return  # cancelled by stopService: says nothing about the Ollama
         failure.trap(OllamaUnavailable)
-        self._went_down(str(failure.value), failure.value.unreachable)
+        down = cast(OllamaUnavailable, failure.value)  # trapped
+        self._went_down(str(down), down.unreachable)
 
     def _went_down(self, reason: str, cheap_to_try: bool) -> None:
         first_check = self.reason == NOT_CHECKED

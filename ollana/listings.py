@@ -7,13 +7,13 @@ MAX_MODELS entries), so a merge stays small whatever a server lists."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from ollana.health import HTTPGetter, OllamaProbe
+from ollana.interfaces import JSON, JSONObject
 from ollana.peers import Peer, PeerPool, model_key
 from ollana.upstream import Listing, LocalAnswer, NoUpstream, UpstreamsFailed
 
@@ -52,7 +52,7 @@ class MergedListings:
         asked = [probe.json(path, self.timeout) for probe in probes]
         results = await defer.DeferredList(asked, consumeErrors=True)
         list_key, name_key = MERGED[path]
-        merged: list[Any] = []
+        merged: list[JSON] = []
         names: dict[str, list[str]] = {}  # name: the servers listing it
         answered: list[Peer] = []
         reasons: list[str] = []
@@ -84,7 +84,7 @@ class MergedListings:
                 if isinstance(entry.get(name_key), str) else entry
                 for entry in merged
             ]  # fmt: skip
-        listing: dict[str, Any] = {list_key: merged}
+        listing: JSONObject = {list_key: merged}
         if path == "/v1/models":
             listing = {"object": "list", **listing}
         servers = ", ".join(peer.address for peer in answered)
@@ -95,7 +95,7 @@ class MergedListings:
         return LocalAnswer(200, headers, json.dumps(listing).encode("utf-8"))
 
 
-def _listed(answer: Any, list_key: str) -> list[Any] | None:
+def _listed(answer: JSON, list_key: str) -> list[JSON] | None:
     """The listing's list of entries, or None when the answer is not a listing."""
     listed = answer.get(list_key) if isinstance(answer, dict) else None
     return listed if isinstance(listed, list) else None

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ollana.health import OllamaProbe, OllamaUnavailable
-from ollana.interfaces import IServerState, IStateSource
+from ollana.interfaces import JSON, IServerState, IStateSource
 from ollana.peers import model_key
 from ollana.state import (
     DEFAULT_MAX_LOADED,
@@ -85,7 +85,7 @@ class OllamaLoad(TimerService):
         self.loaded: frozenset[str] = frozenset()
         self._counts: dict[str, list[int]] = {}  # model: [in flight, waiting]
         self._header: bytes | None = None  # the encoded report, until something changes
-        self._reading: defer.Deferred[Any] | None = None
+        self._reading: defer.Deferred[JSON] | None = None
         self._read_again = False
 
     # The requests, as the server's router sees them.
@@ -173,7 +173,7 @@ class OllamaLoad(TimerService):
             self._read_again = False
             self.read_loaded()
 
-    def _got_loaded(self, answer: Any) -> None:
+    def _got_loaded(self, answer: JSON) -> None:
         entries = answer.get("models") if isinstance(answer, dict) else None
         if not isinstance(entries, list):
             return
@@ -183,5 +183,5 @@ class OllamaLoad(TimerService):
             self.loaded = loaded
             self._header = None
 
-    def _no_loaded(self, failure: Any) -> None:
+    def _no_loaded(self, failure: Failure) -> None:
         failure.trap(OllamaUnavailable, defer.CancelledError)  # the monitor says it is down

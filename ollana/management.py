@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
@@ -62,7 +61,7 @@ class BlobHomes:
         return server
 
 
-def request_json(body: bytes | None) -> dict[str, Any]:
+def request_json(body: bytes | None) -> dict[str, object]:
     """A request body's JSON object, or {} when it is none."""
     if not body:
         return {}
@@ -73,7 +72,7 @@ def request_json(body: bytes | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def named_model(request: dict[str, Any], *keys: str) -> str | None:
+def named_model(request: Mapping[str, object], *keys: str) -> str | None:
     """The model a management request names under the first of keys that has a string
     (Ollama still takes "name" where "model" is now meant)."""
     for key in keys:
@@ -83,7 +82,7 @@ def named_model(request: dict[str, Any], *keys: str) -> str | None:
     return None
 
 
-def create_digests(request: dict[str, Any]) -> list[str]:
+def create_digests(request: Mapping[str, object]) -> list[str]:
     """The blob digests a create request's ``files`` and ``adapters`` name."""
     digests = []
     for key in ("files", "adapters"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -152,11 +152,31 @@ class _Computed:
     def collect(self) -> Iterator[Metric]:
         yield from self._collect()
 
-    def describe(self) -> list[Any]:
+    def describe(self) -> list[Metric]:
         return []  # computed afresh at each scrape
 
 
-def peer_metrics(peers: Iterable[Any]) -> Iterator[Metric]:
+class Server(Protocol):
+    """What the metrics count of a server (an ollana.peers.Peer)."""
+
+    @property
+    def usable(self) -> bool: ...
+    @property
+    def healthy(self) -> bool: ...
+
+
+class DatagramCounts(Protocol):
+    """What the metrics count of a discovery protocol (ollana.discovery's)."""
+
+    @property
+    def sent(self) -> int: ...
+    @property
+    def received(self) -> int: ...
+    @property
+    def rejected(self) -> int: ...
+
+
+def peer_metrics(peers: Iterable[Server]) -> Iterator[Metric]:
     """Servers by health, for a pool's peers."""
     states = GaugeMetricFamily("ollana_peers", "Known servers, by health.", labels=["state"])
     usable = [peer for peer in peers if peer.usable]
@@ -166,7 +186,7 @@ def peer_metrics(peers: Iterable[Any]) -> Iterator[Metric]:
     yield states
 
 
-def discovery_metrics(protocols: Iterable[Any]) -> Iterator[Metric]:
+def discovery_metrics(protocols: Iterable[DatagramCounts]) -> Iterator[Metric]:
     """Discovery datagrams sent, received and rejected, summed over the given protocols."""
     packets = CounterMetricFamily(
         "ollana_discovery_packets", "Discovery datagrams.", labels=["direction"]

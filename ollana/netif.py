@@ -5,15 +5,35 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Protocol
 
 import psutil
 
 from ollana.config import LIMITED_BROADCAST
 
 
+class InterfaceAddress(Protocol):
+    """One address of an interface, as psutil.net_if_addrs() lists it."""
+
+    @property
+    def family(self) -> int: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def netmask(self) -> str | None: ...
+    @property
+    def broadcast(self) -> str | None: ...
+
+
+class InterfaceStats(Protocol):
+    """An interface's state, as psutil.net_if_stats() gives it."""
+
+    @property
+    def isup(self) -> bool: ...
+
+
 def broadcast_addresses(
-    addresses: Mapping[str, Iterable[Any]], stats: Mapping[str, Any]
+    addresses: Mapping[str, Iterable[InterfaceAddress]], stats: Mapping[str, InterfaceStats]
 ) -> list[str]:
     """The directed broadcast address of every up, non-loopback IPv4 interface.
 

@@ -1,25 +1,43 @@
 """The running Ollana: its services in server and client mode, and the auto choice.
 
 tap.makeService builds an OllanaService; in auto mode the service asks the local
-Ollama first and builds the server or client services once it knows.
+Ollama first and builds the server or client services once it knows. The status pages
+read it as an INodeStatus.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from prometheus_client import CollectorRegistry
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IMulticastTransport,
+    IProtocolFactory,
+    IReactorCore,
+    IReactorMulticast,
+    IReactorTCP,
+    IReactorTime,
+    IReactorUDP,
+    IUDPTransport,
+)
+from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from ollana import __version__
+from ollana.access import CHECK_HEADER
 from ollana.auth import CREDENTIAL_HEADER, PacketAuth, request_credential
 from ollana.config import Settings, endpoint_scheme, with_backlog
 from ollana.discovery import AnnouncementListener, ProbeResponder, Seeker, Targets
@@ -31,18 +49,19 @@ from ollana.health import (
     PeerHealthChecker,
     choose_mode,
 )
-from ollana.interfaces import IServerState
+from ollana.httpclient import UpstreamAgent
+from ollana.interfaces import JSON, INodeStatus, IRouter, IServerState, JSONObject
 from ollana.listings import MergedListings
 from ollana.load import OllamaLoad
 from ollana.metrics import Metrics, discovery_metrics, load_metrics, peer_metrics
 from ollana.origins import OriginPolicy
 from ollana.peers import PeerPool
-from ollana.proxy import CHECK_HEADER, ProxySettings
+from ollana.proxy import ProxySettings
 from ollana.routing import LocalRouter, PoolRouter, take_report
 from ollana.site import ProxySite
 from ollana.status import StatusPages, peer_status, state_status
 from ollana.tls import ClientTLS
-from ollana.upstream import Router, TLSPolicy, make_agent
+from ollana.upstream import TLSPolicy, make_agent
 
 log = Logger()
 
@@ -70,18 +89,19 @@ def describe_listen_error(e: error.CannotListenError, what: str, option: str) ->
     return f"Cannot listen on {what} port {e.port}{where}: {reason}. Choose another with {option}."
 
 
-def packet_auth(settings: Settings, clock: Any) -> PacketAuth | None:
+def packet_auth(settings: Settings, clock: IReactorTime) -> PacketAuth | None:
     """What signs and checks this node's discovery datagrams, when there is a secret."""
     return PacketAuth(settings.secret, clock) if settings.secret is not None else None
 
 
 class HTTPListener(Service):
     """Listens for HTTP on an endpoint description and tells when and where it listens.
-    Stopped, it stops accepting and lets the requests under way finish (up to a limit)."""
+    Stopped, it stops accepting and lets the requests under way finish (up to a limit).
+    (The reactor is also an IReactorSSL or IReactorUNIX for ssl: and unix: descriptions.)"""
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTCP,
         description: str,
         factory: IProtocolFactory,
         on_error: ErrorReporter,
@@ -97,8 +117,12 @@ class HTTPListener(Service):
 
     def startService(self) -> None:
         super().startService()
-        d = serverFromString(self._reactor, with_backlog(self.description)).listen(self._factory)
-        d.addCallbacks(self._listening, self._failed)
+        try:
+            endpoint = serverFromString(self._reactor, with_backlog(self.description))
+        except Exception:  # what config.check_endpoint cannot see: a bad certificate, say
+            self._failed(Failure())
+            return
+        endpoint.listen(self._factory).addCallbacks(self._listening, self._failed)
 
     def _listening(self, port: IListeningPort) -> None:
         if not self.running:  # stopped before the endpoint was ready
@@ -115,8 +139,8 @@ class HTTPListener(Service):
         for d in waiting:
             d.callback(port.getHost().port)  # type: ignore[attr-defined]
 
-    def _failed(self, failure: Any) -> None:
-        if failure.check(error.CannotListenError):
+    def _failed(self, failure: Failure) -> None:
+        if isinstance(failure.value, error.CannotListenError):
             self._on_error(describe_listen_error(failure.value, "TCP", "--listen"))
         else:
             self._on_error(f"Cannot listen on {self.description}: {failure.getErrorMessage()}")
@@ -129,20 +153,32 @@ class HTTPListener(Service):
         self._waiting.append(d)
         return d
 
-    def stopService(self) -> defer.Deferred[Any]:
+    def stopService(self) -> defer.Deferred[list[None]]:
         super().stopService()
         port, self.port = self.port, None
-        stopping: list[defer.Deferred[Any]] = []
+        stopping: list[defer.Deferred[None]] = []
         if port is not None:
-            stopping.append(defer.maybeDeferred(port.stopListening))
+            stopping.append(stop_listening(port))
         if isinstance(self._factory, ProxySite):
             stopping.append(self._factory.drain(self.drain_timeout))
         return defer.gatherResults(stopping)
 
 
+def stop_listening(port: IListeningPort | IUDPTransport) -> defer.Deferred[None]:
+    """port.stopListening(), as a Deferred also when the port has stopped at once."""
+    try:
+        stopping = port.stopListening()
+    except Exception:
+        return defer.fail()
+    return defer.succeed(None) if stopping is None else stopping
+
+
 def listen_shared(
-    reactor: Any, settings: Settings, protocol: Any, on_error: ErrorReporter
-) -> Any | None:
+    reactor: IReactorMulticast,
+    settings: Settings,
+    protocol: DatagramProtocol,
+    on_error: ErrorReporter,
+) -> IMulticastTransport | None:
     """Bind the discovery port, shared with other processes; None (reported) if it fails."""
     try:
         return reactor.listenMulticast(
@@ -161,7 +197,7 @@ class ResponderService(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorMulticast,
         responder: ProbeResponder,
         settings: Settings,
         listener: HTTPListener,
@@ -172,7 +208,7 @@ class ResponderService(Service):
         self._settings = settings
         self._listener = listener
         self._on_error = on_error
-        self._port: Any = None
+        self._port: IMulticastTransport | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -194,7 +230,7 @@ class ResponderService(Service):
         if port is None:
             return None
         self.responder.bye()
-        return defer.maybeDeferred(port.stopListening)
+        return stop_listening(port)
 
 
 class SeekerService(Service):
@@ -204,7 +240,7 @@ class SeekerService(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,  # also the IReactorUDP and IReactorMulticast it listens on
         pool: PeerPool,
         settings: Settings,
         targets: Targets,
@@ -217,22 +253,27 @@ class SeekerService(Service):
         auth = packet_auth(settings, reactor)
         self.seeker = Seeker(settings.node_id, pool, targets, clock=reactor, auth=auth)
         self.listener = AnnouncementListener(settings.node_id, pool, clock=reactor, auth=auth)
-        self._ports: list[Any] = []
+        self._ports: list[IUDPTransport] = []
         self._loop: LoopingCall | None = None
 
     def startService(self) -> None:
         super().startService()
-        shared = listen_shared(self._reactor, self._settings, self.listener, self._on_error)
+        shared = listen_shared(
+            IReactorMulticast(self._reactor), self._settings, self.listener, self._on_error
+        )
         if shared is None:
             return
         self._ports.append(shared)
         try:
-            own = self._reactor.listenUDP(0, self.seeker)
+            own = IReactorUDP(self._reactor).listenUDP(
+                0, self.seeker, interface="", maxPacketSize=8192
+            )
         except error.CannotListenError as e:
             self._on_error(f"Cannot open a UDP socket for discovery probes: {e.socketError}")
             return
-        own.setBroadcastAllowed(True)
-        self._ports.append(own)
+        probes = IUDPTransport(own)
+        probes.setBroadcastAllowed(True)
+        self._ports.append(probes)
         self._loop = LoopingCall(self.tick)
         self._loop.clock = self._reactor
         self._loop.start(self._settings.probe_interval, now=True)
@@ -245,33 +286,34 @@ class SeekerService(Service):
         except Exception:
             self.log.failure("Error in the discovery loop")
 
-    def stopService(self) -> defer.Deferred[Any]:
+    def stopService(self) -> defer.Deferred[list[None]]:
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         ports, self._ports = self._ports, []
-        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+        return defer.gatherResults([stop_listening(p) for p in ports])
 
 
 class WithHeaders:
     """An HTTP getter that adds headers to every request (the credential, in client mode)."""
 
-    def __init__(self, http: Any, headers: Sequence[tuple[bytes, bytes]]) -> None:
+    def __init__(self, http: HTTPGetter, headers: Sequence[tuple[bytes, bytes]]) -> None:
         self._http = http
         self._headers = {name: [value] for name, value in headers}
 
-    def get(self, url: str, /) -> defer.Deferred[Any]:
-        result: defer.Deferred[Any] = self._http.get(url, headers=self._headers)
-        return result
+    def get(
+        self, url: str, /, headers: Mapping[bytes, list[bytes]] | None = None
+    ) -> defer.Deferred[IResponse]:
+        return self._http.get(url, headers={**self._headers, **(headers or {})})
 
 
 class ConnectionPoolService(Service):
     """Closes the proxy's kept-alive upstream connections when Ollana stops."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: UpstreamAgent) -> None:
         self._pool = pool
 
-    def stopService(self) -> Any:
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         return self._pool.closeCachedConnections()
 
@@ -284,10 +326,22 @@ class Observed:
     pages: Resource | None = None
 
 
+@dataclass
+class ModeServices:
+    """The services of one mode, and those of them the node reads for its status and
+    metrics."""
+
+    services: list[IService]
+    listener: HTTPListener
+    monitor: LocalOllamaMonitor | None = None  # server mode's
+    load: OllamaLoad | None = None  # server mode's
+    discovery: list[AnnouncementListener | ProbeResponder] = field(default_factory=list)
+
+
 def proxy_services(
     settings: Settings,
-    reactor: Any,
-    router: Router,
+    reactor: IReactorTime,  # also the IReactorTCP the agent connects with
+    router: IRouter,
     observed: Observed,
     gate: Gate,
     upstream_headers: Sequence[tuple[bytes, bytes]] = (),
@@ -313,12 +367,12 @@ def proxy_services(
 
 def build_server(
     settings: Settings,
-    reactor: Any,
+    reactor: IReactorTime,  # also the IReactorTCP and IReactorMulticast it listens on
     http: HTTPGetter,
     find_broadcast: BroadcastLookup,
     on_error: ErrorReporter,
     observed: Observed,
-) -> list[IService]:
+) -> ModeServices:
     """The local Ollama monitor, the LAN listener and the discovery responder."""
     probe = OllamaProbe(http, reactor, settings.ollama_url)
     monitor = LocalOllamaMonitor(probe, reactor, settings.health_interval, HEALTH_TIMEOUT)
@@ -344,9 +398,9 @@ def build_server(
         header_timeout=settings.header_timeout,
     )
     site, connections = proxy_services(settings, reactor, router, observed, gate)
-    listener = HTTPListener(reactor, listen, site, on_error, settings.drain_timeout)
+    listener = HTTPListener(IReactorTCP(reactor), listen, site, on_error, settings.drain_timeout)
     listener.setName("http")
-    services: list[IService] = [monitor, load, connections, listener]
+    built = ModeServices([monitor, load, connections, listener], listener, monitor, load)
     if settings.discovery:
         responder = ProbeResponder(
             settings.node_id,
@@ -360,22 +414,24 @@ def build_server(
             clock=reactor,
         )
         monitor.watch(responder.announce, lambda reason: responder.bye())
-        discovery = ResponderService(reactor, responder, settings, listener, on_error)
+        discovery = ResponderService(IReactorMulticast(reactor), responder, settings, listener,
+                                     on_error)  # fmt: skip
         discovery.setName("discovery")
-        services.append(discovery)
-    return services
+        built.services.append(discovery)
+        built.discovery = [responder]
+    return built
 
 
 def build_client(
     settings: Settings,
-    reactor: Any,
+    reactor: IReactorTime,  # also the IReactorTCP, IReactorUDP and IReactorMulticast it uses
     pool: PeerPool,
     http: HTTPGetter,
     find_broadcast: BroadcastLookup,
     on_error: ErrorReporter,
     observed: Observed,
     tls_for: TLSPolicy | None = None,
-) -> list[IService]:
+) -> ModeServices:
     """The discovery seeker (unless disabled), the health checker and the local listener."""
     for host, port, scheme in settings.peers:
         pool.add_static(host, port, scheme)
@@ -386,11 +442,13 @@ def build_client(
     if credential:
         http = WithHeaders(http, credential)
     services: list[IService] = []
+    discovery: list[AnnouncementListener | ProbeResponder] = []
     if settings.discovery:
         targets = broadcast_targets(settings, find_broadcast)
         seeker = SeekerService(reactor, pool, settings, targets, on_error)
         seeker.setName("discovery")
         services.append(seeker)
+        discovery = [seeker.seeker, seeker.listener]
     secret = settings.secret
     checker = PeerHealthChecker(pool, checks, reactor, settings.health_interval, HEALTH_TIMEOUT,
                                 settings.models_interval,
@@ -408,80 +466,100 @@ def build_client(
                 check_host=True, origins=origins)  # fmt: skip
     site, connections = proxy_services(settings, reactor, router, observed, gate, credential,
                                        tls_for)  # fmt: skip
-    listener = HTTPListener(reactor, settings.listen_for("client"), site, on_error,
+    listener = HTTPListener(IReactorTCP(reactor), settings.listen_for("client"), site, on_error,
                             settings.drain_timeout)  # fmt: skip
     listener.setName("http")
     services += [checker, connections, listener]
-    return services
+    return ModeServices(services, listener, discovery=discovery)
 
 
+def peer_pool(settings: Settings, clock: IReactorTime) -> PeerPool:
+    """The servers a client knows. Announcements are believed from the sources a server
+    would admit."""
+    admits = Gate(allow=settings.allow, open_to_all=False).admits_source
+    return PeerPool(clock, 3 * settings.probe_interval, settings.unhealthy_after, admits)
+
+
+@implementer(INodeStatus)
 class OllanaService(MultiService):
-    """One Ollana node; in auto mode it picks server or client when it starts."""
+    """One Ollana node; in auto mode it picks server or client when it starts.
+
+    Its pool of servers and its client TLS (which pins what those servers announce) are
+    made here unless given: ``peer_pool(settings, reactor)``, and ``ClientTLS`` with
+    ``pins=pool.fingerprint``.
+    """
 
     log = Logger()
 
     def __init__(
         self,
         settings: Settings,
-        reactor: Any,
+        reactor: IReactorTime,  # also the IReactorTCP, IReactorUDP, IReactorMulticast it uses
         http: HTTPGetter,
         find_broadcast: BroadcastLookup,
         client_tls: ClientTLS | None = None,
+        pool: PeerPool | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
         self._reactor = reactor
         self._http = http
         self._find_broadcast = find_broadcast
-        self.pool = PeerPool(reactor, 3 * settings.probe_interval, settings.unhealthy_after)
-        # Announcements are believed from the sources a server would admit.
-        self.pool.admits = Gate(allow=settings.allow, open_to_all=False).admits_source
-        self.client_tls = client_tls or ClientTLS(settings.tls_ca)
-        self.client_tls.pins = self.pool.fingerprint  # pin what servers announce
+        self.pool = pool if pool is not None else peer_pool(settings, reactor)
+        if client_tls is None:
+            client_tls = ClientTLS(settings.tls_ca, pins=self.pool.fingerprint)
+        self.client_tls = client_tls
         self.mode: str | None = None
         self.failure: str | None = None
-        self._choosing: defer.Deferred[Any] | None = None
+        self._choosing: defer.Deferred[tuple[str, str]] | None = None
+        self._services: ModeServices | None = None  # once the mode is known
         self.started: float | None = None
-        self.observed = Observed()
-        self.observed.pages = StatusPages(self)
+        self.observed = Observed(pages=StatusPages(self))
         self.observed.metrics.watch(lambda: peer_metrics(self.pool))
         self.observed.metrics.watch(lambda: discovery_metrics(self._discovery_protocols()))
         self.observed.metrics.watch(lambda: load_metrics(self._load_report()))
         if settings.mode != "auto":
             self._become(settings.mode)
 
-    def _discovery_protocols(self) -> list[Any]:
-        named = {service.name: service for service in self}
-        discovery: Any = named.get("discovery")
-        if isinstance(discovery, ResponderService):
-            return [discovery.responder]
-        if isinstance(discovery, SeekerService):
-            return [discovery.seeker, discovery.listener]
-        return []
+    def _discovery_protocols(self) -> list[AnnouncementListener | ProbeResponder]:
+        return self._services.discovery if self._services is not None else []
 
     def _load_report(self) -> IServerState | None:
         """Server mode's load report now (None in client mode)."""
-        load = {service.name: service for service in self}.get("ollama-load")
-        return load.report() if isinstance(load, OllamaLoad) else None
+        load = self._services.load if self._services is not None else None
+        return load.report() if load is not None else None
 
-    def status(self) -> dict[str, Any]:
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The node's metrics, for /ollana/metrics."""
+        return self.observed.metrics.registry
+
+    def whenListening(self) -> defer.Deferred[int]:
+        """Fires with the TCP port the node listens on for HTTP, once it does (its mode must
+        be known: given, or chosen in auto mode)."""
+        if self._services is None:
+            return defer.fail(RuntimeError("no mode yet: nothing listens"))
+        return self._services.listener.whenListening()
+
+    def address(self) -> IAddress | None:
+        """Where the node listens for HTTP, once it does."""
+        port = self._services.listener.port if self._services is not None else None
+        return port.getHost() if port is not None else None
+
+    def status(self) -> JSONObject:
         """What this node is doing, as /ollana/api/status and ollana status show it."""
         now = self._reactor.seconds()
-        named = {service.name: service for service in self}
-        listener: Any = named.get("http")
-        monitor: Any = named.get("ollama-monitor")
-        port = listener.port if listener is not None else None
-        address = port.getHost() if port is not None else None
+        address = self.address()
+        monitor = self._services.monitor if self._services is not None else None
+        listen = self.settings.listen_for(self.mode or "client")
+        if isinstance(address, IPv4Address | IPv6Address):
+            listen = f"{address.host}:{address.port}"
         return {
             "mode": self.mode or "choosing",
             "node_id": self.settings.node_id.hex(),
             "version": __version__,
             "uptime_s": round(now - self.started, 1) if self.started is not None else 0.0,
-            "listen": (
-                f"{address.host}:{address.port}"
-                if address is not None
-                else self.settings.listen_for(self.mode or "client")
-            ),  # fmt: skip
+            "listen": listen,
             "ollama": None
             if monitor is None
             else {
@@ -494,7 +572,7 @@ class OllanaService(MultiService):
             "state": state_status(self._load_report()),
         }
 
-    def ollama_models(self) -> defer.Deferred[Any]:
+    def ollama_models(self) -> defer.Deferred[JSON]:
         """The local Ollama's /api/tags, for the status of a server."""
         probe = OllamaProbe(self._http, self._reactor, self.settings.ollama_url)
         return probe.json("/api/tags", HEALTH_TIMEOUT)
@@ -502,16 +580,16 @@ class OllanaService(MultiService):
     def _become(self, mode: str) -> None:
         self.mode = mode
         if mode == "server":
-            services = build_server(
+            self._services = build_server(
                 self.settings, self._reactor, self._http, self._find_broadcast, self.fail,
                 self.observed,
             )  # fmt: skip
         else:
-            services = build_client(
+            self._services = build_client(
                 self.settings, self._reactor, self.pool, self._http, self._find_broadcast,
                 self.fail, self.observed, self.client_tls.creator_for,
             )  # fmt: skip
-        for service in services:
+        for service in self._services.services:
             service.setServiceParent(self)
 
     def startService(self) -> None:
@@ -531,24 +609,26 @@ class OllanaService(MultiService):
         if self.running:
             self._become(mode)
 
-    def _choice_failed(self, failure: Any) -> None:
+    def _choice_failed(self, failure: Failure) -> None:
         self._choosing = None
         if not failure.check(defer.CancelledError):
             self.log.failure("Could not choose a mode", failure)
             self.fail("Could not choose a mode: " + failure.getErrorMessage())
 
-    def stopService(self) -> Any:
+    def stopService(self) -> defer.Deferred[object]:
         if self._choosing is not None:
             self._choosing.cancel()
-        return super().stopService()
+        stopping: defer.Deferred[object] = super().stopService()
+        return stopping
 
     def fail(self, message: str) -> None:
         """A fatal start-up problem: say it in one line and stop."""
         self.failure = message
         self.log.critical("{message}", message=message)
         if IReactorCore.providedBy(self._reactor):
-            self._reactor.callWhenRunning(self._stop_reactor)
+            IReactorCore(self._reactor).callWhenRunning(self._stop_reactor)
 
     def _stop_reactor(self) -> None:
-        if self._reactor.running:
-            self._reactor.stop()
+        reactor = IReactorCore(self._reactor)
+        if reactor.running:
+            reactor.stop()

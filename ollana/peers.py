@@ -6,12 +6,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
 from ollana import wire
+from ollana.interfaces import IServerState
 
 LEGACY_PORT = 11435
 STRATEGIES = ("fastest", "least-connections", "round-robin")
@@ -73,7 +73,7 @@ class Peer:
     models: frozenset[str] = field(default_factory=frozenset)  # model_key()s
     models_checked: float | None = None
     fingerprint: bytes | None = None  # SHA-256 of its TLS certificate, as announced
-    state: Any = None  # its last report, an IServerState (Any: peers sits below state)
+    state: IServerState | None = None  # its last report
     unreported: int = 0  # requests this client sent it since that report
     unreported_models: dict[str, int] = field(default_factory=dict)  # the same, by model
     request_failures: int = 0  # requests it failed in a row
@@ -133,20 +133,27 @@ class LineQuota:
 
 
 class PeerPool:
-    """Known servers by key; discovered and legacy ones expire when they fall silent."""
+    """Known servers by key; discovered and legacy ones expire when they fall silent.
+    Announcements are believed only from the sources ``admits`` names (by default, all)."""
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime, ttl: float, unhealthy_after: int = 2) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        ttl: float,
+        unhealthy_after: int = 2,
+        admits: Callable[[str], bool] = lambda host: True,
+    ) -> None:
         self._clock = clock
         self.ttl = ttl
         self.unhealthy_after = unhealthy_after
+        self._admits = admits
         self._peers: dict[str, Peer] = {}
         self._turn = -1
         self._found_lines = LineQuota(clock, FOUND_LINES, FOUND_INTERVAL)
+        self._added_watchers: list[Callable[[Peer], object]] = []
         self._down_watchers: list[Callable[[Peer, str], object]] = []
-        self.on_added: Callable[[Peer], object] = lambda peer: None  # the health checker's
-        self.admits: Callable[[str], bool] = lambda host: True  # sources believed
 
     def __iter__(self) -> Iterator[Peer]:
         return iter(list(self._peers.values()))
@@ -160,7 +167,7 @@ class PeerPool:
     def believes(self, host: str, key: str, port: int) -> bool:
         """Whether to take in what host says of the server key at port: only from sources
         a server would admit, and only if room can be made for it (see _room_for)."""
-        return self.admits(host) and self._room_for(key, host, port) is not None
+        return self._admits(host) and self._room_for(key, host, port) is not None
 
     def _room_for(self, key: str, host: str, port: int) -> list[Peer] | None:
         """The peers that must go for the server key to be at host:port (often none), or
@@ -226,7 +233,7 @@ class PeerPool:
                         Source.DISCOVERED, self._clock.seconds(),
                         fingerprint=message.fingerprint)  # fmt: skip
             self._peers[key] = peer
-            self.on_added(peer)
+            self._added(peer)
         else:
             peer.last_seen = self._clock.seconds()
             if (peer.host, peer.port, peer.scheme) == (host, message.port, message.scheme):
@@ -239,7 +246,7 @@ class PeerPool:
                 return peer
             peer.fingerprint = message.fingerprint
             peer.host, peer.port, peer.scheme = host, message.port, message.scheme
-            self.on_added(peer)  # somewhere new: check it there at once
+            self._added(peer)  # somewhere new: check it there at once
         peer.version = message.version
         self.log.emit(
             LogLevel.info if self._found_lines.take() else LogLevel.debug,
@@ -280,8 +287,17 @@ class PeerPool:
         if key not in self._peers:
             self._peers[key] = Peer(key, host, port, scheme, "", Source.STATIC,
                                     self._clock.seconds())  # fmt: skip
-            self.on_added(self._peers[key])
+            self._added(self._peers[key])
         return self._peers[key]
+
+    def watch_added(self, watcher: Callable[[Peer], object]) -> None:
+        """Call watcher(peer) whenever a discovered or static server is added, or one moves
+        to another address (the health checker checks it there at once)."""
+        self._added_watchers.append(watcher)
+
+    def _added(self, peer: Peer) -> None:
+        for watcher in list(self._added_watchers):
+            watcher(peer)
 
     def said_bye(self, node_id: bytes) -> Peer | None:
         """Forget a discovered server that announced it is going away."""

@@ -3,7 +3,9 @@ arrive, with backpressure. ``Exchange`` chooses the upstream (after a bounded lo
 body for its model), streams the body up through ``RequestBody``, retries before the first
 response byte, and relays the answer through ``ResponseRelay``, registered as the client
 response's push producer. The listener's side (requests, channel, site) is ollana.site;
-where requests go and the upstream agent, ollana.upstream.
+where requests go and the upstream agent, ollana.upstream; which headers pass, the targets
+passed on and the error answers, ollana.messages; the access line, ollana.access; the idle
+timeout, ollana.idle.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import (
@@ -21,10 +22,10 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone  # not client.X: a slow module proxy
-from twisted.web.http import NO_BODY_CODES, RESPONSES, PotentialDataLoss
+from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
     UNKNOWN_LENGTH,
@@ -34,57 +35,32 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer
 
+from ollana.access import access, log_text
 from ollana.affinity import KEY_LIMIT, conversation_key
 from ollana.gate import Gate
-from ollana.httpclient import connection_tokens
+from ollana.idle import IdleTimer
+from ollana.interfaces import IDownstream, IRouter
 from ollana.management import Copies, read_tail, with_note
+from ollana.messages import VIA, BadTarget, end_to_end, error_body, error_kind, origin_form
 from ollana.metrics import Metrics
 from ollana.modelscan import ModelScanner
 from ollana.upstream import (
+    ERROR_HEADER,
+    QUEUE_HEADER,
+    RETRY_ELSEWHERE,
     WITH_BODY,
     Busy,
     LocalAnswer,
     NoUpstream,
-    Router,
     Sent,
     Upstream,
     UpstreamsFailed,
     describe_error,
 )
 
-if TYPE_CHECKING:
-    from ollana.site import ProxyRequest
-
 log = Logger()
 
-# Hop-by-hop headers (RFC 9110 7.6.1), plus the framing that each side sets itself and
-# Expect, which twisted.web already answered with 100 Continue.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-        b"expect",
-        b"host",
-    }
-)
-VIA = b"1.1 ollana"
 CLIENT_CLOSED = 499  # the status logged for a request whose client left before an answer
-# An answer an Ollana node made itself because it could not serve the request says why in
-# this header: "unreachable" (its upstream could not be reached or was found down),
-# "timeout" (its upstream sent no answer in time), "busy" (a limit of ours was reached) or
-# "refused" (the request itself was at fault). A client-mode node knows from the first three
-# that the request never started there, and tries another server.
-ERROR_HEADER = b"x-ollana-error"
-RETRY_ELSEWHERE = frozenset({"unreachable", "timeout", "busy"})
-# Sent by a client-mode node that has another server to try: "if this would only wait in
-# your Ollama's queue, say busy at once instead", so a request goes to a free slot if any
-# server has one (the last candidate is asked without it, and queues).
-QUEUE_HEADER = b"x-ollana-queue"
 # Upstream answers that count against it (a server error), though they are relayed as they
 # are (not 501: not implemented is no fault). Ollama's 503 ("server busy": its queue is
 # full) counts too, so that a server that refuses everything at once is left out, and is
@@ -93,84 +69,6 @@ SERVER_ERRORS = frozenset({500, 502, 503, 504})
 STALLED = 5.0  # seconds a stream may have been silent when its upstream is found down
 GENERATIONS = frozenset({b"/api/generate", b"/api/chat"})  # NDJSON, with a final chunk
 NOTE_LIMIT = 64 * 1024  # bytes of a 404 read to add a note to its message
-
-
-def _error_kind(response: IResponse) -> str | None:
-    """What an Ollana server says went wrong in an answer of its own (ERROR_HEADER)."""
-    kinds = response.headers.getRawHeaders(ERROR_HEADER)
-    return kinds[-1].strip().lower().decode("ascii", "replace") if kinds else None
-
-
-def error_body(message: str) -> bytes:
-    """An error in Ollama's own shape, which Ollama clients print."""
-    return json.dumps({"error": message}).encode("utf-8") + b"\n"
-
-
-MISSING_PHRASES = {431: b"Request Header Fields Too Large"}  # not in twisted.web's table
-
-
-def error_response(code: int, message: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
-    """A whole HTTP/1.1 error response that closes the connection, for answers given
-    before twisted.web would (before the body, or instead of a request)."""
-    body = error_body(message)
-    phrase = RESPONSES.get(code) or MISSING_PHRASES.get(code, b"Error")
-    added = b"".join(b"%s: %s\r\n" % header for header in headers)
-    return (
-        b"HTTP/1.1 %d %s\r\n%sContent-Type: application/json; charset=utf-8\r\n"
-        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (code, phrase, added, len(body))
-    ) + body
-
-
-access_log = Logger(namespace="ollana.access")
-# Sent by a client-mode node with its health checks and model lists (CHECKED), which a
-# server logs at debug: an idle LAN writes no line.
-CHECK_HEADER = b"x-ollana-check"
-CHECKED = frozenset({(b"GET", b"/api/version"), (b"GET", b"/api/tags")})
-
-
-def access(
-    request: Any,
-    peer: str | None,
-    status: int,
-    duration: float,
-    bytes_in: int,
-    cut: str | None = None,
-) -> None:
-    """Log one request: who asked what, the answer and where it came from, and who cut it
-    short (cut: "client" or "upstream") if it was; never content. A client node's checks
-    (CHECK_HEADER) are logged at debug.
-
-    The line is formatted here, once, and the event carries it whole (``{summary}``) with
-    the fields: formatting eight fields through the logger cost a tenth of a request."""
-    client = getattr(request.getClientAddress(), "host", "-")
-    method, path = log_text(request.method or b"-"), log_text(request.uri or b"-")
-    peer = peer or "local"
-    summary = (
-        f"{client} {method} {path} {status} {peer} {duration * 1000:.0f} ms {request.sentLength} B"
-    )
-    if cut is not None:
-        summary += f" cut by {cut}"
-    checked = (request.method, request.uri) in CHECKED and request.requestHeaders.hasHeader(
-        CHECK_HEADER
-    )
-    access_log.emit(
-        LogLevel.debug if checked else LogLevel.info,
-        "{summary}", summary=summary, client=client, method=method, path=path, status=status,
-        peer=peer, duration_ms=duration * 1000, bytes_in=bytes_in, bytes_out=request.sentLength,
-        cut=cut,
-    )  # fmt: skip
-
-
-def end_to_end(headers: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
-    """The headers a proxy passes on: all but hop-by-hop ones and those Connection names."""
-    named = connection_tokens(headers)
-    dropped = HOP_BY_HOP | named if named else HOP_BY_HOP
-    passed = []
-    for name, values in headers.getAllRawHeaders():
-        lowered = name.lower()
-        if lowered not in dropped and not lowered.startswith(b"proxy-"):
-            passed.append((name, values))
-    return passed
 
 
 @implementer(IBodyProducer)
@@ -186,7 +84,7 @@ class RequestBody:
     def __init__(
         self,
         length: int | None,
-        client: ProxyRequest,
+        client: IDownstream,
         upstream_owes: Callable[[bool], None],
         received: Sequence[bytes] = (),
         complete: bool = False,
@@ -339,7 +237,7 @@ class Exchange:
     _whole = False  # the body is read whole before the router plans where it goes
     _not_found: tuple[str, ...] = ()  # the servers that said 404 for the request's model
 
-    def __init__(self, proxy: ProxySettings, request: ProxyRequest, length: int | None) -> None:
+    def __init__(self, proxy: ProxySettings, request: IDownstream, length: int | None) -> None:
         self.proxy = proxy
         self.router = proxy.router
         self.request = request
@@ -352,9 +250,8 @@ class Exchange:
         self.awaiting_head = False  # the attempt has sent its request and awaits the answer
         self.responding = False
         self.relay: ResponseRelay | None = None
-        self._idle: IDelayedCall | None = None
-        self._owed_since: float | None = None
-        self._ended = False
+        first = min(proxy.idle_timeout, proxy.first_byte_timeout)
+        self._idle = IdleTimer(proxy.clock, first, self._limit, self._went_idle)
         self.upstream: Upstream | None = None
         self.body: RequestBody | None = None
         self.scanner: ModelScanner | None = None
@@ -368,7 +265,10 @@ class Exchange:
         self._received: list[bytes] | None = []  # the body so far, while it can be resent
         self._received_size = 0
         self._active: Upstream | None = None
-        self._pending: defer.Deferred[Any] | None = None
+        # What the exchange waits on now: an attempt, an answer made here, or a 404's body.
+        self._pending: (
+            defer.Deferred[IResponse] | defer.Deferred[LocalAnswer] | defer.Deferred[bytes] | None
+        ) = None
         self._answer: IResponse | None = None
         self._cancelled = False
         self.arrived = proxy.clock.seconds()
@@ -378,8 +278,7 @@ class Exchange:
         proxy.metrics.started()
         self.response: defer.Deferred[IResponse | LocalAnswer] = defer.Deferred(self._cancel)
         request.notifyFinish().addCallbacks(self._request_done, self._client_left)
-        channel = request.channel
-        self.method, self.uri = channel._command, channel._path  # see the module docstring
+        self.method, self.uri, _ = request.request_line  # before twisted.web sets method, uri
         try:
             self.uri = origin_form(self.uri)
         except BadTarget as e:
@@ -514,7 +413,7 @@ class Exchange:
             assert upstream is not None
             if response.code == 404:
                 self._not_found = (*self._not_found, upstream.peer or upstream.url)
-            self._retry(upstream, f"HTTP {response.code} ({_error_kind(response)})")
+            self._retry(upstream, f"HTTP {response.code} ({error_kind(response)})")
             return
         upstream = self.upstream
         if upstream.on_answer is not None:
@@ -558,7 +457,7 @@ class Exchange:
         server's own error that another server may not give."""
         upstream = self.upstream
         assert upstream is not None
-        kind = _error_kind(response)
+        kind = error_kind(response)
         if kind in RETRY_ELSEWHERE:
             reason = f"HTTP {response.code} ({kind})"
             if kind == "unreachable":
@@ -634,8 +533,8 @@ class Exchange:
         if self.awaiting_head and self._pending is not None:
             self.down = reason
             self._pending.cancel()
-        elif self.relay is not None and self._owed_since is not None:
-            silent_since = self._owed_since
+        elif self.relay is not None and self._idle.since is not None:
+            silent_since = self._idle.since
             left = silent_since + STALLED - self.proxy.clock.seconds()
             if left <= 0:
                 self._cut_if_silent(silent_since, reason)
@@ -646,7 +545,7 @@ class Exchange:
 
     def _cut_if_silent(self, since: float, reason: str) -> None:
         self._stall_check = None
-        if self.relay is None or self.client_gone or self._owed_since != since:
+        if self.relay is None or self.client_gone or self._idle.since != since:
             return  # ended, or a chunk came: it is not hung
         log.warn("Upstream {url} was found down mid-response: {reason}",
                  url=self._url(), reason=reason)  # fmt: skip
@@ -669,7 +568,7 @@ class Exchange:
         self._received = None
         self.response.errback(reason)
 
-    def _cancel(self, response: defer.Deferred[Any]) -> None:
+    def _cancel(self, response: defer.Deferred[IResponse | LocalAnswer]) -> None:
         self._cancelled = True
         self.candidates = []
         if self._pending is not None:
@@ -938,28 +837,18 @@ class Exchange:
         """End the client's connection abruptly: a truncated response must not look whole."""
         self.client_gone = True
         self._end_active()
-        transport: Any = self.request.channel.transport if self.request.channel else None
-        if transport is not None:
-            transport.abortConnection()
+        self.request.abort()
 
     def _url(self) -> str:
         return self.upstream.url if self.upstream is not None else "(no upstream)"
 
-    # The idle timeout counts only while the upstream is the one to move next; while it
-    # owes the answer itself (the request sent, no response yet), the first-byte timeout
-    # counts instead, as a model may be loading. There is one timer per exchange: a chunk
-    # only notes the time, and the timer, when it fires, looks at how long the upstream has
-    # really owed us (a timer per chunk cost too much).
+    # The idle timeout (ollana.idle) counts only while the upstream is the one to move
+    # next; while it owes the answer itself (the request sent, no response yet), the
+    # first-byte timeout counts instead, as a model may be loading.
 
     def upstream_owes(self, owes: bool) -> None:
         """Start the idle timeout afresh (the upstream is to move next) or stop it."""
-        if owes and not self.client_gone and not self._ended:
-            self._owed_since = self.proxy.clock.seconds()
-            if self._idle is None:
-                first = min(self.proxy.idle_timeout, self.proxy.first_byte_timeout)
-                self._idle = self.proxy.clock.callLater(first, self._check_idle)
-        else:
-            self._owed_since = None
+        self._idle.owes(owes and not self.client_gone)
 
     def _limit(self) -> float:
         """How long the upstream may owe us what it owes now."""
@@ -968,24 +857,10 @@ class Exchange:
         return self.proxy.idle_timeout
 
     def _stop_idle(self) -> None:
-        self._ended = True
-        self._owed_since = None
+        self._idle.stop()
         check, self._stall_check = self._stall_check, None
         if check is not None and check.active():
             check.cancel()
-        idle, self._idle = self._idle, None
-        if idle is not None and idle.active():
-            idle.cancel()
-
-    def _check_idle(self) -> None:
-        self._idle = None
-        if self._owed_since is None:  # owed nothing now: counted afresh when it is
-            return
-        left = self._owed_since + self._limit() - self.proxy.clock.seconds()
-        if left > 0:
-            self._idle = self.proxy.clock.callLater(left, self._check_idle)
-        else:
-            self._went_idle()
 
     def _went_idle(self) -> None:
         if self.relay is not None:
@@ -998,24 +873,6 @@ class Exchange:
             self._pending.cancel()
 
 
-class BadTarget(Exception):
-    """The request-target is not one we can pass on."""
-
-
-def origin_form(target: bytes) -> bytes:
-    """The path and query of a request-target, also from the absolute form proxies get."""
-    if target.startswith(b"/"):
-        return target
-    for scheme in (b"http://", b"https://"):
-        if target.lower().startswith(scheme):
-            rest = target[len(scheme) :]
-            start = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=-1)
-            if start < 0:
-                return b"/"
-            return rest[start:] if rest[start : start + 1] == b"/" else b"/" + rest[start:]
-    raise BadTarget(f"ollana: cannot proxy the request-target {target[:100]!r}")
-
-
 class _Drop(Protocol):
     """Takes a response nobody wants and drops its connection."""
 
@@ -1023,17 +880,12 @@ class _Drop(Protocol):
         self.transport.stopProducing()  # type: ignore[union-attr]
 
 
-def log_text(raw: bytes) -> str:
-    """Bytes from the wire, readable in a log line."""
-    return raw.decode("ascii", "backslashreplace")
-
-
 @dataclass
 class ProxySettings:
     """What every exchange of one listener shares."""
 
     agent: IAgent
-    router: Router
+    router: IRouter
     clock: IReactorTime
     idle_timeout: float = 120.0
     first_byte_timeout: float = 300.0

@@ -22,7 +22,6 @@ import ipaddress
 import random
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -41,13 +40,14 @@ from ollana.management import (
     not_found_note,
     request_json,
 )
+from ollana.messages import BadTarget
 from ollana.peers import Peer, PeerPool, model_key
-from ollana.proxy import QUEUE_HEADER, BadTarget
 from ollana.state import STATE_HEADER, decode
 from ollana.strategy import DEFAULT, WARM_ROUTES, LeastWait
 from ollana.strategy import strategy as make_strategy
 from ollana.upstream import (
     AT_ONCE,
+    QUEUE_HEADER,
     WITH_BODY,
     Listing,
     LocalAnswer,
@@ -250,7 +250,7 @@ class PoolRouter(Router):
 
         return self._upstreams(choices, stored)
 
-    def _create(self, request: dict[str, Any], chosen: list[Choice] | None) -> list[Upstream]:
+    def _create(self, request: dict[str, object], chosen: list[Choice] | None) -> list[Upstream]:
         """A create: to the server holding most of the blobs it names, else by the model it
         is made from (as generation goes), else to the stable choice."""
         choices = chosen or self._stable()
@@ -269,7 +269,7 @@ class PoolRouter(Router):
                 choices = self.strategy.order(model_key(source), None) or choices
         return self._upstreams(choices, self._makes(named_model(request, "model", "name")))
 
-    def _pull(self, request: dict[str, Any], chosen: list[Choice] | None,
+    def _pull(self, request: dict[str, object], chosen: list[Choice] | None,
               send: Sender | None) -> list[Upstream]:  # fmt: skip
         """A pull: to the server the strategy would use for its model, or the chosen one;
         with send (X-Ollana-Servers: all), copies go to every other server too, and the
@@ -295,7 +295,7 @@ class PoolRouter(Router):
 
     def _pulled(self, sent: Sent, model: str | None, made: Callable[[Peer, int], object]) -> None:
         """How a pull's copy ended on another server: said in the log."""
-        peer: Peer = sent.upstream.server
+        peer = server_of(sent.upstream)
         last = request_json(sent.body.rstrip().rpartition(b"\n")[2])
         error = sent.error or last.get("error")
         if error is None and sent.code != 200:
@@ -319,7 +319,7 @@ class PoolRouter(Router):
         return made
 
     def _everywhere(
-        self, copy: bool, request: dict[str, Any], name: str, chosen: list[Choice] | None,
+        self, copy: bool, request: dict[str, object], name: str, chosen: list[Choice] | None,
         send: Sender,
     ) -> defer.Deferred[LocalAnswer]:  # fmt: skip
         """A delete or copy: to every server that lists the model (all of them when none
@@ -337,7 +337,7 @@ class PoolRouter(Router):
 
         def done(results: list[Sent]) -> LocalAnswer:
             for sent in results:
-                peer: Peer = sent.upstream.server
+                peer = server_of(sent.upstream)
                 if sent.code is not None and 200 <= sent.code < 300:
                     if destination is not None:
                         peer.models = peer.models | {model_key(destination)}
@@ -356,7 +356,7 @@ class PoolRouter(Router):
 
     def started(self, upstream: Upstream, watcher: Watcher) -> None:
         super().started(upstream, watcher)
-        peer: Peer = upstream.server
+        peer = server_of(upstream)
         peer.active += 1
         peer.unreported += 1
         if upstream.model is not None:
@@ -365,26 +365,28 @@ class PoolRouter(Router):
         peer.total_requests += 1
 
     def answered(self, upstream: Upstream, watcher: Watcher, headers: Headers) -> None:
-        self.reported(upstream.server, headers)
+        self.reported(server_of(upstream), headers)
 
     def reported(self, peer: Peer, headers: Headers) -> None:
         take_report(peer, headers, self.secret)
 
     def ended(self, upstream: Upstream, watcher: Watcher) -> None:
         super().ended(upstream, watcher)
-        peer: Peer = upstream.server
+        peer = server_of(upstream)
         peer.active -= 1
 
     def succeeded(self, upstream: Upstream) -> None:
-        self.pool.request_succeeded(upstream.server)
-        self.strategy.served(upstream.server, upstream.model, upstream.key)
+        peer = server_of(upstream)
+        self.pool.request_succeeded(peer)
+        self.strategy.served(peer, upstream.model, upstream.key)
 
     def failed(self, upstream: Upstream, reason: str) -> None:
-        self.checker.suspect(upstream.server, reason)
-        self.pool.request_failed(upstream.server, reason)
+        peer = server_of(upstream)
+        self.checker.suspect(peer, reason)
+        self.pool.request_failed(peer, reason)
 
     def errored(self, upstream: Upstream, reason: str) -> None:
-        self.pool.request_failed(upstream.server, reason)
+        self.pool.request_failed(server_of(upstream), reason)
 
     def warm(self, upstream: Upstream) -> bool:
         return upstream.model is not None and upstream.route in WARM_ROUTES
@@ -392,9 +394,15 @@ class PoolRouter(Router):
     def lists(self, upstream: Upstream, model: str) -> bool:
         """Whether upstream lists model, or no server does (the lists may be late)."""
         wanted = model_key(model)
-        if wanted in upstream.server.models:
+        if wanted in server_of(upstream).models:
             return True
         return not any(wanted in peer.models for peer in self.pool if peer.usable)
+
+
+def server_of(upstream: Upstream) -> Peer:
+    """The pool's server an upstream of PoolRouter's is (each of them has one)."""
+    assert upstream.server is not None
+    return upstream.server
 
 
 def take_report(peer: Peer, headers: Headers, secret: bytes | None) -> None:

@@ -77,7 +77,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import IO
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -86,6 +86,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from ollana.interfaces import JSON, JSONObject
 from ollana.origins import OriginPolicy
 
 CREATED = "2026-11-22T00:00:00Z"
@@ -138,7 +139,7 @@ def go_duration(text: str) -> float:
     return sign * seconds
 
 
-def keep_alive_seconds(value: Any) -> float:
+def keep_alive_seconds(value: object) -> float:
     """A request's ``keep_alive`` as Ollama reads it: seconds, or a Go duration string."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         names = {bool: "bool", dict: "map[string]interface {}", list: "[]interface {}"}
@@ -154,7 +155,7 @@ def rfc3339(seconds: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S") + (f".{fraction}" if fraction else "") + "Z"
 
 
-def prompt_tokens(path: str, body: Mapping[str, Any]) -> list[str]:
+def prompt_tokens(path: str, body: Mapping[str, JSON]) -> list[str]:
     """A request's prompt as the simulator's tokens: words, with a role token per message."""
     if path == "/api/generate":
         system = str(body.get("system") or "").split()
@@ -167,7 +168,7 @@ def prompt_tokens(path: str, body: Mapping[str, Any]) -> list[str]:
     return [*tokens, "assistant"]  # the template's turn for the answer, as in a chat template
 
 
-def answer_words(path: str, body: Mapping[str, Any]) -> list[str]:
+def answer_words(path: str, body: Mapping[str, JSON]) -> list[str]:
     """The echo: the prompt's words, or the last message's; ``ok`` when there are none."""
     if path == "/api/generate":
         return str(body.get("prompt") or "").split() or ["ok"]
@@ -176,7 +177,7 @@ def answer_words(path: str, body: Mapping[str, Any]) -> list[str]:
     return _text(last.get("content")).split() or ["ok"]
 
 
-def _text(content: Any) -> str:
+def _text(content: JSON) -> str:
     if isinstance(content, list):  # OpenAI's content parts
         return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return str(content or "")
@@ -635,7 +636,7 @@ _POST_TYPES = {
 _GENERATION_PATHS = frozenset({"/api/generate", "/api/chat", "/v1/chat/completions"})
 
 
-def _json(request: Request, code: int, body: Any) -> bytes:
+def _json(request: Request, code: int, body: JSON) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
     return json.dumps(body).encode("utf-8")
@@ -656,12 +657,12 @@ def _error(request: Request, code: int, message: str, openai: bool = False) -> b
                                            "code": None}})  # fmt: skip
 
 
-def _content(request: Request) -> Any:
+def _content(request: Request) -> IO[bytes]:
     assert request.content is not None
     return request.content
 
 
-def _decode(raw: bytes, type_name: str) -> dict[str, Any]:
+def _decode(raw: bytes, type_name: str) -> JSONObject:
     """A JSON request body as Go's decoder takes it, with Go's messages when it cannot."""
     text = raw.strip()
     if not text:
@@ -686,7 +687,7 @@ def _decode(raw: bytes, type_name: str) -> dict[str, Any]:
     return value
 
 
-def _model_entry(name: str) -> dict[str, Any]:
+def _model_entry(name: str) -> JSONObject:
     return {
         "name": name,
         "model": name,
@@ -697,7 +698,7 @@ def _model_entry(name: str) -> dict[str, Any]:
     }
 
 
-def _details() -> dict[str, Any]:
+def _details() -> JSONObject:
     return {"parent_model": "", "format": "gguf", "family": "fake", "families": ["fake"],
             "parameter_size": "1B", "quantization_level": "Q4_K_M"}  # fmt: skip
 
@@ -709,7 +710,7 @@ class _Exchange:
         self.fake = fake
         self.gone = False
         self.cache: list[str] | None = None  # what its slot will hold if it ends now
-        self._waiting: defer.Deferred[Any] | None = None
+        self._waiting: defer.Deferred[None] | None = None
         request.notifyFinish().addErrback(self._left)
 
     def _left(self, _: object) -> None:
@@ -718,7 +719,7 @@ class _Exchange:
         if self._waiting is not None:
             self._waiting.cancel()
 
-    async def wait(self, waiting: defer.Deferred[Any] | None) -> None:
+    async def wait(self, waiting: defer.Deferred[None] | None) -> None:
         """Wait for this, unless the client leaves first (then CancelledError)."""
         if waiting is None:
             return
@@ -729,7 +730,8 @@ class _Exchange:
             self._waiting = None
 
 
-_Run = Callable[[_Exchange], Awaitable[tuple[int, Any] | None]]
+Answer = bytes | int  # a resource's: the body, or NOT_DONE_YET
+_Run = Callable[[_Exchange], Awaitable[tuple[int, JSON] | None]]
 
 
 class _Root(Resource):
@@ -739,7 +741,7 @@ class _Root(Resource):
         super().__init__()
         self.fake = fake
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> Answer:
         fake = self.fake
         path = request.path.decode("utf-8", "replace")
         method = request.method.decode("ascii", "replace")
@@ -798,7 +800,7 @@ class _Root(Resource):
                 for m in fake.models]  # fmt: skip
         return _json(request, 200, {"object": "list", "data": data})
 
-    def ps(self) -> list[dict[str, Any]]:
+    def ps(self) -> list[JSONObject]:
         """/api/ps: the loaded models, the longest to stay first."""
         scheduler = self.fake.scheduler
         if scheduler is None:
@@ -840,7 +842,7 @@ class _Root(Resource):
         request.setResponseCode(201)
         return b""
 
-    def post(self, request: Request, path: str, body: dict[str, Any]) -> Any:
+    def post(self, request: Request, path: str, body: JSONObject) -> Answer:
         fake = self.fake
         model = str(body.get("model") or body.get("name") or "")
         if path in _GENERATION_PATHS:
@@ -879,7 +881,7 @@ class _Root(Resource):
         request.setResponseCode(200)
         return b""
 
-    def embed(self, request: Request, path: str, body: dict[str, Any], model: str) -> Any:
+    def embed(self, request: Request, path: str, body: JSONObject, model: str) -> Answer:
         if not model:
             raise _BadRequest("model is required")
         if not self.fake.has(model):
@@ -891,7 +893,7 @@ class _Root(Resource):
             inputs = [str(i) for i in (inputs if isinstance(inputs, list) else [inputs])]
         vectors = [[float(len(text)), 0.5, -0.5] for text in inputs]
         if path == "/api/embeddings":
-            answer: dict[str, Any] = {"embedding": vectors[0] if inputs[0] else []}
+            answer: JSONObject = {"embedding": vectors[0] if inputs[0] else []}
         else:
             answer = {"model": model, "embeddings": vectors}
         scheduler = self.fake.scheduler
@@ -901,13 +903,13 @@ class _Root(Resource):
         job = Job(model, path, tokens, self._keep_alive(body), self.fake.now(), cache=False)
         prefill = len(tokens) * scheduler.config.prefill_seconds_per_token
 
-        async def run(exchange: _Exchange) -> tuple[int, Any] | None:
+        async def run(exchange: _Exchange) -> tuple[int, JSON] | None:
             await exchange.wait(self.fake._at(self.fake.now() + prefill))
             return 200, answer
 
         return self.scheduled(request, job, run)
 
-    def scheduled(self, request: Request, job: Job, run: _Run, openai: bool = False) -> Any:
+    def scheduled(self, request: Request, job: Job, run: _Run, openai: bool = False) -> Answer:
         """Answer through the scheduler: wait for the start, ``run`` it, then free its place.
 
         ``run(exchange)`` writes the answer itself, or returns (code, body) for a JSON one;
@@ -944,7 +946,7 @@ class _Root(Resource):
         defer.Deferred.fromCoroutine(go())
         return NOT_DONE_YET
 
-    def _keep_alive(self, body: Mapping[str, Any]) -> float | None:
+    def _keep_alive(self, body: Mapping[str, JSON]) -> float | None:
         if body.get("keep_alive") is None:
             return None
         try:
@@ -952,7 +954,7 @@ class _Root(Resource):
         except ValueError as bad:
             raise _BadRequest(str(bad)) from None
 
-    def generation(self, request: Request, path: str, body: dict[str, Any], model: str) -> Any:
+    def generation(self, request: Request, path: str, body: JSONObject, model: str) -> Answer:
         fake = self.fake
         openai = path == "/v1/chat/completions"
         if openai and not body.get("messages"):
@@ -976,16 +978,16 @@ class _Root(Resource):
             return self.unscheduled_stream(request, path, model, body, tokens, words)
         job = Job(model, path, tokens, keep_alive, fake.now())
 
-        def run(exchange: _Exchange) -> Awaitable[tuple[int, Any] | None]:
+        def run(exchange: _Exchange) -> Awaitable[tuple[int, JSON] | None]:
             return self.generate(request, path, model, body, job, words, exchange)
 
         return self.scheduled(request, job, run, openai)
 
-    def load(self, request: Request, path: str, model: str, keep_alive: float | None) -> Any:
+    def load(self, request: Request, path: str, model: str, keep_alive: float | None) -> Answer:
         """A request with no prompt: Ollama loads the model, or unloads it with keep_alive 0."""
         scheduler = self.fake.scheduler
         reason = "unload" if keep_alive == 0 else "load"
-        answer: dict[str, Any] = {"model": model, "created_at": CREATED}
+        answer: JSONObject = {"model": model, "created_at": CREATED}
         if path == "/api/chat":
             answer["message"] = {"role": "assistant", "content": ""}
         else:
@@ -1000,7 +1002,7 @@ class _Root(Resource):
         job = Job(model, path, [], keep_alive, self.fake.now(), needs_slot=False)
         job.record.outcome = "load"
 
-        async def run(exchange: _Exchange) -> tuple[int, Any]:
+        async def run(exchange: _Exchange) -> tuple[int, JSON]:
             return 200, answer
 
         return self.scheduled(request, job, run)
@@ -1031,7 +1033,7 @@ class _Root(Resource):
     def chunk(self, path: str, model: str, word: str) -> bytes:
         """One streamed piece of the answer (NDJSON line or SSE event)."""
         if path == "/api/generate":
-            line: dict[str, Any] = {"model": model, "created_at": CREATED,
+            line: JSONObject = {"model": model, "created_at": CREATED,
                                     "response": word + " ", "done": False}  # fmt: skip
         elif path == "/api/chat":
             line = {"model": model, "created_at": CREATED, "done": False,
@@ -1042,7 +1044,7 @@ class _Root(Resource):
         return json.dumps(line).encode() + b"\n"
 
     def tail(
-        self, path: str, model: str, body: Mapping[str, Any], metrics: dict[str, int]
+        self, path: str, model: str, body: Mapping[str, JSON], metrics: dict[str, int]
     ) -> list[bytes]:
         """The pieces after the last word: Ollama's final line, or OpenAI's last events."""
         if path != "/v1/chat/completions":
@@ -1058,7 +1060,7 @@ class _Root(Resource):
             events.append(_event(usage_chunk))
         return [*events, b"data: [DONE]\n\n"]
 
-    def whole(self, path: str, model: str, words: list[str], metrics: dict[str, int]) -> Any:
+    def whole(self, path: str, model: str, words: list[str], metrics: dict[str, int]) -> JSONObject:
         """A non-streamed answer (or, with no words, the final NDJSON line)."""
         text = "".join(word + " " for word in words)
         if path == "/v1/chat/completions":
@@ -1067,7 +1069,7 @@ class _Root(Resource):
                     "system_fingerprint": "fp_ollama", "choices": [{"index": 0,
                     "message": message, "finish_reason": "stop"}],
                     "usage": _usage(metrics)}  # fmt: skip
-        answer: dict[str, Any] = {"model": model, "created_at": CREATED}
+        answer: JSONObject = {"model": model, "created_at": CREATED}
         if path == "/api/generate":
             answer["response"] = text
         else:
@@ -1076,7 +1078,7 @@ class _Root(Resource):
         return answer
 
     @staticmethod
-    def _completion_chunk(model: str, delta: Any, finish: str | None) -> dict[str, Any]:
+    def _completion_chunk(model: str, delta: JSON, finish: str | None) -> JSONObject:
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
         return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0,
                 "model": model, "system_fingerprint": "fp_ollama",
@@ -1087,10 +1089,10 @@ class _Root(Resource):
         request: Request,
         path: str,
         model: str,
-        body: Mapping[str, Any],
+        body: Mapping[str, JSON],
         tokens: list[str],
         words: list[str],
-    ) -> Any:
+    ) -> Answer:
         """Without scheduling: each piece after the fake's pacing or gate."""
         if path == "/v1/chat/completions":
             request.setHeader(b"Content-Type", b"text/event-stream")
@@ -1124,11 +1126,11 @@ class _Root(Resource):
         request: Request,
         path: str,
         model: str,
-        body: Mapping[str, Any],
+        body: Mapping[str, JSON],
         job: Job,
         words: list[str],
         exchange: _Exchange,
-    ) -> tuple[int, Any] | None:
+    ) -> tuple[int, JSON] | None:
         """With scheduling, once started: prefill the uncached part, then a word per token."""
         fake = self.fake
         scheduler = fake.scheduler
@@ -1168,14 +1170,14 @@ class _Root(Resource):
         request.finish()
         return None
 
-    def pull(self, request: Request, body: dict[str, Any], model: str) -> Any:
+    def pull(self, request: Request, body: JSONObject, model: str) -> Answer:
         """Ollama's pull: progress lines, then the model is here (or the manifest is not found)."""
         fake = self.fake
         if not model:
             raise _BadRequest("invalid model name")
         digest = "sha256:" + hashlib.sha256(full_name(model).encode()).hexdigest()
         if fake.pullable(model):
-            lines: list[dict[str, Any]] = [
+            lines: list[JSONObject] = [
                 {"status": "pulling manifest"},
                 {"status": f"pulling {digest[7:19]}", "digest": digest, "total": MODEL_SIZE},
                 {"status": f"pulling {digest[7:19]}", "digest": digest, "total": MODEL_SIZE,
@@ -1189,7 +1191,7 @@ class _Root(Resource):
             lines = [{"status": "pulling manifest"}, {"error": PULL_ERROR}]
         return self.progress(request, body, lines)
 
-    def create(self, request: Request, body: dict[str, Any], model: str) -> Any:
+    def create(self, request: Request, body: JSONObject, model: str) -> Answer:
         """Ollama's create from blobs it holds (``files``) or from a model (``from``)."""
         fake = self.fake
         files = body.get("files") or {}
@@ -1219,7 +1221,7 @@ class _Root(Resource):
         return self.progress(request, body, lines)
 
     def progress(
-        self, request: Request, body: Mapping[str, Any], lines: list[dict[str, Any]]
+        self, request: Request, body: Mapping[str, JSON], lines: list[JSONObject]
     ) -> bytes:
         """Progress as Ollama streams it, or its last line (an error: 500) with stream false."""
         if body.get("stream") is False:
@@ -1229,13 +1231,13 @@ class _Root(Resource):
         return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
 
 
-def _event(data: Any) -> bytes:
+def _event(data: JSON) -> bytes:
     return b"data: " + json.dumps(data).encode() + b"\n\n"
 
 
-def _usage(metrics: Mapping[str, int]) -> dict[str, Any]:
+def _usage(metrics: Mapping[str, int]) -> JSONObject:
     prompt, completion = metrics["prompt_eval_count"], metrics["eval_count"]
-    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+    usage: JSONObject = {"prompt_tokens": prompt, "completion_tokens": completion,
                              "total_tokens": prompt + completion}  # fmt: skip
     if metrics["prompt_eval_cached_count"]:
         usage["prompt_tokens_details"] = {"cached_tokens": metrics["prompt_eval_cached_count"]}
@@ -1325,14 +1327,14 @@ def main(
 ) -> None:
     """Serve a simulated Ollama on loopback until interrupted."""
     args, scheduling, origins = configure(argv, os.environ, label=label, models=models, pace=pace)
-    from twisted.internet import reactor as _reactor
+    from twisted.internet import reactor
 
-    reactor: Any = _reactor
     fake = FakeOllama(args.version, args.model, clock=reactor, record=False,
                       scheduling=scheduling, origins=origins)  # fmt: skip
     fake.pace = args.pace
-    port = reactor.listenTCP(args.port, fake.site(), interface="127.0.0.1")
-    print(f"{label} on http://127.0.0.1:{port.getHost().port}", flush=True)
+    # (Twisted 26 types listenTCP's factory as a ServerFactory of exactly one protocol.)
+    port = reactor.listenTCP(args.port, fake.site(), interface="127.0.0.1")  # type: ignore[arg-type]
+    print(f"{label} on http://127.0.0.1:{port.getHost().port}", flush=True)  # type: ignore[attr-defined]
     reactor.run()
 
 

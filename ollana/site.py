@@ -4,8 +4,10 @@ answered as Ollama answers them (client mode: preflights here, Ollama's CORS hea
 every answer), Ollana's own pages under /ollana/, the access log, and the site with its
 connection caps (answered 503 busy by ``BusyAnswer``) and its graceful drain.
 
-``gotLength`` runs before twisted.web has set the request's method and URI, so they are
-read from the channel; that is private to Twisted, which is why setup.cfg pins its range.
+An exchange starts in ``gotLength``, before twisted.web sets the request's method and URI
+(it does so once the body is in): the channel reads the request line where twisted.web
+hands it over (``lineReceived``) and gives it to its request. Only public twisted.web
+hooks are used; tests/test_twisted_contract.py checks the order they are called in.
 """
 
 from __future__ import annotations
@@ -26,18 +28,16 @@ from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
+from ollana.access import access
 from ollana.auth import CREDENTIAL_HEADER
 from ollana.gate import Gate
+from ollana.interfaces import IDownstream
 from ollana.logs import Summary
-from ollana.proxy import (
-    ERROR_HEADER,
-    Exchange,
-    ProxySettings,
-    access,
-    error_body,
-    error_response,
-)
+from ollana.messages import error_body, error_response
+from ollana.proxy import Exchange, ProxySettings
+from ollana.upstream import ERROR_HEADER
 
 log = Logger()
 
@@ -53,8 +53,10 @@ def host_refusal(version: bytes, headers: Headers) -> str | None:
     return None
 
 
+@implementer(IDownstream)
 class ProxyRequest(Request):
-    """A request whose body goes upstream as it arrives instead of into a spool file."""
+    """A request whose body goes upstream as it arrives instead of into a spool file: the
+    downstream side of its exchange."""
 
     defaultContentType = None  # Content-Type comes from the upstream, or not at all
     exchange: Exchange | None = None
@@ -67,22 +69,24 @@ class ProxyRequest(Request):
     _rate_since: float | None = None  # the start of the body's current rate window
     _rate_bytes = 0  # body bytes in that window
     _max_body: int | None = None  # the gate's, kept for each chunk of the body
-    http_version = b"HTTP/1.1"  # the request line's (ProxyChannel.checkPersistence sets it)
+    # (method, request-target, HTTP version): ProxyChannel.lineReceived sets it
+    request_line: tuple[bytes, bytes, bytes] = (b"", b"", b"HTTP/1.1")
+    _lost = False  # the connection is lost (connectionLost): nothing more to or from it
     cors: tuple[tuple[bytes, bytes], ...] = ()  # CORS headers for the answer (Gate.cors)
     cors_status: int | None = None  # a browser's request answered here: preflight, refusal
 
     def gotLength(self, length: int | None) -> None:
-        target = self.channel._path  # see the module docstring
         proxy = getattr(getattr(self.channel, "site", None), "proxy", None)
         if proxy is None:
             super().gotLength(length)
             return
+        method, target, version = self.request_line  # see the module docstring
         self.clock = proxy.clock
         self.arrived = proxy.clock.seconds()
         host = getattr(self.getClientAddress(), "host", "")
         gate: Gate = proxy.gate
         self._max_body = gate.max_body
-        malformed = host_refusal(self.http_version, self.requestHeaders)
+        malformed = host_refusal(version, self.requestHeaders)
         refusal = (400, malformed) if malformed else gate.refusal(host, self.requestHeaders)
         self.requestHeaders.removeHeader(CREDENTIAL_HEADER)  # never passed on
         if refusal is None and gate.max_body is not None and (length or 0) > gate.max_body:
@@ -90,7 +94,7 @@ class ProxyRequest(Request):
         if refusal is not None:
             self.refuse(*refusal)
             return
-        cors = gate.cors(self.channel._command, self.requestHeaders)
+        cors = gate.cors(method, self.requestHeaders)
         if cors is not None:
             self.cors = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in cors.headers)
             self.requestHeaders.removeHeader(b"origin")  # judged here, not by a server's Ollama
@@ -156,7 +160,7 @@ class ProxyRequest(Request):
         The channel's idle timeout stops with it: the client is not the one idling.
         Pausing again is harmless, and needed when the channel itself resumed reading.
         """
-        if self._disconnected:
+        if self._lost:
             return
         self.client_connection.pauseProducing()
         self._held = True
@@ -165,7 +169,7 @@ class ProxyRequest(Request):
 
     def release(self) -> None:
         """Read from the client again."""
-        if self._held and not self._disconnected:
+        if self._held and not self._lost:
             self._held = False
             self._rate_since, self._rate_bytes = self.clock.seconds(), 0  # held: ours
             self._restore_timeout()
@@ -176,12 +180,22 @@ class ProxyRequest(Request):
         return self.transport  # type: ignore[return-value]
 
     def _restore_timeout(self) -> None:
-        if self._saved_timeout is not None and not self._disconnected:
+        if self._saved_timeout is not None and not self._lost:
             (timeout,), self._saved_timeout = self._saved_timeout, None
             self.channel.setTimeout(timeout)
 
+    def abort(self) -> None:
+        """End the client's connection abruptly: a truncated response must not look whole."""
+        transport = self.channel.transport if self.channel else None
+        if transport is not None:
+            transport.abortConnection()  # type: ignore[attr-defined]  # TCP's, TLS's: not ITransport's
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._lost = True  # first: the notifyFinish errbacks may call hold or release
+        super().connectionLost(reason)
+
     def write(self, data: bytes) -> None:
-        if not self.finished and not self._disconnected:
+        if not self.finished and not self._lost:
             if self.cors and not self.startedWriting:
                 self._add_cors()
             super().write(data)
@@ -209,6 +223,7 @@ class ProxyChannel(HTTPChannel):
     site: ProxySite
     _headers_due: IDelayedCall | None = None
     _parsing = False  # in dataReceived: Twisted's parser is the one acting
+    _reading_head = True  # awaiting or reading a request's head (line and headers)
     _answered = False  # an answer of our own was written: the connection is closing
 
     def connectionMade(self) -> None:
@@ -229,7 +244,7 @@ class ProxyChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         # A request's head (line and headers) must all come within the gate's
         # header_timeout of its first byte: a client that trickles it (slowloris) is cut off.
-        if self._headers_due is None and data and self.line_mode and not self._handlingRequest:
+        if self._headers_due is None and data and self._reading_head:
             timeout = self.site.proxy.gate.header_timeout
             self._headers_due = self.callLater(timeout, self._headers_overdue)
         parsing, self._parsing = self._parsing, True
@@ -238,9 +253,18 @@ class ProxyChannel(HTTPChannel):
         finally:
             self._parsing = parsing
 
-    def checkPersistence(self, request: Any, version: bytes) -> bool:
-        request.http_version = version  # the one public place the request line's is given
-        return bool(super().checkPersistence(request, version))
+    def lineReceived(self, line: bytes) -> None:
+        queued = len(self.requests)
+        super().lineReceived(line)
+        if len(self.requests) > queued:  # a request line: twisted.web made its request
+            parts = line.split()
+            if len(parts) == 3:  # else twisted.web has answered 400 and is closing
+                self.requests[-1].request_line = tuple(parts)
+
+    def requestDone(self, request: Request) -> None:
+        if self.persistent:  # twisted.web reads the next request (any bytes kept) now
+            self._reading_head = True
+        super().requestDone(request)
 
     def loseConnection(self) -> None:
         # Twisted answers a malformed request (request line, header, chunked body) itself,
@@ -266,6 +290,7 @@ class ProxyChannel(HTTPChannel):
         super().timeoutConnection()
 
     def allHeadersReceived(self) -> None:
+        self._reading_head = False
         self._stop_header_timer()
         super().allHeadersReceived()
 

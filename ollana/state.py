@@ -23,7 +23,6 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass, field
-from typing import Any
 
 from zope.interface import implementer
 
@@ -105,13 +104,13 @@ def _tag(secret: bytes, value: bytes) -> str:
     return hmac.new(key, value, hashlib.sha256).hexdigest()
 
 
-def _count(value: Any, least: int = 0) -> int:
+def _count(value: object, least: int = 0) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
         raise ValueError(value)
     return value
 
 
-def _names(value: Any) -> list[str]:
+def _names(value: object) -> list[str]:
     if not isinstance(value, list):
         raise TypeError(value)
     return [name for name in value[:MAX_MODELS] if isinstance(name, str)]

@@ -1,5 +1,6 @@
 """Ollana's own pages, under /ollana/ on the proxy's listener: a dashboard for people
-(/ollana/), the status as JSON (api/status) and the Prometheus metrics (metrics).
+(/ollana/), the status as JSON (api/status) and the Prometheus metrics (metrics). They
+read their node through ollana.interfaces.INodeStatus.
 
 The dashboard shows what api/status says, rendered with twisted.web.template, which escapes
 every value (peer data comes from the network). It is one self-contained page: inline CSS,
@@ -10,8 +11,9 @@ no script, a meta refresh every few seconds. A server's status also has its Olla
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet import defer
@@ -19,13 +21,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from twisted.web.template import Element, Tag, TagLoader, renderElement, tags
+from twisted.web.template import Element, Flattenable, Tag, TagLoader, renderElement, tags
 from twisted.web.util import redirectTo
 
-from ollana.interfaces import IServerState
+from ollana.interfaces import JSON, INodeStatus, IServerState, JSONObject
 from ollana.peers import Peer, host_port
 
 log = Logger()
+T = TypeVar("T")
 
 REFRESH_SECONDS = 5
 # Nothing from elsewhere, no script; only the inline style (defence in depth: values are
@@ -33,7 +36,7 @@ REFRESH_SECONDS = 5
 DASHBOARD_POLICY = b"default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 
 
-def state_status(state: IServerState | None) -> dict[str, Any] | None:
+def state_status(state: IServerState | None) -> JSONObject | None:
     """A server's load report as the status shows it, summed up: the slots of its loaded
     models busy and free, and the queue (the requests for a model that no slot holds:
     waiting for one, or for their model to load). Requests that named no model (the
@@ -62,7 +65,7 @@ def state_status(state: IServerState | None) -> dict[str, Any] | None:
     }
 
 
-def model_entries(tags: Any) -> list[dict[str, Any]] | None:
+def model_entries(tags: JSON) -> list[JSONObject] | None:
     """The models of an Ollama's /api/tags answer as the status shows them (None when it is
     not a listing)."""
     listed = tags.get("models") if isinstance(tags, dict) else None
@@ -75,29 +78,30 @@ def model_entries(tags: Any) -> list[dict[str, Any]] | None:
     ]
 
 
-def full_status(node: Any) -> defer.Deferred[dict[str, Any]]:
+def full_status(node: INodeStatus) -> defer.Deferred[JSONObject]:
     """node.status(), with its Ollama's models for a server (None when its Ollama could not
     say). Never fails."""
     status = node.status()
-    models = getattr(node, "ollama_models", None)
-    if status.get("mode") != "server" or models is None:
+    if status.get("mode") != "server":
         return defer.succeed(status)
 
-    def listed(tags: Any) -> dict[str, Any]:
+    def listed(tags: JSON) -> JSONObject:
         return {**status, "models": model_entries(tags)}
 
-    def unlisted(failure: Failure) -> dict[str, Any]:
+    def unlisted(failure: Failure) -> JSONObject:
         return {**status, "models": None}
 
-    return defer.maybeDeferred(models).addCallbacks(listed, unlisted)
+    return defer.maybeDeferred(node.ollama_models).addCallbacks(listed, unlisted)
 
 
-def answer_later(request: Request, answering: defer.Deferred[Any], write: Any) -> Any:
+def answer_later(
+    request: Request, answering: defer.Deferred[T], write: Callable[[T], object]
+) -> int:
     """Write what answering gives once it has (unless the client has gone): NOT_DONE_YET."""
     gone: list[bool] = []
     request.notifyFinish().addErrback(lambda _: gone.append(True))
 
-    def written(result: Any) -> None:
+    def written(result: T) -> None:
         if not gone:
             write(result)
 
@@ -105,7 +109,7 @@ def answer_later(request: Request, answering: defer.Deferred[Any], write: Any) -
     return NOT_DONE_YET
 
 
-def peer_status(peer: Peer, now: float) -> dict[str, Any]:
+def peer_status(peer: Peer, now: float) -> JSONObject:
     """One server as the status shows it."""
     return {
         "id": peer.key,
@@ -128,10 +132,10 @@ def peer_status(peer: Peer, now: float) -> dict[str, Any]:
 
 
 class StatusPages(Resource):
-    """/ollana/ for one node (anything with status() and observed): the dashboard,
-    api/status and metrics; /ollana itself redirects to /ollana/."""
+    """/ollana/ for one node (what INodeStatus reads): the dashboard, api/status and
+    metrics; /ollana itself redirects to /ollana/."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: INodeStatus) -> None:
         super().__init__()
         api = Resource()
         api.putChild(b"status", StatusJSON(node))
@@ -149,7 +153,7 @@ class _NodePage(Resource):
 
     isLeaf = True
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: INodeStatus) -> None:
         super().__init__()
         self.node = node
 
@@ -157,11 +161,11 @@ class _NodePage(Resource):
 class StatusJSON(_NodePage):
     """/ollana/api/status: node.status() as JSON."""
 
-    def render_GET(self, request: Request) -> Any:
+    def render_GET(self, request: Request) -> int:
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
 
-        def write(status: dict[str, Any]) -> None:
+        def write(status: JSONObject) -> None:
             request.write(json.dumps(status, indent=2).encode("utf-8") + b"\n")
             request.finish()
 
@@ -173,19 +177,19 @@ class MetricsPage(_NodePage):
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return generate_latest(self.node.observed.metrics.registry)
+        return generate_latest(self.node.registry)
 
 
 class Dashboard(_NodePage):
     """/ollana/: node.status() as an HTML page that refreshes itself."""
 
-    def render_GET(self, request: Request) -> object:
+    def render_GET(self, request: Request) -> int:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-security-policy", DASHBOARD_POLICY)
         request.setHeader(b"x-content-type-options", b"nosniff")
 
-        def write(status: dict[str, Any]) -> None:
+        def write(status: JSONObject) -> None:
             renderElement(request, DashboardPage(status))
 
         return answer_later(request, full_status(self.node), write)
@@ -194,7 +198,7 @@ class Dashboard(_NodePage):
 class DashboardPage(Element):
     """The dashboard for one status, as node.status() gives it."""
 
-    def __init__(self, status: dict[str, Any]) -> None:
+    def __init__(self, status: JSONObject) -> None:
         super().__init__(loader=TagLoader(page(status)))
 
 
@@ -238,7 +242,7 @@ PEER_COLUMNS = ("Server", "Source", "Health", "Latency", "Requests", "Failures",
 WRAPPED = ("Health", "Models", "Loaded")  # columns whose values may be long
 
 
-def page(status: dict[str, Any]) -> Tag:
+def page(status: JSONObject) -> Tag:
     """The whole page for a status."""
     mode = str(status["mode"])
     body = tags.body(
@@ -268,7 +272,7 @@ def page(status: dict[str, Any]) -> Tag:
     return tags.html(head, body, lang="en")
 
 
-def summary(status: dict[str, Any]) -> Tag:
+def summary(status: JSONObject) -> Tag:
     """The node itself: mode, id, version, uptime, listen address."""
     return tags.dl(
         entry("Mode", str(status["mode"])),
@@ -279,7 +283,7 @@ def summary(status: dict[str, Any]) -> Tag:
     )
 
 
-def ollama_section(ollama: dict[str, Any], models: list[dict[str, Any]] | None) -> Tag:
+def ollama_section(ollama: JSONObject, models: list[JSONObject] | None) -> Tag:
     """Server mode: the local Ollama's state and models."""
     version, healthy = ollama.get("version"), bool(ollama["healthy"])
     if models is None:
@@ -297,7 +301,7 @@ def ollama_section(ollama: dict[str, Any], models: list[dict[str, Any]] | None) 
     )
 
 
-def size(value: Any) -> str:
+def size(value: JSON) -> str:
     """A size in bytes as Ollama shows it (decimal units: 2.0 GB)."""
     if not isinstance(value, int | float) or value < 0:
         return "?"
@@ -307,7 +311,7 @@ def size(value: Any) -> str:
     return f"{int(value)} B"
 
 
-def load_section(state: dict[str, Any]) -> Tag:
+def load_section(state: JSONObject) -> Tag:
     """Server mode: its Ollama's load, as it reports it to clients."""
     requests = [
         f"{name or '(no model named)'}: {counts['in_flight']} in flight, "
@@ -325,7 +329,7 @@ def load_section(state: dict[str, Any]) -> Tag:
     )
 
 
-def peers_section(peers: list[dict[str, Any]]) -> Tag:
+def peers_section(peers: list[JSONObject]) -> Tag:
     """Client mode: every known server, one row each."""
     title = tags.h2(f"Servers ({len(peers)})")
     if not peers:
@@ -335,10 +339,10 @@ def peers_section(peers: list[dict[str, Any]]) -> Tag:
     return tags.section(title, tags.div(table, class_="wide"))
 
 
-def peer_row(peer: dict[str, Any]) -> Tag:
+def peer_row(peer: JSONObject) -> Tag:
     """One server's row; each cell carries its column's name for narrow screens."""
     latency, state = peer.get("latency_ms"), peer.get("state")
-    cells: tuple[Any, ...] = (
+    cells: tuple[Flattenable, ...] = (
         host_port(peer["address"], peer["port"]),
         str(peer["source"]),
         health(bool(peer["healthy"]), str(peer.get("reason") or "")),
@@ -356,29 +360,29 @@ def peer_row(peer: dict[str, Any]) -> Tag:
     return tags.tr([cell(name, value) for name, value in zip(PEER_COLUMNS, cells, strict=True)])
 
 
-def cell(column: str, value: Any) -> Tag:
+def cell(column: str, value: Flattenable) -> Tag:
     """A td named after its column (narrow screens show the name beside the value, a div);
     short values do not wrap."""
     td = tags.td(tags.div(value), **{"data-label": column})
     return td if column in WRAPPED else td(class_="nowrap")
 
 
-def loaded_models(state: dict[str, Any]) -> str:
+def loaded_models(state: JSONObject) -> str:
     """The models a server reported loaded."""
     return ", ".join(str(name) for name in state["loaded"]) or "none"
 
 
-def slots(state: dict[str, Any]) -> str:
+def slots(state: JSONObject) -> str:
     """The slots of a server's loaded models, busy and free."""
     return f"{state['slots_busy']} busy, {state['slots_free']} free"
 
 
-def entry(name: str, value: Any) -> list[Tag]:
+def entry(name: str, value: Flattenable) -> list[Tag]:
     """A name and its value in a dl."""
     return [tags.dt(name), tags.dd(value)]
 
 
-def health(healthy: bool, reason: str) -> list[Any]:
+def health(healthy: bool, reason: str) -> list[Flattenable]:
     """healthy or unhealthy, with the reason when there is one."""
     state = tags.span("healthy", class_="ok") if healthy else tags.span("unhealthy", class_="bad")
     return [state, [" ", tags.span(reason, class_="reason")] if reason else ""]

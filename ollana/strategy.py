@@ -42,7 +42,7 @@ REASONS = {
 }
 
 # Routes to a server with the model loaded and few waiting, where a request is worth trying
-# before queueing at a full one (proxy.QUEUE_HEADER).
+# before queueing at a full one (upstream.QUEUE_HEADER).
 WARM_ROUTES = frozenset({REASONS[AFFINITY], REASONS[WARM], REASONS[SHORT_QUEUE]})
 Choice = tuple[Peer, str]
 

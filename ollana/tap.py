@@ -12,8 +12,17 @@ import signal
 import sys
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NoReturn
+from types import FrameType
+from typing import TYPE_CHECKING, NoReturn, Protocol, TypedDict, TypeGuard
 
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import (
+    IAddress,
+    IReactorFromThreads,
+    IReactorTime,
+    IReadDescriptor,
+    IWriteDescriptor,
+)
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
@@ -26,6 +35,9 @@ from ollana.load import environment_limits
 from ollana.peers import host_port
 from ollana.strategy import DEFAULT as DEFAULT_STRATEGY
 from ollana.strategy import STRATEGIES
+
+if TYPE_CHECKING:  # made in makeService, which imports it when it is called
+    from ollana.node import OllanaService
 
 log = Logger()
 
@@ -64,10 +76,20 @@ class OllanaOptions(usage.Options):
         sys.exit(0)
 
 
-def option_entries(options: usage.Options) -> dict[str, dict[str, Any]]:
+class OptionEntry(TypedDict):
+    """One option as usage.docMakeChunks takes it."""
+
+    long: str
+    short: str | None
+    doc: str | None
+    optType: str
+    default: object
+
+
+def option_entries(options: usage.Options) -> dict[str, OptionEntry]:
     """Each long option of options, by name, as usage.docMakeChunks takes it."""
     short = {long: key for key, long in options.synonyms.items() if len(key) == 1}
-    entries = {}
+    entries: dict[str, OptionEntry] = {}
     for declared in options.longOpt:
         name = declared.rstrip("=")
         entries[name] = {
@@ -81,7 +103,7 @@ def option_entries(options: usage.Options) -> dict[str, dict[str, Any]]:
 
 
 def grouped_usage(
-    entries: Mapping[str, dict[str, Any]],
+    entries: Mapping[str, OptionEntry],
     groups: Sequence[tuple[str, Sequence[str]]],
     width: int | None = None,
     notes: Mapping[str, str] | None = None,
@@ -402,43 +424,57 @@ class Options(DiscoveryOptions):
         )
 
 
-def makeService(options: Options, reactor: Any = None) -> Any:
-    """The Ollana service for twistd, on the global reactor unless given another."""
+def makeService(options: Options, reactor: IReactorTime | None = None) -> OllanaService:
+    """The Ollana service for twistd, on the global reactor unless given another (which is
+    also the IReactorTCP, IReactorUDP and IReactorMulticast the node uses)."""
+    if reactor is not None:
+        return node_service(options.settings(), reactor)
+    from twisted.internet import reactor as running
+
+    from ollana.limits import raise_open_files
+
+    raise_open_files()  # first: the listeners' connection caps are sized from it
+    service = node_service(options.settings(), running)
+    ready = os.environ.pop(READY_FD_ENV, None)
+    report = StartReport(int(ready) if ready and ready.isdigit() else None)
+    atexit.register(_exit_if_failed, service, report)
+    running.callWhenRunning(report.watch, service, running)
+    running.callWhenRunning(SecondSignal(running).install)
+    # What start-up made (modules, settings) lives as long as the process: moved out of
+    # the cyclic collector's view, full collections no longer stall the proxy for tens
+    # of milliseconds (p99 of a small GET at 32 connections: 46 -> 28 ms).
+    running.callWhenRunning(gc.freeze)
+    return service
+
+
+def node_service(settings: Settings, reactor: IReactorTime) -> OllanaService:
+    """An Ollana node on reactor, whose client pins what the servers it knows announce."""
     from ollana.health import AgentGetter
     from ollana.netif import default_broadcast_addresses
-    from ollana.node import HEALTH_TIMEOUT, ConnectionPoolService, OllanaService
+    from ollana.node import HEALTH_TIMEOUT, ConnectionPoolService, OllanaService, peer_pool
     from ollana.tls import ClientTLS
     from ollana.upstream import make_agent
 
-    exit_code_from_failure = reactor is None
-    if reactor is None:
-        from twisted.internet import reactor
-
-        from ollana.limits import raise_open_files
-
-        raise_open_files()  # first: the listeners' connection caps are sized from it
-    settings = options.settings()
-    client_tls = ClientTLS(settings.tls_ca)  # pins come from the pool, once there is one
+    pool = peer_pool(settings, reactor)
+    client_tls = ClientTLS(settings.tls_ca, pins=pool.fingerprint)
     # Health checks, model lists and merged listings go through the relaying client too:
     # kept-alive connections, and response heads bounded as a hostile server's must be.
     agent = make_agent(reactor, HEALTH_TIMEOUT, client_tls.creator_for)
-    service = OllanaService(
-        settings, reactor, AgentGetter(agent), default_broadcast_addresses, client_tls
-    )
+    service = OllanaService(settings, reactor, AgentGetter(agent), default_broadcast_addresses,
+                            client_tls, pool)  # fmt: skip
     health_connections = ConnectionPoolService(agent)
     health_connections.setName("health-connections")
     health_connections.setServiceParent(service)
-    if exit_code_from_failure:
-        ready = os.environ.pop(READY_FD_ENV, None)
-        report = StartReport(int(ready) if ready and ready.isdigit() else None)
-        atexit.register(_exit_if_failed, service, report)
-        reactor.callWhenRunning(report.watch, service, reactor)
-        reactor.callWhenRunning(SecondSignal(reactor).install)
-        # What start-up made (modules, settings) lives as long as the process: moved out of
-        # the cyclic collector's view, full collections no longer stall the proxy for tens
-        # of milliseconds (p99 of a small GET at 32 connections: 46 -> 28 ms).
-        reactor.callWhenRunning(gc.freeze)
     return service
+
+
+class Starting(Protocol):
+    """What StartReport reads of the node it reports on (an OllanaService)."""
+
+    failure: str | None  # why it could not start
+
+    def address(self) -> IAddress | None:
+        """Where it listens for HTTP, once it does."""
 
 
 class StartReport:
@@ -450,7 +486,7 @@ class StartReport:
         self.fd = fd
         self._loop: LoopingCall | None = None
 
-    def watch(self, service: Any, clock: Any, interval: float = START_CHECK) -> None:
+    def watch(self, service: Starting, clock: IReactorTime, interval: float = START_CHECK) -> None:
         """Look at the service every interval seconds until it listens or has failed."""
         if self.fd is None:
             return
@@ -482,21 +518,47 @@ class StartReport:
             pass  # ollana serve is gone (or gave no pipe): nobody to tell
 
 
-def start_line(service: Any, pid: int) -> str | None:
+def start_line(service: Starting, pid: int) -> str | None:
     """What StartReport says of the service now: failed, listening, or nothing yet."""
     if service.failure is not None:
         return "failed " + " ".join(str(service.failure).split())
-    listener = service.namedServices.get("http")
-    port = getattr(listener, "port", None)
-    if port is None:
+    address = service.address()
+    if address is None:
         return None
-    address = port.getHost()
-    path = getattr(address, "name", None)  # a UNIX socket's
-    if path is not None:
-        where = os.fsdecode(path)
-    else:
+    if isinstance(address, UNIXAddress) and address.name is not None:
+        where = os.fsdecode(address.name)
+    elif isinstance(address, IPv4Address | IPv6Address):
         where = host_port(address.host, address.port)
+    else:
+        where = str(address)
     return f"ready {pid} {where}"
+
+
+class StoppingReactor(Protocol):
+    """What SecondSignal needs of the reactor besides IReactorFromThreads: IReactorCore's
+    triggers and IReactorFDSet's descriptors."""
+
+    def addSystemEventTrigger(
+        self,
+        phase: str,
+        eventType: str,
+        callable: Callable[..., object],
+        *args: object,
+        **kwargs: object,
+    ) -> object: ...
+
+    def getReaders(self) -> list[IReadDescriptor]: ...
+
+    def getWriters(self) -> list[IWriteDescriptor]: ...
+
+
+class Abortable(Protocol):
+    def abortConnection(self) -> None: ...
+
+
+def _abortable(selectable: object) -> TypeGuard[Abortable]:
+    """A connection (TCP, TLS, UNIX), rather than a listening port or a waker."""
+    return callable(getattr(selectable, "abortConnection", None))
 
 
 class SecondSignal:
@@ -504,10 +566,10 @@ class SecondSignal:
     way may finish, up to --drain-timeout); another one, which the reactor would answer with
     a ReactorNotRunning traceback, stops at once: every connection is closed now."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: StoppingReactor) -> None:
         self.reactor = reactor
         self.stopping = False
-        self.first: dict[int, Callable[[int, Any], object]] = {}
+        self.first: dict[int, Callable[[int, FrameType | None], object]] = {}
 
     def install(self) -> None:
         """Stand in front of the reactor's handlers of SIGINT and SIGTERM, where it has any."""
@@ -521,9 +583,9 @@ class SecondSignal:
     def _stopping(self) -> None:
         self.stopping = True
 
-    def __call__(self, number: int, frame: Any) -> None:
+    def __call__(self, number: int, frame: FrameType | None) -> None:
         if self.stopping:
-            self.reactor.callFromThread(self.stop_now, number)
+            IReactorFromThreads(self.reactor).callFromThread(self.stop_now, number)
         else:
             self.stopping = True
             self.first[number](number, frame)
@@ -531,14 +593,14 @@ class SecondSignal:
     def stop_now(self, number: int) -> None:
         """Close every connection, so that the stop need not wait for any."""
         selectables = {*self.reactor.getReaders(), *self.reactor.getWriters()}
-        connections = [c for c in selectables if callable(getattr(c, "abortConnection", None))]
+        connections = [c for c in selectables if _abortable(c)]
         log.warn("{signal} again: stopping now, closing {count} connection(s)",
                  signal=signal.Signals(number).name, count=len(connections))  # fmt: skip
         for connection in connections:
             connection.abortConnection()
 
 
-def _exit_if_failed(service: Any, report: StartReport) -> None:
+def _exit_if_failed(service: Starting, report: StartReport) -> None:
     """twistd exits 0 whatever happened: make a fatal start-up error exit 1 (and say it to
     ollana serve -d, if the daemon stopped before it could)."""
     if service.failure is not None:

@@ -45,6 +45,7 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -315,19 +316,21 @@ class _CheckedTLS:
     (as Twisted's own hostname check does) with the rejection as the connection's reason.
     """
 
-    def __init__(self, connect: Callable[[Any], SSL.Connection], host: str, check: Check) -> None:
+    def __init__(
+        self, connect: Callable[[TLSMemoryBIOProtocol], SSL.Connection], host: str, check: Check
+    ) -> None:
         self._connect = connect  # makes the connection, its TLS settings and SNI
         self._host = host
         self._check = check  # (certificate, X.509 error, depth, preverify ok) -> rejection
 
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection = self._connect(tlsProtocol)
         verify = partial(self._verify, tlsProtocol)
         connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
         return connection
 
-    def _verify(self, tlsProtocol: Any, connection: SSL.Connection, cert: crypto.X509,
-                err: int, depth: int, ok: int) -> bool:  # fmt: skip
+    def _verify(self, tlsProtocol: TLSMemoryBIOProtocol, connection: SSL.Connection,
+                cert: crypto.X509, err: int, depth: int, ok: int) -> bool:  # fmt: skip
         try:
             rejection = self._check(cert.to_cryptography(), err, depth, ok)
             if rejection is None:
@@ -379,7 +382,7 @@ def pinned_client_tls(fingerprint: bytes, host: str) -> IOpenSSLClientConnection
     context = CertificateOptions().getContext()  # TLS 1.2 or newer, Twisted's ciphers
     context.set_info_callback(handshake_done)
 
-    def connect(tlsProtocol: Any) -> SSL.Connection:
+    def connect(tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection = SSL.Connection(context, None)  # no SNI: the pin says which certificate
         connection.set_app_data(tlsProtocol)
         return connection
@@ -409,7 +412,11 @@ def system_client_tls(host: str) -> IOpenSSLClientConnectionCreator:
     return _trusted(host, platformTrust(), "the system's CAs")
 
 
-def _trusted(host: str, trust_root: Any, source: str) -> _CheckedTLS:
+def _trusted(
+    host: str,
+    trust_root: Any,  # Any: an IOpenSSLTrustRoot, which Twisted keeps in a private module
+    source: str,
+) -> _CheckedTLS:
     """optionsForClientTLS makes the connection (trust root, TLS versions, SNI); the checks
     are its own (OpenSSL's chain verification, then service_identity's at the leaf), in a
     verify callback of ours that gives a one-line reason, and that also refuses a
@@ -472,7 +479,7 @@ class ClientTLS:
 
     def __init__(self, ca_pem_path: str | None = None, pins: Pins | None = None) -> None:
         self.ca_pem_path = ca_pem_path
-        self.pins: Pins = pins or (lambda host, port: None)
+        self._pins: Pins = pins or (lambda host, port: None)
         self._trust = load_trust_root(ca_pem_path) if ca_pem_path is not None else None
         self._creators: dict[tuple[str, bytes | None], IOpenSSLClientConnectionCreator] = {}
 
@@ -480,7 +487,7 @@ class ClientTLS:
         """The TLS connection creator for the server at host:port (an IPv6 host with or
         without its brackets), as an IAgentEndpointFactory needs it for an https URL."""
         host = host.removeprefix("[").removesuffix("]")
-        return self.creator(host, None if self.ca_pem_path is not None else self.pins(host, port))
+        return self.creator(host, None if self.ca_pem_path is not None else self._pins(host, port))
 
     def creator(self, host: str, fingerprint: bytes | None) -> IOpenSSLClientConnectionCreator:
         """The TLS connection creator for a server at host (a name or an address) that

@@ -1,5 +1,7 @@
-"""Where proxied requests go: the Upstream chosen by a Router (or an answer made here),
-and the HTTP/1.1 agent that reaches upstreams, with kept-alive connections and TLS."""
+"""Where proxied requests go: the Upstream chosen by a router (IRouter; ``Router`` is the
+base of routers) or an answer made here, the headers Ollana nodes tell each other about a
+request with (ERROR_HEADER, QUEUE_HEADER), and the HTTP/1.1 agent that reaches upstreams,
+with kept-alive connections and TLS."""
 
 from __future__ import annotations
 
@@ -16,13 +18,16 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
+from twisted.web.client import URI
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from ollana.httpclient import MAX_PER_ORIGIN, UpstreamAgent
+from ollana.interfaces import IRouter
+from ollana.peers import Peer
 
 IDLE_CONNECTION_TIMEOUT = 50  # seconds a kept-alive upstream connection may stay unused
 
@@ -46,7 +51,7 @@ class Upstream:
 
     url: str
     peer: str | None = None
-    server: Any = field(default=None, compare=False, repr=False)
+    server: Peer | None = field(default=None, compare=False, repr=False)
     model: str | None = field(default=None, compare=False)
     key: str | None = field(default=None, compare=False, repr=False)
     route: str | None = field(default=None, compare=False)
@@ -76,6 +81,18 @@ class LocalAnswer:
     body: bytes
 
 
+# An answer an Ollana node made itself because it could not serve the request says why in
+# this header: "unreachable" (its upstream could not be reached or was found down),
+# "timeout" (its upstream sent no answer in time), "busy" (a limit of ours was reached) or
+# "refused" (the request itself was at fault). A client-mode node knows from the first three
+# (RETRY_ELSEWHERE) that the request never started there, and tries another server.
+ERROR_HEADER = b"x-ollana-error"
+RETRY_ELSEWHERE = frozenset({"unreachable", "timeout", "busy"})
+# Sent by a client-mode node that has another server to try: "if this would only wait in
+# your Ollama's queue, say busy at once instead", so a request goes to a free slot if any
+# server has one (the last candidate is asked without it, and queues).
+QUEUE_HEADER = b"x-ollana-queue"
+
 Listing = Callable[[], defer.Deferred[LocalAnswer]]  # an answer made here, when asked
 # When Router.plan routes a request: at once (from its head), or once its (small) body is in.
 AT_ONCE, WITH_BODY = "at once", "with body"
@@ -104,14 +121,11 @@ class Watcher(typing.Protocol):
         """The upstream was found down while this request was with it."""
 
 
+@implementer(IRouter)
 class Router:
-    """Where a listener's requests go. This one sends all to one upstream; client mode's
-    (ollana.routing) chooses among servers and learns from failures.
-
-    The exchange reports each attempt: ``started`` and ``ended`` around it, and in between
-    ``succeeded`` (an answer the upstream is not to blame for), ``failed`` (it could not be
-    reached) or ``errored`` (reached, but it failed the request). A router that finds an
-    upstream down tells the watchers of the attempts under way there.
+    """The base of routers (IRouter), with a default for each decision and the watchers of
+    the attempts under way (``found_down`` tells them). On its own it sends all requests to
+    one upstream; server mode's and client mode's (ollana.routing) build on it.
     """
 
     scan_limit = 0  # bytes of a request body to scan for a "model" (and to keep for retries)
@@ -210,13 +224,16 @@ class UpstreamEndpoints:
     """Endpoints to upstreams: IP literals straight away, names through the resolver."""
 
     def __init__(
-        self, reactor: Any, connect_timeout: float, tls_for: TLSPolicy | None = None
+        self,
+        reactor: Any,  # Any: IReactorTCP, IReactorTime and a resolver at once (HostnameEndpoint)
+        connect_timeout: float,
+        tls_for: TLSPolicy | None = None,
     ) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
         self._tls_for = tls_for or (lambda host, port: optionsForClientTLS(host))
 
-    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
         endpoint: IStreamClientEndpoint
         if isIPAddress(host):
@@ -230,11 +247,12 @@ class UpstreamEndpoints:
         return endpoint
 
 
-TLSPolicy = Callable[[str, int], Any]  # (host, port) -> how to check that server's TLS
+# (host, port) -> how to check that server's TLS
+TLSPolicy = Callable[[str, int], IOpenSSLClientConnectionCreator]
 
 
 def make_agent(
-    reactor: Any,
+    reactor: Any,  # Any: as UpstreamEndpoints's (and the agent's clock)
     connect_timeout: float,
     tls_for: TLSPolicy | None = None,
     max_per_origin: int = MAX_PER_ORIGIN,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -18,16 +17,18 @@ A2 = {"role": "assistant", "content": "Its test runner."}
 Q3 = {"role": "user", "content": "Thanks."}
 
 
-def body(**fields: Any) -> bytes:
+def body(**fields: object) -> bytes:
     return json.dumps({"model": MODEL, **fields}).encode("utf-8")
 
 
-def chat(*messages: Any, path: bytes = b"/api/chat", model: str = MODEL) -> str | None:
+def chat(*messages: object, path: bytes = b"/api/chat", model: str = MODEL) -> str | None:
     """The key of a chat request with these messages."""
     return conversation_key(path, model, body(messages=list(messages)))
 
 
-def generate(prompt: Any = None, system: Any = None, path: bytes = b"/api/generate") -> str | None:
+def generate(
+    prompt: object = None, system: object = None, path: bytes = b"/api/generate"
+) -> str | None:
     fields = {name: value for name, value in (("prompt", prompt), ("system", system)) if value}
     return conversation_key(path, MODEL, body(**fields))
 
@@ -139,7 +140,7 @@ class NoKeyTests(SynchronousTestCase):
             self.assertIsNone(conversation_key(b"/api/generate", MODEL, value), value)
 
     def test_no_conversation_in_it(self) -> None:
-        chats: list[dict[str, Any]] = [
+        chats: list[dict[str, object]] = [
             {},
             {"messages": []},
             {"messages": "What is Twisted?"},
@@ -152,8 +153,8 @@ class NoKeyTests(SynchronousTestCase):
         ]
         for fields in chats:
             self.assertIsNone(conversation_key(b"/api/chat", MODEL, body(**fields)), fields)
-        prompts: list[dict[str, Any]] = [{}, {"prompt": ""}, {"prompt": 42},
-                                         {"messages": [SYSTEM, Q1]}]  # fmt: skip
+        prompts: list[dict[str, object]] = [{}, {"prompt": ""}, {"prompt": 42},
+                                            {"messages": [SYSTEM, Q1]}]  # fmt: skip
         for fields in prompts:
             self.assertIsNone(conversation_key(b"/api/generate", MODEL, body(**fields)), fields)
 

@@ -3,7 +3,9 @@ loopback only (servers with --no-discovery, the demo's broadcasts to 127.255.255
 
 from __future__ import annotations
 
+import configparser
 import errno
+import importlib
 import io
 import json
 import os
@@ -15,6 +17,7 @@ from typing import Any
 
 import treq
 from treq.testing import StubTreq
+from twisted.application.service import IServiceMaker
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.utils import getProcessOutputAndValue
@@ -23,19 +26,20 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool, ResponseFailed
 from twisted.web.server import Site
 
-from ollana import __version__, cli, wire
-from ollana.cli import (
-    DiscoverOptions,
+import ollana.cli.status
+from ollana import __version__, wire
+from ollana.cli import main
+from ollana.cli.discover import DiscoverOptions, discover
+from ollana.cli.serve import (
     ServeOptions,
-    StatusOptions,
-    discover,
-    format_duration,
-    format_status,
-    main,
+    TwistdCommand,
+    TwistdOptions,
+    await_line,
     split_serve_args,
-    status,
+    started,
     tilde,
 )
+from ollana.cli.status import STATUS_URLS, StatusOptions, format_duration, format_status, status
 from ollana.tap import Options, makeService
 from tests.support.fake_ollama import ECHO_MODEL, FakeOllama
 from tests.support.fakes import FakeNetworkReactor
@@ -241,23 +245,57 @@ class VersionTests(SynchronousTestCase):
     def test_twistd_ollana_version(self) -> None:
         out = io.StringIO()
         self.patch(sys, "stdout", out)
-        twistd = cli._twistd_options()
+        twistd = TwistdOptions()
         e = self.assertRaises(SystemExit, twistd.parseOptions, ["ollana", "--version"])
         self.assertEqual((e.code, out.getvalue()), (0, f"ollana {__version__}\n"))
 
     def test_twistd_ollana_help_has_the_headings(self) -> None:
         out = io.StringIO()
         self.patch(sys, "stdout", out)
-        twistd = cli._twistd_options()
+        twistd = TwistdOptions()
         self.assertRaises(SystemExit, twistd.parseOptions, ["ollana", "--help"])
         self.assertTrue(out.getvalue().startswith("Usage: twistd [options] ollana [options]\n"))
         self.assertIn("\nSecurity:\n      --secret-file=", out.getvalue())
 
 
+class PackagingTests(SynchronousTestCase):
+    def test_every_package_is_installed(self) -> None:
+        """setup.cfg names each package (ollana.cli among them): the console script, which
+        imports ollana.cli, would break in a non-editable install without it."""
+        setup = configparser.ConfigParser()
+        setup.read(REPO / "setup.cfg")
+        listed = setup["options"]["packages"].split()
+        found = [
+            ".".join(init.parent.relative_to(REPO).parts)
+            for init in sorted((REPO / "ollana").rglob("__init__.py"))
+        ]
+        self.assertIn("ollana.cli", found)
+        self.assertEqual(sorted(set(found) - set(listed)), [])
+
+
+class TwistdOptionsTests(SynchronousTestCase):
+    """ollana serve's twistd knows Ollana's plugin, the one twistd finds, and no other."""
+
+    def test_ollana_is_the_only_command(self) -> None:
+        self.assertEqual([command[0] for command in TwistdOptions().subCommands], ["ollana"])
+        self.assertRaises(UsageError, TwistdOptions().parseOptions, ["web"])
+
+    def test_twistd_makes_the_service_with_the_plugins_maker(self) -> None:
+        plugin = importlib.import_module("twisted.plugins.ollana_plugin")
+        [maker] = [value for value in vars(plugin).values() if IServiceMaker.providedBy(value)]
+        twistd = TwistdOptions()
+        twistd.parseOptions(["-n", "--pidfile=", "ollana", *SERVER])
+        # What twistd's ApplicationRunner makes the service with:
+        self.assertIs(twistd.loadedPlugins[twistd.subCommand], maker)
+        self.assertIs(maker.makeService, makeService)
+        self.assertIsInstance(twistd.subOptions, Options)
+        self.assertEqual(twistd.subOptions["mode"], "server")
+
+
 ENV = {"HOME": "/home/ann", "XDG_RUNTIME_DIR": "/run/user/1000"}
 
 
-def command(*argv: str, env: dict[str, str] = ENV) -> cli.TwistdCommand:
+def command(*argv: str, env: dict[str, str] = ENV) -> TwistdCommand:
     options = ServeOptions()
     options.parseOptions(list(argv))
     return options.command(env)
@@ -486,7 +524,7 @@ class StatusAddressTests(SynchronousTestCase):
         return list(options["urls"])
 
     def test_ollama_host_first(self) -> None:
-        defaults = list(cli.STATUS_URLS)
+        defaults = list(STATUS_URLS)
         self.assertEqual(self.urls({}), defaults)
         self.assertEqual(self.urls({"OLLAMA_HOST": " "}), defaults)
         self.assertEqual(self.urls({"OLLAMA_HOST": "gpu.lan"}), ["http://gpu.lan:11434", *defaults])
@@ -577,7 +615,7 @@ class StatusTests(TestCase):
         await self.setUpNodes()
         free = f"http://127.0.0.1:{free_tcp_port()}"
         server = f"http://127.0.0.1:{self.server_port}"
-        self.patch(cli, "STATUS_URLS", (free, server))
+        self.patch(ollana.cli.status, "STATUS_URLS", (free, server))
         code, out, err = await self.status()
         self.assertEqual((code, err), (0, ""))
         self.assertIn(f"Ollana   {server}", out)
@@ -595,7 +633,7 @@ class StatusTests(TestCase):
             f"ollana: no Ollana answered: {free}: connection refused\n",
         )
         other = f"http://127.0.0.1:{free_tcp_port()}"
-        self.patch(cli, "STATUS_URLS", (free, other))
+        self.patch(ollana.cli.status, "STATUS_URLS", (free, other))
         code, out, err = await self.status()
         self.assertEqual(code, 1)
         self.assertIn(free, err)
@@ -779,53 +817,53 @@ class StartedTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.log = os.path.abspath(self.mktemp())
-        self.command = cli.TwistdCommand([], "/run/o.pid", self.log, {})
+        self.command = TwistdCommand([], "/run/o.pid", self.log, {})
 
     def test_lines(self) -> None:
         self.assertEqual(
-            cli.started("ready 42 127.0.0.1:11435", self.command, 30),
+            started("ready 42 127.0.0.1:11435", self.command, 30),
             (0, "Ollana listens on 127.0.0.1:11435, in the background as process 42 "
                 f"(pidfile /run/o.pid, log {tilde(self.log)})"),
         )  # fmt: skip
         self.assertEqual(
-            cli.started("failed Cannot listen on UDP port 11436: in use.", self.command, 30),
+            started("failed Cannot listen on UDP port 11436: in use.", self.command, 30),
             (1, "ollana: Cannot listen on UDP port 11436: in use."),
         )
         self.assertEqual(
-            cli.started(None, self.command, 30),
+            started(None, self.command, 30),
             (1, f"ollana: Ollana does not listen after 30 s; see its log {tilde(self.log)}"),
         )
 
     def test_a_daemon_gone_without_a_word_is_read_from_its_log(self) -> None:
         gone = (1, f"ollana: Ollana stopped as it started: see its log {tilde(self.log)}")
-        self.assertEqual(cli.started("", self.command, 30), gone, "no log yet")
+        self.assertEqual(started("", self.command, 30), gone, "no log yet")
         with open(self.log, "w") as f:
             f.write("2026-01-01T00:00:00+0000 [x#error] first\n"
                     "2026-01-01T00:00:01+0000 [x#critical] Cannot do it: at all\n"
                     "2026-01-01T00:00:02+0000 [x#info] Server Shut Down.\n")  # fmt: skip
         self.assertEqual(
-            cli.started("", self.command, 30),
+            started("", self.command, 30),
             (1, "ollana: Ollana stopped as it started: Cannot do it: at all"),
         )
         with open(self.log, "a") as f:
             f.write(json.dumps({"level": "error", "message": "in JSON"}) + "\n{not json\n")
         self.assertEqual(
-            cli.started("", self.command, 30),
+            started("", self.command, 30),
             (1, "ollana: Ollana stopped as it started: in JSON"),
         )
 
     def test_await_line(self) -> None:
         read, write = os.pipe()
         self.addCleanup(os.close, read)
-        self.assertIsNone(cli.await_line(read, 0.01), "nothing yet")
+        self.assertIsNone(await_line(read, 0.01), "nothing yet")
         os.write(write, b"ready 1 ")
         os.write(write, b"x\nmore")
-        self.assertEqual(cli.await_line(read, 1), "ready 1 x")
+        self.assertEqual(await_line(read, 1), "ready 1 x")
         os.close(write)
         read2, write2 = os.pipe()
         self.addCleanup(os.close, read2)
         os.close(write2)
-        self.assertEqual(cli.await_line(read2, 1), "", "closed without a word")
+        self.assertEqual(await_line(read2, 1), "", "closed without a word")
 
 
 class DemoProcessTests(TestCase):

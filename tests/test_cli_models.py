@@ -14,9 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from ollana.cli import (
+from ollana.cli import CommandOptions
+from ollana.cli.listing import (
     LISTING_URL,
-    CommandOptions,
     ModelsOptions,
     PsOptions,
     format_models,

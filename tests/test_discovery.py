@@ -231,7 +231,9 @@ class SeekerServiceTests(SynchronousTestCase):
         self.assertEqual([target for _, target in own.take()], self.targets)
 
     def test_own_socket_failure_is_reported(self) -> None:
-        def refuse(port: int, protocol: object, interface: str = "") -> None:
+        def refuse(
+            port: int, protocol: object, interface: str = "", maxPacketSize: int = 8192
+        ) -> None:
             raise error.CannotListenError("", 0, OSError(errno.EMFILE, "Too many open files"))
 
         self.reactor.listenUDP = refuse  # type: ignore[assignment,method-assign]
@@ -343,6 +345,21 @@ class ResponderServiceTests(SynchronousTestCase):
                 "Choose another with --listen."
             ],
         )
+        self.assertNoResult(listener.whenListening())
+
+    def test_an_endpoint_that_cannot_be_made_is_reported_in_one_line(self) -> None:
+        """What the --listen check does not read (an ssl: endpoint's certificate, say)."""
+        key = self.mktemp()
+        with open(key, "wb") as f:
+            f.write(b"not a certificate")
+        listener = HTTPListener(
+            self.reactor, f"ssl:11435:privateKey={key}", Site(Resource()), self.errors.append
+        )
+        listener.startService()
+        [error] = self.errors
+        self.assertTrue(error.startswith(f"Cannot listen on ssl:11435:privateKey={key}: "), error)
+        self.assertNotIn("\n", error)
+        self.assertEqual(self.reactor.sslServers, [])
         self.assertNoResult(listener.whenListening())
 
 

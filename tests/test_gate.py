@@ -164,6 +164,44 @@ class LimitTests(SynchronousTestCase):
         proxy.reactor.advance(100)
         self.assertNotIn(b"408", proxy.response())
 
+    def test_the_next_head_on_a_kept_alive_connection_is_timed_too(self) -> None:
+        proxy = ProxyHarness(self, gate=Gate(header_timeout=30))
+        proxy.send(GET)
+        proxy.connect()
+        proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        proxy.client.clear()
+        proxy.send(b"GET /api/ps HTTP/1.1\r\n")
+        for _ in range(5):
+            proxy.reactor.advance(5)
+            proxy.send(b"X-Slow: 1\r\n")
+        self.assertEqual(proxy.response(), b"")
+        proxy.reactor.advance(5)
+        self.assertEqual(head(proxy.response())[0], b"HTTP/1.1 408 Request Time-out")
+
+    def test_a_body_is_not_timed_as_a_head(self) -> None:
+        proxy = ProxyHarness(self, gate=Gate(header_timeout=30))
+        proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n")
+        proxy.connect()
+        for _ in range(10):  # 50 s
+            proxy.reactor.advance(5)
+            proxy.send(b"ab")
+        self.assertEqual(proxy.response(), b"")
+        self.assertFalse(proxy.client.disconnecting)
+
+    def test_a_pipelined_head_is_timed_from_when_it_is_read(self) -> None:
+        proxy = ProxyHarness(self, gate=Gate(header_timeout=30))
+        proxy.send(GET)
+        proxy.connect()
+        proxy.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        proxy.send(b"GET /api/ps HTTP/1.1\r\n")  # kept by twisted.web while the answer goes
+        proxy.reactor.advance(45)
+        self.assertNotIn(b"408", proxy.response())
+        proxy.answer(b"0\r\n\r\n")  # the answer ends: the next head is read now
+        proxy.reactor.advance(29)
+        self.assertNotIn(b"408", proxy.response())
+        proxy.reactor.advance(1)
+        self.assertIn(b"HTTP/1.1 408 Request Time-out", proxy.response())
+
     def test_connections_per_source_are_limited(self) -> None:
         proxy = ProxyHarness(self, gate=Gate(max_connections_per_source=2))
         second = proxy.site.buildProtocol(proxy.client.getPeer())

@@ -65,6 +65,23 @@ class PeerPoolTests(SynchronousTestCase):
         self.assertEqual(peer.url, "https://198.18.0.7:8443")
         self.assertEqual(len(self.messages()), 2)
 
+    def test_watchers_hear_of_servers_added_or_moved(self) -> None:
+        added: list[tuple[str, str]] = []
+        self.pool.watch_added(lambda peer: added.append((peer.key, peer.host)))
+        self.pool.watch_added(lambda peer: added.append(("again", peer.host)))
+        self.pool.announced(wire.Announce(A, 11435, "http", "0.1.0"), "198.18.0.2")
+        self.pool.announced(wire.Announce(A, 11435, "http", "0.1.0"), "198.18.0.2")  # refresh
+        self.pool.announced(wire.Announce(A, 11435, "http", "0.1.0"), "198.18.0.7")  # moved
+        self.pool.legacy_replied("198.18.0.9")  # never checked
+        self.pool.add_static("gpu", 11435)
+        self.pool.add_static("gpu", 11435)  # known already
+        self.assertEqual(
+            added,
+            [(A.hex(), "198.18.0.2"), ("again", "198.18.0.2"),
+             (A.hex(), "198.18.0.7"), ("again", "198.18.0.7"),
+             ("static:gpu:11435", "gpu"), ("again", "gpu")],
+        )  # fmt: skip
+
     def test_bye_removes(self) -> None:
         self.pool.announced(wire.Announce(A, 11435, "http", "0.1.0"), "198.18.0.2")
         self.pool.announced(wire.Announce(B, 11435, "http", "0.1.0"), "198.18.0.3")
@@ -569,7 +586,7 @@ class BeliefTests(SynchronousTestCase):
         self.assertEqual(peer.host, "198.18.0.66")
 
     def test_sources_and_numbers_believed(self) -> None:
-        self.pool.admits = lambda host: host.startswith("198.18.")
+        self.pool = PeerPool(self.clock, ttl=15, admits=lambda host: host.startswith("198.18."))
         self.assertTrue(self.pool.believes("198.18.0.2", A.hex(), 11435))
         self.assertFalse(self.pool.believes("8.8.8.8", A.hex(), 11435))
         for n in range(MAX_PEERS):

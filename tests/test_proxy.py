@@ -11,15 +11,18 @@ import json
 import tracemalloc
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 from twisted.internet import defer, error
+from twisted.internet.base import DelayedCall
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from ollana.affinity import KEY_LIMIT, conversation_key, wants_key
+from ollana.interfaces import IRouter
 from ollana.site import MIN_BODY_RATE
 from ollana.upstream import (
+    Listing,
     LocalAnswer,
     Router,
     Upstream,
@@ -29,6 +32,7 @@ from ollana.upstream import (
 from tests.support.fakes import capture_logs
 from tests.support.http import (
     ProxyHarness,
+    Scripted,
     head,
     header_values,
     producer,
@@ -196,7 +200,7 @@ class ResponseRelayTests(SynchronousTestCase):
         client = self.proxy.client
         write = client.writeSequence
 
-        def fill_up(data: Any) -> None:  # the client's buffer fills at the first chunk
+        def fill_up(data: Sequence[bytes]) -> None:  # the client's buffer fills at the first chunk
             write(data)
             if b"abc" in b"".join(data) and client.producerState == "producing":
                 producer(client).pauseProducing()
@@ -414,7 +418,7 @@ class UploadTimeoutTests(SynchronousTestCase):
 
 
 class ErrorTests(SynchronousTestCase):
-    def body(self, response: bytes) -> dict[str, Any]:
+    def body(self, response: bytes) -> object:
         return json.loads(response.split(b"\r\n\r\n", 1)[1])
 
     def test_no_server_is_a_503_with_retry_after(self) -> None:
@@ -593,13 +597,21 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 COUNTS = ("failed", "errored")  # what the proxy holds against an upstream
 
 
-def stall_checks(proxy: ProxyHarness) -> list[Any]:
+def stall_checks(proxy: ProxyHarness) -> list[DelayedCall]:
     """The timers that would cut a stream whose upstream was found down."""
-    calls: Sequence[Any] = proxy.reactor.getDelayedCalls()  # DelayedCalls: they have .func
-    return [c for c in calls if getattr(c.func, "__name__", "") == "_cut_if_silent"]
+    calls = proxy.reactor.getDelayedCalls()
+    return [
+        c
+        for c in calls
+        if isinstance(c, DelayedCall) and getattr(c.func, "__name__", "") == "_cut_if_silent"
+    ]
 
 
 class RetryTests(SynchronousTestCase):
+    def test_the_routers_of_these_tests_are_routers(self) -> None:
+        for router in (Recording(A, B), Scripted(A), Scripted(None)):
+            self.assertTrue(verifyObject(IRouter, router))
+
     def test_refused_goes_to_the_next_server_with_the_whole_body(self) -> None:
         router = Recording(A, B)
         proxy = ProxyHarness(self, router)
@@ -874,11 +886,11 @@ class LocalAnswerTests(SynchronousTestCase):
     def test_a_listing_is_answered_here(self) -> None:
         answer = LocalAnswer(200, [(b"content-type", b"application/json")], b'{"models": []}')
 
-        class Listing(Recording):
-            def listing(self, method: bytes, path: bytes) -> Any:
-                return lambda: defer.succeed(answer) if path == b"/api/tags" else None
+        class ListingRouter(Recording):
+            def listing(self, method: bytes, path: bytes) -> Listing | None:
+                return (lambda: defer.succeed(answer)) if path == b"/api/tags" else None
 
-        proxy = ProxyHarness(self, Listing(A))
+        proxy = ProxyHarness(self, ListingRouter(A))
         proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual(proxy.reactor.tcpClients, [])
         response = proxy.response()
@@ -887,11 +899,11 @@ class LocalAnswerTests(SynchronousTestCase):
         self.assertTrue(response.endswith(b'\r\n\r\n{"models": []}'))
 
     def test_a_listing_that_fails_is_a_502(self) -> None:
-        class Listing(Recording):
-            def listing(self, method: bytes, path: bytes) -> Any:
+        class ListingRouter(Recording):
+            def listing(self, method: bytes, path: bytes) -> Listing | None:
                 return lambda: defer.fail(UpstreamsFailed("ollana: no server could answer: x"))
 
-        proxy = ProxyHarness(self, Listing(A))
+        proxy = ProxyHarness(self, ListingRouter(A))
         proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
         response = proxy.response()
         self.assertEqual(head(response)[0], b"HTTP/1.1 502 Bad Gateway")

@@ -9,8 +9,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
+from zope.interface.verify import verifyObject
 
 from ollana.health import LocalOllamaMonitor, OllamaProbe, PeerHealthChecker
+from ollana.interfaces import IRouter
 from ollana.listings import MergedListings
 from ollana.load import OllamaLoad
 from ollana.peers import Peer, PeerPool, model_key
@@ -68,6 +70,9 @@ class PoolRouterTests(PoolTestCase):
         self.pool.check_succeeded(peer, latency)
         peer.models = frozenset(model_key(m) for m in models)
         return peer
+
+    def test_it_is_a_router(self) -> None:
+        self.assertTrue(verifyObject(IRouter, self.router))
 
     def test_candidates_are_the_pools_best_first_up_to_attempts(self) -> None:
         slow = self.peer("a", 0.5)
@@ -235,6 +240,10 @@ class LocalRouterTests(SynchronousTestCase):
 
     def down(self, reason: str) -> str:
         return f"ollana: the Ollama behind this server ({OLLAMA}) is down: {reason}"
+
+    def test_it_is_a_router_and_so_is_the_base(self) -> None:
+        self.assertTrue(verifyObject(IRouter, self.router))
+        self.assertTrue(verifyObject(IRouter, Router(Upstream(OLLAMA))))
 
     def test_the_local_ollama_before_any_check(self) -> None:
         self.assertEqual(self.router.candidates(None), [Upstream(OLLAMA)])

@@ -1,5 +1,6 @@
 """The listener's own answers: 503 busy past a connection cap, 408 for a request body that
-stops coming, and log lines that a flood of either writes once a minute."""
+stops coming, and log lines that a flood of either writes once a minute; the request line
+as the channel hands it over, and a held client that leaves."""
 
 from __future__ import annotations
 
@@ -13,10 +14,19 @@ from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from ollana.gate import Gate
+from ollana.interfaces import IDownstream
 from ollana.logs import Summary
-from ollana.site import BUSY_AT_ONCE, BUSY_READ, BUSY_WAIT, MIN_BODY_RATE, BusyAnswer
+from ollana.site import (
+    BUSY_AT_ONCE,
+    BUSY_READ,
+    BUSY_WAIT,
+    MIN_BODY_RATE,
+    BusyAnswer,
+    ProxyRequest,
+)
 from tests.support.fakes import capture_logs
 from tests.support.http import ProxyHarness, head, header_values, producer
 
@@ -219,6 +229,91 @@ class BodyTimeoutTests(SynchronousTestCase):
         proxy.send(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n")
         proxy.reactor.advance(60)
         self.assertEqual(head(proxy.response())[0], b"HTTP/1.1 408 Request Time-out")
+
+
+class RequestLineTests(SynchronousTestCase):
+    """The request line is read where the channel hands it over, for the gate and the
+    exchange, which act on a request before twisted.web sets its method and URI."""
+
+    def upstream_lines(self, data: bytes, count: int = 1) -> list[bytes]:
+        """The request lines the upstream gets for data sent by the client."""
+        proxy = ProxyHarness(self)
+        proxy.send(data)
+        lines = []
+        for _ in range(count):
+            if proxy.attempts > proxy.handled:
+                proxy.connect()
+            [(index, upstream)] = [(i, t) for i, t in enumerate(proxy.transports) if t.value()]
+            lines.append(head(upstream.value())[0])
+            upstream.clear()
+            proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", index)
+        return lines
+
+    def test_the_method_and_target_go_upstream(self) -> None:
+        sent = b"HEAD /api/tags?x=1 HTTP/1.1\r\nHost: x\r\nUser-Agent: some client\r\n\r\n"
+        self.assertEqual(self.upstream_lines(sent), [b"HEAD /api/tags?x=1 HTTP/1.1"])
+
+    def test_one_blank_line_before_the_request_line_is_skipped(self) -> None:
+        self.assertEqual(self.upstream_lines(b"\r\nGET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n"),
+                         [b"GET /api/ps HTTP/1.1"])  # fmt: skip
+
+    def test_two_blank_lines_are_a_malformed_request(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"\r\n\r\nGET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(head(proxy.response())[0], b"HTTP/1.1 400 Bad Request")
+        self.assertEqual(proxy.reactor.tcpClients, [])
+
+    def test_pipelined_requests_each_keep_their_own_line(self) -> None:
+        self.assertEqual(
+            self.upstream_lines(
+                b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"POST /api/show HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+                b"\r\nGET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n",  # a blank line after a body
+                count=3,
+            ),
+            [b"GET /api/tags HTTP/1.1", b"POST /api/show HTTP/1.1", b"GET /api/ps HTTP/1.1"],
+        )
+
+    def test_the_request_is_the_exchanges_downstream(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n")
+        [request] = proxy.channel.requests
+        self.assertIsInstance(request, ProxyRequest)
+        self.assertEqual(request.request_line, (b"POST", b"/api/chat", b"HTTP/1.1"))
+        self.assertIs(request.exchange.request, request)
+        self.assertTrue(verifyObject(IDownstream, request))
+
+
+class HeldClientTests(SynchronousTestCase):
+    """A client held while the upstream takes no more of its body, that then leaves."""
+
+    def setUp(self) -> None:
+        self.proxy = ProxyHarness(self)
+        self.proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n")
+        self.upstream = self.proxy.connect()
+        producer(self.upstream).pauseProducing()
+        self.proxy.send(b"a" * 10)
+        self.assertEqual(self.proxy.client.producerState, "paused")
+        [self.request] = self.proxy.channel.requests
+
+    def test_it_is_not_resumed_once_it_has_left(self) -> None:
+        logged = capture_logs(self)
+        gone(self.proxy.channel)
+        self.request.release()
+        self.request.hold()
+        self.assertEqual(self.proxy.client.producerState, "paused")
+        self.assertEqual([e for e in logged if e.get("log_failure")], [])
+
+    def test_nothing_is_written_once_it_has_left(self) -> None:
+        gone(self.proxy.channel)
+        self.request.write(b"late")
+        self.assertEqual(self.proxy.response(), b"")
+
+    def test_an_abort_ends_its_connection_at_once(self) -> None:
+        self.request.abort()
+        self.assertTrue(self.proxy.client.disconnected)
+        gone(self.proxy.channel)
+        self.request.abort()  # gone: nothing left to abort
 
 
 class SummaryTests(SynchronousTestCase):

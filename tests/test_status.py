@@ -17,6 +17,7 @@ from datetime import datetime
 from html.parser import HTMLParser
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
@@ -26,15 +27,21 @@ from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, read
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.template import flattenString
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from ollana import __version__
+from ollana.config import Settings
+from ollana.health import OllamaUnavailable
+from ollana.interfaces import JSON, INodeStatus, JSONObject
 from ollana.load import environment_limits
 from ollana.node import OllanaService
 from ollana.simulator import FOREVER, Scheduling
 from ollana.state import ServerState
-from ollana.status import CSS, DashboardPage, duration, state_status
+from ollana.status import CSS, DashboardPage, duration, full_status, state_status
 from ollana.tap import Options, makeService
 from tests.support.fake_ollama import FakeOllama
+from tests.support.fakes import FakeNetworkReactor, FakeServers
 from tests.support.processes import accepted_connections_closed, eventually, free_udp_port
 
 reactor: Any = _reactor
@@ -206,7 +213,7 @@ class Nodes(TestCase):
         service = makeService(options, reactor=reactor)
         service.startService()
         self.nodes.append(service)
-        port = await service.getServiceNamed("http").whenListening()
+        port = await service.whenListening()
         self.ports.append(port)
         return service, port
 
@@ -765,6 +772,63 @@ class StateStatusTests(SynchronousTestCase):
         idle = state_status(ServerState(parallel=4, loaded=frozenset({"a:latest"})))
         assert idle is not None
         self.assertEqual((idle["slots_busy"], idle["slots_free"], idle["queue"]), (0, 4, 0))
+
+
+@implementer(INodeStatus)
+class StillNode:
+    """A node whose status and Ollama's models are given: what the pages read, no more."""
+
+    def __init__(self, status: JSONObject, models: defer.Deferred[JSON]) -> None:
+        self.registry = CollectorRegistry()
+        self._status = status
+        self._models = models
+        self.asked = 0
+
+    def status(self) -> JSONObject:
+        return self._status
+
+    def ollama_models(self) -> defer.Deferred[JSON]:
+        self.asked += 1
+        return self._models
+
+
+class NodeStatusTests(SynchronousTestCase):
+    """What the pages read of a node (INodeStatus): OllanaService provides it, and
+    full_status adds a server's models from it."""
+
+    def test_a_node_provides_it_in_each_mode(self) -> None:
+        reactor = FakeNetworkReactor()
+        for mode in ("auto", "server", "client"):
+            settings = Settings(mode=mode, discovery=False, peers=(("gpu", 11435, "http"),))
+            node = OllanaService(settings, reactor, FakeServers(reactor), lambda: [])
+            self.assertTrue(verifyObject(INodeStatus, node))
+            self.assertEqual(node.status()["mode"], "choosing" if mode == "auto" else mode)
+            self.assertIs(node.registry, node.observed.metrics.registry)
+
+    def test_a_servers_models_are_added(self) -> None:
+        tags = {"models": [{"name": "llama3.2:latest", "size": 2, "digest": "d", "x": 1}]}
+        node = StillNode({"mode": "server"}, defer.succeed(tags))
+        self.assertEqual(
+            self.successResultOf(full_status(node)),
+            {"mode": "server", "models": [
+                {"name": "llama3.2:latest", "size": 2, "digest": "d", "modified_at": None}
+            ]},
+        )  # fmt: skip
+
+    def test_models_the_ollama_could_not_say_are_none(self) -> None:
+        node = StillNode({"mode": "server"}, defer.fail(OllamaUnavailable("HTTP 500")))
+        self.assertEqual(
+            self.successResultOf(full_status(node)), {"mode": "server", "models": None}
+        )
+        node = StillNode({"mode": "server"}, defer.succeed(["not", "a", "listing"]))
+        self.assertEqual(
+            self.successResultOf(full_status(node)), {"mode": "server", "models": None}
+        )
+
+    def test_a_client_is_not_asked_for_models(self) -> None:
+        node = StillNode({"mode": "client"}, defer.Deferred())
+        self.assertEqual(self.successResultOf(full_status(node)), {"mode": "client"})
+        self.assertEqual(node.asked, 0)
 
 
 def _bytes_file(data: bytes) -> Any:

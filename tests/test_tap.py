@@ -9,25 +9,28 @@ import signal
 import socket
 import sys
 from collections import namedtuple
+from collections.abc import Callable
 from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IAddress, IReactorFromThreads
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import formatEvent
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from ollana import __version__, config, wire
 from ollana.netif import broadcast_addresses
 from ollana.node import OllanaService
 from ollana.tap import OPTION_GROUPS, Options, SecondSignal, StartReport, makeService, start_line
 from tests.support.fake_ollama import FakeOllama
-from tests.support.fakes import FakeNetworkReactor, capture_logs
+from tests.support.fakes import FakeNetworkReactor, FakeServers, capture_logs
 from tests.support.http import Silent
 
 SAFE = ["--broadcast", "127.255.255.255"]
@@ -334,6 +337,18 @@ class ServiceTreeTests(SynchronousTestCase):
             return makeService(options, reactor=self.reactor)
         return OllanaService(options.settings(), self.reactor, http, no_lookup)
 
+    def test_the_client_pins_what_its_servers_announce(self) -> None:
+        for service in (
+            self.make("--mode", "client"),
+            self.make("--mode", "client", http=FakeServers(self.reactor)),
+        ):
+            fingerprint = bytes(range(32))
+            announce = wire.Announce(bytes(16), 11435, "https", "1.0", fingerprint)
+            service.pool.announced(announce, "198.18.0.2")
+            pinned = service.client_tls.creator("198.18.0.2", fingerprint)
+            self.assertIs(service.client_tls.creator_for("198.18.0.2", 11435), pinned)
+            self.assertIsNot(service.client_tls.creator_for("198.18.0.3", 11435), pinned)
+
     def test_server_mode(self) -> None:
         service = self.make("--mode", "server")
         self.assertEqual(service.mode, "server")
@@ -504,27 +519,20 @@ def no_lookup() -> list[str]:
     raise AssertionError("tests must not look up this machine's broadcast addresses")
 
 
-class Listening:
-    """What start_line reads of a listener: its port's address, once it listens."""
-
-    def __init__(self, address: Any = None) -> None:
-        self.port = None if address is None else Bound(address)
-
-
-class Bound:
-    def __init__(self, address: Any) -> None:
-        self.address = address
-
-    def getHost(self) -> Any:
-        return self.address
-
-
 class Starting:
-    """What start_line reads of an OllanaService."""
+    """What start_line reads of an OllanaService: why it failed, or where it listens."""
 
     def __init__(self) -> None:
         self.failure: str | None = None
-        self.namedServices: dict[str, Any] = {}
+        self.listening: IAddress | None = None
+
+    def address(self) -> IAddress | None:
+        return self.listening
+
+
+class Unreadable(Starting):
+    def address(self) -> IAddress | None:
+        raise RuntimeError("broken")
 
 
 class StartReportTests(SynchronousTestCase):
@@ -547,14 +555,12 @@ class StartReportTests(SynchronousTestCase):
 
     def test_lines(self) -> None:
         service = Starting()
-        self.assertIsNone(start_line(service, 42), "no listener yet (auto mode choosing)")
-        service.namedServices["http"] = Listening()
         self.assertIsNone(start_line(service, 42), "not listening yet")
-        service.namedServices["http"] = Listening(IPv4Address("TCP", "127.0.0.1", 11435))
+        service.listening = IPv4Address("TCP", "127.0.0.1", 11435)
         self.assertEqual(start_line(service, 42), "ready 42 127.0.0.1:11435")
-        service.namedServices["http"] = Listening(IPv6Address("TCP", "::1", 11435))
+        service.listening = IPv6Address("TCP", "::1", 11435)
         self.assertEqual(start_line(service, 42), "ready 42 [::1]:11435")
-        service.namedServices["http"] = Listening(UNIXAddress("/run/ollana.sock"))
+        service.listening = UNIXAddress("/run/ollana.sock")
         self.assertEqual(start_line(service, 42), "ready 42 /run/ollana.sock")
         service.failure = "Cannot listen on UDP port 1:\nin use"
         self.assertEqual(start_line(service, 42), "failed Cannot listen on UDP port 1: in use")
@@ -562,7 +568,7 @@ class StartReportTests(SynchronousTestCase):
     def test_says_once_it_listens(self) -> None:
         self.report.watch(self.service, self.clock)
         self.clock.advance(0.5)
-        self.service.namedServices["http"] = Listening(IPv4Address("TCP", "127.0.0.1", 11435))
+        self.service.listening = IPv4Address("TCP", "127.0.0.1", 11435)
         self.clock.advance(0.1)
         self.assertEqual(self.said(), f"ready {os.getpid()} 127.0.0.1:11435\n".encode())
         self.assertEqual(self.clock.getDelayedCalls(), [], "no more looking")
@@ -577,12 +583,11 @@ class StartReportTests(SynchronousTestCase):
         )
 
     def test_a_broken_look_is_said_not_raised(self) -> None:
-        self.service.namedServices = None  # type: ignore[assignment]
-        self.report.watch(self.service, self.clock)
+        self.report.watch(Unreadable(), self.clock)
         self.assertEqual(
             self.said(), b"failed could not tell whether Ollana listens; see its log\n"
         )
-        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_nobody_asks(self) -> None:
         report = StartReport(None)
@@ -601,25 +606,33 @@ class Connection:
         self.aborted = True
 
 
+@implementer(IReactorFromThreads)
 class Stopping:
     """What SecondSignal needs of a reactor; calls from the signal handler run at once."""
 
     def __init__(self) -> None:
         self.connections = [Connection(), Connection()]
         self.port = object()  # a listening port, a UDP port: nothing to abort
-        self.triggers: list[tuple[str, str, Any]] = []
+        self.triggers: list[tuple[str, str, Callable[..., object]]] = []
 
-    def callFromThread(self, f: Any, *args: Any) -> None:
-        f(*args)
+    def callFromThread(self, callable: Callable[..., Any], *args: object, **kw: object) -> None:
+        callable(*args, **kw)
 
-    def getReaders(self) -> list[Any]:
+    def getReaders(self) -> list[Any]:  # Any: fakes of connections and ports
         return [self.port, *self.connections]
 
     def getWriters(self) -> list[Any]:
         return self.connections[:1]
 
-    def addSystemEventTrigger(self, phase: str, event: str, f: Any) -> None:
-        self.triggers.append((phase, event, f))
+    def addSystemEventTrigger(
+        self,
+        phase: str,
+        eventType: str,
+        callable: Callable[..., object],
+        *args: object,
+        **kwargs: object,
+    ) -> None:
+        self.triggers.append((phase, eventType, callable))
 
 
 class SecondSignalTests(SynchronousTestCase):

@@ -2,28 +2,36 @@
 probes over several simulated Ollamas, and log capture.
 
 ``MemoryReactor`` has no UDP, so ``FakeNetworkReactor`` adds ``listenUDP`` and
-``listenMulticast`` that return ``FakeDatagramPort`` objects. A test reads what a
-protocol sent from ``port.written`` and feeds it datagrams with
-``port.protocol.datagramReceived(data, addr)``. Time is the reactor's ``Clock``.
+``listenMulticast`` (IReactorUDP, IReactorMulticast) that return ``FakeDatagramPort``
+objects. A test reads what a protocol sent from ``port.written`` and feeds it datagrams
+with ``port.protocol.datagramReceived(data, addr)``. Time is the reactor's ``Clock``.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from treq.testing import StubTreq
 from twisted.internet import defer, error, task
 from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import IProtocol
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IMulticastTransport,
+    IProtocol,
+    IReactorMulticast,
+    IReactorUDP,
+)
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
+from zope.interface import implementer
 
 from ollana.demo import free_udp_port as free_udp_port  # the demo's own, for tests too
 from tests.support.fake_ollama import FakeOllama
@@ -34,8 +42,10 @@ def capture_logs(case: SynchronousTestCase) -> EventLoggingObserver:
     return EventLoggingObserver.createWithCleanup(case, globalLogPublisher)  # type: ignore[arg-type]
 
 
+@implementer(IListeningPort, IMulticastTransport)
 class FakeDatagramPort:
-    """A bound UDP socket in memory: records writes; can be told to fail them."""
+    """A bound UDP socket in memory: records writes; can be told to fail them. (It joins
+    no multicast group: discovery broadcasts.)"""
 
     def __init__(self, protocol: DatagramProtocol, port: int, interface: str = "") -> None:
         self.protocol = protocol
@@ -45,12 +55,19 @@ class FakeDatagramPort:
         self.broadcast_allowed = False
         self.listening = True
         self.write_error: OSError | None = None
-        protocol.makeConnection(self)  # type: ignore[arg-type]
+        protocol.makeConnection(self)
 
-    def write(self, data: bytes, addr: tuple[str, int]) -> None:
+    def write(self, data: bytes, addr: tuple[str, int] | None = None) -> None:
         if self.write_error is not None:
             raise self.write_error
+        assert addr is not None, "discovery's sockets are not connected"
         self.written.append((data, addr))
+
+    def connect(self, host: str, port: int) -> None:
+        raise NotImplementedError("discovery's sockets are not connected")
+
+    def startListening(self) -> None:
+        """Bound when made."""
 
     def setBroadcastAllowed(self, enabled: bool) -> None:
         self.broadcast_allowed = enabled
@@ -68,12 +85,37 @@ class FakeDatagramPort:
 
     loseConnection = stopListening
 
+    def getOutgoingInterface(self) -> str:
+        return self.interface
+
+    def setOutgoingInterface(self, addr: str | int) -> defer.Deferred[int]:
+        return defer.succeed(1)
+
+    def getLoopbackMode(self) -> bool:
+        return True
+
+    def setLoopbackMode(self, mode: bool) -> None:
+        pass
+
+    def getTTL(self) -> int:
+        return 1
+
+    def setTTL(self, ttl: int) -> None:
+        pass
+
+    def joinGroup(self, addr: str, interface: str = "") -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def leaveGroup(self, addr: str, interface: str = "") -> defer.Deferred[None]:
+        return defer.succeed(None)
+
     def take(self) -> list[tuple[bytes, tuple[str, int]]]:
         """What was written since the last take."""
         written, self.written = self.written, []
         return written
 
 
+@implementer(IReactorUDP, IReactorMulticast)
 class FakeNetworkReactor(MemoryReactorClock):
     """MemoryReactorClock with UDP; ports in use can be declared to test bind errors."""
 
@@ -99,7 +141,7 @@ class FakeNetworkReactor(MemoryReactorClock):
     ) -> FakeDatagramPort:
         return self._bind(port, protocol, interface)
 
-    def _bind(self, port: int, protocol: Any, interface: str) -> FakeDatagramPort:
+    def _bind(self, port: int, protocol: DatagramProtocol, interface: str) -> FakeDatagramPort:
         if port in self.busy_udp_ports:
             raise error.CannotListenError(
                 interface, port, OSError(errno.EADDRINUSE, "Address already in use")
@@ -169,7 +211,9 @@ class FakeServers:
         """When GETs of path (to base, or to any server) were made."""
         return [when for when, url in self.asked if url.startswith(base) and url.endswith(path)]
 
-    def get(self, url: str, /) -> defer.Deferred[Any]:
+    def get(
+        self, url: str, /, headers: Mapping[bytes, list[bytes]] | None = None
+    ) -> defer.Deferred[Any]:
         parts = urlsplit(url)
         base = f"{parts.scheme}://{parts.netloc}"
         self.asked.append((self.clock.seconds(), url))

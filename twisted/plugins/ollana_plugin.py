@@ -1,3 +1,6 @@
+"""twistd ollana: Ollana's plugin, the one service maker (ollana serve gives it to twistd
+too)."""
+
 from twisted.application.service import ServiceMaker
 
 from ollana import DESCRIPTION
