@@ -1,3 +1,5 @@
+# mypy: strict-equality
+# (with that, a misspelt state compared against is a type error, not a silent False)
 """The HTTP/1.1 client that relays requests to upstreams: kept-alive connections, one
 request at a time on each, bodies streamed both ways with backpressure.
 
@@ -8,21 +10,29 @@ spent half of the proxy's time per request; this one spends a small part of that
 
 What an upstream can make it hold is bounded: connections per origin (requests beyond wait
 their turn), the size and time of a response head, and the time of a TLS handshake.
+A connection's life is one documented state (``Connection.state``, and ``answer`` for the
+answer it is reading), as Twisted's HTTP11ClientProtocol keeps its ``_state``.
 """
 
 from __future__ import annotations
 
+import typing
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import Literal
 
 import httptools
 from twisted.internet import defer, error
 from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
     IDelayedCall,
     IHandshakeListener,
+    IProducer,
+    IProtocol,
     IPushProducer,
+    IReactorTime,
     ISSLTransport,
     IStreamClientEndpoint,
 )
@@ -31,7 +41,13 @@ from twisted.python.failure import Failure
 from twisted.web.client import URI, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import (
+    UNKNOWN_LENGTH,
+    IAgent,
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IResponse,
+)
 from zope.interface import implementer
 
 # Requests that are sent again on a new connection if a kept-alive one turns out to have
@@ -50,6 +66,11 @@ MAX_HEAD = 65536  # bytes of a response head (status line and headers, interim h
 MAX_HEADERS = 256  # header lines in one response head
 HEAD_TIMEOUT = 30.0  # seconds from a head's first byte to its end (not to its first byte)
 HANDSHAKE_TIMEOUT = 5.0  # seconds for a TLS handshake
+
+# What a Connection is doing, and how far the answer to its request has come: see its
+# docstring. (Strings, as Twisted's: as cheap to compare as an attribute on the hot path.)
+ConnectionState = Literal["CONNECTING", "IDLE", "BUSY", "CLOSING", "ABORTING", "LOST"]
+AnswerState = Literal["WAITING", "STARTED", "HEAD", "BODY", "WHOLE", "STRAY"]
 
 
 class ResponseHeadTooLarge(Exception):
@@ -79,12 +100,16 @@ class UpstreamAgent:
     for one to be free or closed. A response head (interim ones included) may have
     ``max_head`` bytes and ``max_headers`` header lines, and may take ``head_timeout``
     seconds from its first byte; a TLS handshake may take ``handshake_timeout`` seconds.
+
+    Its connections tell it three things, and read its ``reactor`` and limits: ``free``
+    (done with a request, it may carry another), ``forget`` (closing or dropped, it is not
+    to be handed out) and ``lost`` (gone, its place among its origin's is free).
     """
 
     def __init__(
         self,
-        reactor: Any,
-        endpoints: Any,
+        reactor: IReactorTime,
+        endpoints: IAgentEndpointFactory,
         max_idle: int,
         idle_timeout: float,
         max_per_origin: int = MAX_PER_ORIGIN,
@@ -93,7 +118,7 @@ class UpstreamAgent:
         head_timeout: float = HEAD_TIMEOUT,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
-        self._reactor = reactor
+        self.reactor = reactor
         self._endpoints = endpoints
         self._origins: dict[bytes, tuple[IStreamClientEndpoint, bytes]] = {}
         self._idle: dict[bytes, list[Connection]] = {}
@@ -131,6 +156,42 @@ class UpstreamAgent:
         closing = [connection.close() for connection in idle]
         return defer.gatherResults(closing).addCallback(lambda _: None)
 
+    # What its connections tell it.
+
+    def free(self, connection: Connection) -> None:
+        """A connection is done with its request and may carry another: the first one
+        waiting, else none for now."""
+        if self._waiting:
+            call = self._next_waiting(connection.origin)
+            if call is not None:
+                connection.send(call, reused=True)
+                return
+        idle = self._idle.get(connection.origin, [])
+        if self.closed or len(idle) >= self.max_idle:
+            connection.close()
+            return
+        self._idle[connection.origin] = idle
+        idle.append(connection)
+        connection.idle_since(self.reactor.callLater(self.idle_timeout, connection.close))
+
+    def forget(self, connection: Connection) -> None:
+        """A connection is closing or dropped: it is not handed out again."""
+        idle = self._idle.get(connection.origin)
+        if idle is not None and connection in idle:
+            idle.remove(connection)
+            if not idle:
+                del self._idle[connection.origin]
+
+    def lost(self, connection: Connection, retry: Call | None) -> None:
+        """A connection is gone: its place among its origin's goes to retry (the request
+        it carried, sent once more on a new connection), else to the first request
+        waiting, if any."""
+        self.forget(connection)
+        if retry is not None:
+            self._connect(connection.origin, retry)
+        else:
+            self._ended(connection.origin)
+
     # The connections.
 
     def _send(self, origin: bytes, call: Call) -> None:
@@ -155,7 +216,8 @@ class UpstreamAgent:
         self._connect(origin, call)
 
     def _connect(self, origin: bytes, call: Call) -> None:
-        """Open a connection for call, on a place among origin's counted by the caller."""
+        """Open a connection for call, on a place among origin's counted by the caller (the
+        connection holds it until it is lost)."""
         endpoint = self._origin(origin)[0]
         connecting = endpoint.connect(_ConnectionFactory(self, origin))
         call.connecting = connecting
@@ -164,7 +226,6 @@ class UpstreamAgent:
         )
 
     def _connected(self, connection: Connection, call: Call) -> None:
-        connection.holds_place = True  # given up when it is lost
         call.connected(connection)
 
     def _not_connected(self, failure: Failure, origin: bytes, call: Call) -> None:
@@ -211,29 +272,6 @@ class UpstreamAgent:
             self._origins[origin] = known
         return known
 
-    def _release(self, connection: Connection) -> None:
-        """A connection is done with its request and may carry another: the first one
-        waiting, else none for now."""
-        if self._waiting:
-            call = self._next_waiting(connection.origin)
-            if call is not None:
-                connection.send(call, reused=True)
-                return
-        idle = self._idle.get(connection.origin, [])
-        if self.closed or len(idle) >= self.max_idle:
-            connection.close()
-            return
-        self._idle[connection.origin] = idle
-        idle.append(connection)
-        connection.idle_since(self._reactor.callLater(self.idle_timeout, connection.close))
-
-    def _forget(self, connection: Connection) -> None:
-        idle = self._idle.get(connection.origin)
-        if idle is not None and connection in idle:
-            idle.remove(connection)
-            if not idle:
-                del self._idle[connection.origin]
-
 
 def split_origin(uri: bytes) -> tuple[bytes, bytes]:
     """``http://host:port/path?q`` -> (``http://host:port``, ``/path?q``); ``http://h?q``
@@ -262,7 +300,7 @@ class Call:
         self.headers = headers
         self.body = body
         self.result: defer.Deferred[IResponse] = defer.Deferred(self._cancel)
-        self.connecting: defer.Deferred[Any] | None = None
+        self.connecting: defer.Deferred[IProtocol] | None = None
         self.connection: Connection | None = None
         self.cancelled = False
 
@@ -285,7 +323,7 @@ class Call:
         if not self.result.called:
             self.result.errback(failure)
 
-    def _cancel(self, result: defer.Deferred[Any]) -> None:
+    def _cancel(self, result: defer.Deferred[IResponse]) -> None:
         self.cancelled = True
         if self.queued is not None:
             self.queued()
@@ -303,38 +341,120 @@ class _ConnectionFactory(Factory):
         self.agent = agent
         self.origin = origin
 
-    def buildProtocol(self, addr: Any) -> Connection:
+    def buildProtocol(self, addr: IAddress | None) -> Connection:
         return Connection(self.agent, self.origin)
+
+
+class _Transport(typing.Protocol):
+    """What a Connection uses of its transport: an ITCPTransport that is also an IConsumer
+    and an IPushProducer, as TCP's and TLS's are (no one Twisted interface says all that)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def writeSequence(self, data: Iterable[bytes]) -> None: ...
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
 
 
 @implementer(IHandshakeListener)
 class Connection(Protocol):
-    """One connection to an upstream, carrying one request at a time."""
+    """One connection to an upstream, carrying one request at a time.
 
-    holds_place = False  # counted among its origin's connections (until it is lost)
+    Its ``state`` says what it is doing:
+
+    - CONNECTING: built; its transport is not there yet.
+    - IDLE: connected, and carrying no request (a new one, or one kept alive between two).
+      Any byte now was never asked for: the connection is dropped.
+    - BUSY: carrying a request: sending it, and reading its answer (``answer`` says how
+      far that has come).
+    - CLOSING: closed by us; the transport says when it is gone.
+    - ABORTING: dropped by us, and left alone: nothing more is read, paused or resumed.
+      What it carried ends when the transport says it is gone (or, if its answer was
+      whole, once its request is all sent).
+    - LOST: gone.
+
+    Its transitions::
+
+        CONNECTING -> IDLE              connectionMade
+        IDLE -> BUSY                    send (by the agent)
+        BUSY -> IDLE                    the answer is whole and the request all sent; then
+                                        the agent sends another or keeps it, or it closes
+        IDLE -> CLOSING                 close (not to be kept, idle too long, the agent
+                                        closing, its request cancelled as it connected)
+        IDLE, BUSY, CLOSING -> ABORTING abort (bytes never asked for; an answer broken,
+                                        over a limit or too slow; a TLS handshake too
+                                        slow; a request body that failed or broke its
+                                        length; a request cancelled; the response stopped)
+        any -> LOST                     connectionLost
+
+    A request is sent on an IDLE connection only, and a BUSY one is not closed: either is
+    a RuntimeError. Closing or aborting one that is already going does nothing more.
+
+    While it carries a request, ``answer`` says how far the answer has come (and stays so
+    when the connection is aborted, for the request to end as its answer had come):
+
+    - WAITING: nothing of it yet. A kept-alive connection lost now is tried once more.
+    - STARTED: some bytes came, but no head is under way: blank lines, or an interim
+      answer (100 Continue) before the final one.
+    - HEAD: a head is coming; its size and time are bounded (``head_timeout``).
+    - BODY: the head is whole and handed over as the response; its body is coming.
+    - WHOLE: the answer is whole; the request ends once its body is all sent.
+    - STRAY: the answer is whole, and bytes of another, never asked for, came after it:
+      they are not read, and the connection is not kept.
+
+    ::
+
+        WAITING -> STARTED -> HEAD -> BODY -> WHOLE -> STRAY
+                              HEAD -> STARTED (an interim answer) -> HEAD
+                              HEAD -> WHOLE (the answer to a HEAD request)
+    """
+
+    # Twisted types it ITransport | None: here it is set before any use (connectionMade),
+    # and is also a consumer and a producer.
+    transport: _Transport  # type: ignore[assignment]
 
     def __init__(self, agent: UpstreamAgent, origin: bytes) -> None:
         self.agent = agent
         self.origin = origin
+        self.state: ConnectionState = "CONNECTING"
+        self.answer: AnswerState | None = None  # while it carries a request
         self.call: Call | None = None
         self.response: UpstreamResponse | None = None
-        self._parser: Any = None
+        # Beside the state, facts of the request it carries:
+        self.reused = False  # it went out on a kept-alive connection (only such are retried)
+        # Its body is still being written: that overlaps any stage of the answer (an
+        # upstream may answer early) and outlasts an abort.
+        self._sending = False
+        # The connection may carry another request after this answer: the answer's version
+        # and Connection header say so, and nothing came with it that was not asked for.
+        self._keep_alive = False
+        self._until_close = False  # the answer's body ends with the connection
+        self._parser: httptools.HttpResponseParser | None = None
+        self._phrase = b""
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._head_room = 0  # bytes the heads may still take
         self._idle_timer: IDelayedCall | None = None
         self._head_timer: IDelayedCall | None = None
         self._handshake_timer: IDelayedCall | None = None
         self._lost: list[defer.Deferred[None]] = []
-        self.open = False
-        self.aborted = False
-        self._complete = False
-        self.reused = False
 
     def connectionMade(self) -> None:
-        self.open = True
+        self.state = "IDLE"
         no_delay = getattr(self.transport, "setTcpNoDelay", None)  # absent under TLS
         if no_delay is not None:
             no_delay(True)  # token streams are many small writes: send each at once
         if ISSLTransport.providedBy(self.transport):  # the handshake has just begun
-            self._handshake_timer = self.agent._reactor.callLater(
+            self._handshake_timer = self.agent.reactor.callLater(
                 self.agent.handshake_timeout, self._handshake_timed_out
             )
 
@@ -349,31 +469,29 @@ class Connection(Protocol):
     # Sending.
 
     def send(self, call: Call, reused: bool) -> None:
+        """Send call's request (IDLE -> BUSY)."""
+        if self.state != "IDLE":
+            raise RuntimeError(f"a request sent on a {self.state} connection")
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
         self._idle_timer = None
+        self.state = "BUSY"
+        self.answer = "WAITING"
         self.call = call
         call.connection = self
         self.reused = reused
-        self.response = None
         self._phrase = b""
-        self._raw_headers: list[tuple[bytes, bytes]] = []
-        self._head_room = self.agent.max_head  # bytes the heads may still take
-        self._in_head = False  # a head has begun and not ended
-        self._informational = False
-        self._complete = False  # the answer is whole
-        self._keep_alive = False
-        self._until_close = False
-        self._unusable = False
-        self._received_any = False
-        self._body_sent = call.body is None
+        self._raw_headers = []
+        self._head_room = self.agent.max_head
+        self._keep_alive = True  # until the answer, or something not asked for, says no
+        body = call.body
+        self._sending = body is not None
         self._parser = httptools.HttpResponseParser(self)
         lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (call.method, call.path, call.host)]
         if call.headers is not None:
             for name, values in call.headers.getAllRawHeaders():
                 for value in values:
                     lines.append(b"%s: %s\r\n" % (name, value))
-        body = call.body
         if body is None:
             if call.method in (b"POST", b"PUT", b"PATCH"):
                 lines.append(b"Content-Length: 0\r\n")
@@ -382,7 +500,7 @@ class Connection(Protocol):
         else:
             lines.append(b"Content-Length: %d\r\n" % body.length)
         lines.append(b"\r\n")
-        transport: Any = self.transport
+        transport = self.transport
         transport.write(b"".join(lines))
         if body is not None:
             writer = BodyWriter(self, body.length)
@@ -396,48 +514,49 @@ class Connection(Protocol):
     def _body_done(self, ignored: object, call: Call) -> None:
         if self.call is not call:
             return  # that request has ended already
-        transport: Any = self.transport
-        transport.unregisterProducer()
-        if self._writer.finish():
-            self._body_sent = True
-            if self._complete:  # the answer came first; the connection may now be reused
-                self._done()
-        else:
-            self._unusable = True
+        self.transport.unregisterProducer()
+        if not self._writer.finish():  # short of its Content-Length
             self.abort()
+            return
+        self._sending = False
+        if self.answer in ("WHOLE", "STRAY"):  # the answer came first
+            self._done()
 
     def _body_failed(self, failure: Failure, call: Call) -> None:
         if self.call is not call:
             return  # that request has ended already: the connection may carry another
-        self._unusable = True
         self.abort()
 
-    # Receiving: httptools calls these from feed_data.
+    # Receiving: httptools calls the on_ methods from feed_data.
 
     def dataReceived(self, data: bytes) -> None:
-        if self.aborted:  # what was under way when we dropped it
-            return
-        if self._parser is None:  # nothing was asked: the connection is not to be trusted
-            self.abort()
-            return
+        if self.state != "BUSY":
+            if self.state != "ABORTING":  # nothing was asked: the connection is not trusted
+                self.abort()
+            return  # (ABORTING: what was under way when we dropped it)
         if self.response is None:
             if not self._receive_head(data):
                 return
-        elif self._unusable:  # an answer never asked for has begun: not read, nor kept
+        elif self.answer == "STRAY":  # an answer never asked for has begun: not read
             return
-        else:
+        else:  # more of its body: _feed's work, inline (this path takes every piece)
+            parser = self._parser
+            assert parser is not None  # BUSY
             try:
-                self._parser.feed_data(data)
+                parser.feed_data(data)
             except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
                 self._parse_failed(e)
                 return
-        if self._complete and self._body_sent:
+        answer = self.answer
+        # Whole now, and the request sent? (Most pieces leave it BODY: that is tested first.)
+        if answer != "BODY" and answer in ("WHOLE", "STRAY") and not self._sending:
             self._done()
 
     def _receive_head(self, data: bytes) -> bool:
         """Parse bytes that come before the response's head has ended, within the limits on
         its size and time; False if the exchange is over."""
-        self._received_any = True
+        if self.answer == "WAITING":
+            self.answer = "STARTED"
         room = self._head_room
         if len(data) <= room:
             self._head_room = room - len(data)
@@ -451,17 +570,19 @@ class Connection(Protocol):
                 limit = self.agent.max_head
                 self._refuse(ResponseHeadTooLarge(f"response head larger than {limit} bytes"))
                 return False
-            if self._parser is None or self.aborted or not self._feed(data[room:]):
+            if self.state != "BUSY" or not self._feed(data[room:]):
                 return False
-        if self._in_head and self._head_timer is None:  # cancelled when the head ends
-            self._head_timer = self.agent._reactor.callLater(
+        if self.answer == "HEAD" and self._head_timer is None:  # cancelled when it ends
+            self._head_timer = self.agent.reactor.callLater(
                 self.agent.head_timeout, self._head_timed_out
             )
         return True
 
     def _feed(self, data: bytes) -> bool:
+        parser = self._parser
+        assert parser is not None  # BUSY
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
             self._parse_failed(e)
             return False
@@ -480,7 +601,6 @@ class Connection(Protocol):
 
     def _refuse(self, reason: BaseException) -> None:
         """The answer breaks the protocol or a limit of ours: fail it, drop the connection."""
-        self._unusable = True
         self._broken(Failure(reason))
 
     def _handshake_timed_out(self) -> None:
@@ -494,9 +614,10 @@ class Connection(Protocol):
         self._refuse(ResponseHeadTimeout(f"response head timed out after {timeout:g} s"))
 
     def on_message_begin(self) -> None:
-        self._in_head = True
-        if self._complete:  # bytes after the whole answer: another one, never asked for
-            self._unusable = True
+        if self.answer == "STARTED":
+            self.answer = "HEAD"
+        elif self.answer == "WHOLE":  # bytes after the whole answer: another, never asked for
+            self.answer = "STRAY"
 
     def on_status(self, status: bytes) -> None:
         self._phrase += status
@@ -505,25 +626,23 @@ class Connection(Protocol):
         self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        call = self.call
-        assert call is not None
-        self._in_head = False
+        if self.answer != "HEAD":  # (STRAY: the head of an answer never asked for)
+            return
+        call, parser = self.call, self._parser
+        assert call is not None and parser is not None  # BUSY
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        if self.response is not None:  # a second answer, never asked for: not ours
-            self._unusable = True
-            return
         if len(self._raw_headers) > self.agent.max_headers:
             limit = self.agent.max_headers
             raise ResponseHeadTooLarge(f"response head has more than {limit} header lines")
-        code = self._parser.get_status_code()
+        code = parser.get_status_code()
         if 100 <= code < 200:  # an interim answer (100 Continue): the real one follows
-            self._informational = True
+            self.answer = "STARTED"
             self._phrase, self._raw_headers = b"", []
             return
         headers = Headers()
-        length: int | object = UNKNOWN_LENGTH
+        length: int | str = UNKNOWN_LENGTH
         chunked = False
         for name, value in self._raw_headers:
             headers.addRawHeader(name, value)
@@ -534,88 +653,95 @@ class Connection(Protocol):
                 chunked = True
         if chunked:
             length = UNKNOWN_LENGTH
+        self.answer = "BODY"
         if call.method == b"HEAD" or code in NO_BODY:
             length = 0
             if call.method == b"HEAD":  # llhttp does not know: it would wait for a body
-                self._complete = True
-                self._keep_alive = _keeps_alive(self._parser.get_http_version(), headers)
+                self.answer = "WHOLE"
+                version = parser.get_http_version()
+                self._keep_alive = self._keep_alive and _keeps_alive(version, headers)
         self._until_close = length is UNKNOWN_LENGTH and not chunked
         self.response = UpstreamResponse(code, self._phrase.strip(), headers, length, self)
         call.answered(self.response)
 
     def on_body(self, data: bytes) -> None:
-        if self.response is None or self._complete:  # a HEAD answer's "body": not for us
-            self._unusable = True
-            return
-        self.response.data(data)
+        answer = self.answer
+        if answer == "BODY":
+            assert self.response is not None  # BODY
+            self.response.data(data)
+        elif answer == "WHOLE":  # a HEAD answer's "body" (llhttp does not know): not ours
+            self.answer = "STRAY"
+        elif answer == "STARTED":  # an interim answer's body: not ours, nor a good sign
+            self._keep_alive = False
 
     def on_message_complete(self) -> None:
-        if self._informational:
-            self._informational = False
-            return
-        self._complete = True
-        self._keep_alive = self._parser.should_keep_alive()  # only known until it returns
+        # STARTED: an interim answer has ended, and the final one is awaited; STRAY: not ours.
+        if self.answer == "BODY" or self.answer == "WHOLE":  # (WHOLE: a HEAD answer's end)
+            self.answer = "WHOLE"
+            parser = self._parser
+            assert parser is not None  # BUSY
+            # Only known until this returns.
+            self._keep_alive = self._keep_alive and parser.should_keep_alive()
 
     # Ends.
 
     def _done(self) -> None:
-        """The response is whole and the body sent: end it, and reuse the connection."""
+        """The response is whole and the request sent: end it, and reuse the connection
+        (BUSY -> IDLE) if it may be, else close it."""
         response = self.response
-        reusable = self._keep_alive and not self._unusable
-        self.call = self.response = self._parser = None
-        if response is not None:
-            response.end(RESPONSE_DONE)
-            reusable = reusable and not response.stopped
-            if response.paused and self.usable:
-                self.transport.resumeProducing()  # type: ignore[union-attr]
+        assert response is not None  # its answer is whole
+        reusable = self.state == "BUSY" and self.answer == "WHOLE" and self._keep_alive
+        self.call = self.response = self._parser = self.answer = None
+        if self.state == "BUSY":
+            self.state = "IDLE"
+        response.end(RESPONSE_DONE)
+        if response.paused and self.usable:
+            self.transport.resumeProducing()
         if reusable:
-            self.agent._release(self)
+            self.agent.free(self)
         else:
             self.close()
 
     def _broken(self, reason: Failure) -> None:
-        """The exchange cannot go on (bad answer, or the connection is gone)."""
-        call, response = self.call, self.response
-        self.call = self.response = self._parser = None
+        """The exchange cannot go on (a bad answer, or the connection is gone): end it as
+        far as its answer had come, and drop the connection."""
+        call, response, answer = self.call, self.response, self.answer
+        self.call = self.response = self._parser = self.answer = None
         if response is not None:
-            if self._complete:  # whole, but the body was still being sent
+            if answer in ("WHOLE", "STRAY"):  # whole, but the request was still being sent
                 response.end(RESPONSE_DONE)
             elif self._until_close and reason.check(*CLOSED) and not response.stopped:
                 response.end(Failure(PotentialDataLoss()))  # such a body ends with the connection
             else:
                 response.end(Failure(ResponseFailed([reason])))
         elif call is not None:
-            if self._received_any:
-                call.fail(Failure(ResponseFailed([reason])))
-            else:
+            if answer == "WAITING":
                 call.fail(Failure(ResponseNeverReceived([reason])))
+            else:
+                call.fail(Failure(ResponseFailed([reason])))
         self.abort()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.open = False
+        self.state = "LOST"
         self._stop_timers()
-        self.agent._forget(self)
         call = self.call
-        if (
-            call is not None
-            and self.response is None
-            and self.reused
-            and not self._received_any
-            and not call.cancelled
-            and call.body is None
-            and call.method in RETRYABLE
-        ):
-            # A kept-alive connection the upstream had closed: try once on a new one, which
-            # takes this one's place among its origin's.
-            self.call = self._parser = None
-            call.connection = None
-            self.holds_place = False
-            self.agent._connect(self.origin, call)
-        elif call is not None:
-            self._broken(reason)
-        if self.holds_place:
-            self.holds_place = False
-            self.agent._ended(self.origin)
+        retry = None
+        if call is not None:
+            if (
+                self.answer == "WAITING"
+                and self.reused
+                and not call.cancelled
+                and call.body is None
+                and call.method in RETRYABLE
+            ):
+                # A kept-alive connection the upstream had closed: try once on a new one,
+                # which takes this one's place among its origin's.
+                self.call = self._parser = self.answer = None
+                call.connection = None
+                retry = call
+            else:
+                self._broken(reason)
+        self.agent.lost(self, retry)
         lost, self._lost = self._lost, []
         for waiting in lost:
             waiting.callback(None)
@@ -627,26 +753,34 @@ class Connection(Protocol):
         self._idle_timer = self._head_timer = self._handshake_timer = None
 
     def close(self) -> defer.Deferred[None]:
-        """Close the connection; the Deferred fires once it is closed."""
-        self.agent._forget(self)
-        if not self.open:
+        """Close the connection (IDLE -> CLOSING); the Deferred fires once it is gone."""
+        state = self.state
+        if state == "BUSY":
+            raise RuntimeError("a BUSY connection closed")
+        self.agent.forget(self)
+        if state == "CONNECTING" or state == "LOST":
             return defer.succeed(None)
         closed: defer.Deferred[None] = defer.Deferred()
         self._lost.append(closed)
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        if state == "IDLE":
+            self.state = "CLOSING"
+            self.transport.loseConnection()
         return closed
 
     def abort(self) -> None:
-        self.agent._forget(self)  # at once: the transport says it is lost a turn later
+        """Drop the connection (-> ABORTING), and leave it alone from now on."""
+        self.agent.forget(self)  # at once: the transport says it is lost a turn later
         self._stop_timers()
-        if self.open and not self.aborted:
-            self.aborted = True  # and left alone from now on: not paused, not resumed
-            self.transport.abortConnection()  # type: ignore[union-attr]
+        state = self.state
+        if state == "IDLE" or state == "BUSY" or state == "CLOSING":
+            self.state = "ABORTING"
+            self.transport.abortConnection()
 
     @property
     def usable(self) -> bool:
-        """Whether its transport may still be paused or resumed."""
-        return self.open and not self.aborted and not self.transport.disconnecting  # type: ignore[union-attr]
+        """Whether its transport may still be paused or resumed: it is neither closing nor
+        dropped, nor gone."""
+        return self.state == "BUSY" or self.state == "IDLE"
 
 
 def connection_tokens(headers: Headers) -> set[bytes]:
@@ -666,15 +800,16 @@ def _keeps_alive(version: str, headers: Headers) -> bool:
     return b"keep-alive" in tokens
 
 
+@implementer(IConsumer)
 class BodyWriter:
     """The consumer a request body is written to: it frames it (chunked, or as many bytes
     as the Content-Length said) on the connection's transport."""
 
-    def __init__(self, connection: Connection, length: int | object) -> None:
+    def __init__(self, connection: Connection, length: int | str) -> None:
         self.connection = connection
-        self.transport: Any = connection.transport
+        self.transport = connection.transport
         self._chunked = length is UNKNOWN_LENGTH
-        self._left: int = 0 if self._chunked else length  # type: ignore[assignment]
+        self._left = length if isinstance(length, int) else 0
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -699,7 +834,7 @@ class BodyWriter:
         """Drop the connection: the rest of the body will not be sent."""
         self.connection.abort()
 
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         self.transport.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
@@ -734,14 +869,14 @@ class UpstreamResponse:
     previousResponse = None
 
     def __init__(
-        self, code: int, phrase: bytes, headers: Headers, length: Any, connection: Connection
+        self, code: int, phrase: bytes, headers: Headers, length: int | str, connection: Connection
     ) -> None:
         self.code = code
         self.phrase = phrase
         self.headers = headers
         self.length = length
         self._connection: Connection | None = connection
-        self._protocol: Any = None
+        self._protocol: IProtocol | None = None
         self._early: list[bytes] = []  # body that came before deliverBody
         self._ended: Failure | None = None
         self._unread = False  # paused until a protocol takes the body
@@ -751,12 +886,13 @@ class UpstreamResponse:
     def setPreviousResponse(self, response: IResponse) -> None:
         self.previousResponse = response
 
-    def deliverBody(self, protocol: Any) -> None:
+    def deliverBody(self, protocol: IProtocol) -> None:
         self._protocol = protocol
         unread, self._unread = self._unread, False
         if unread:
             self.paused = False  # the connection stays paused unless the protocol wants more
-        protocol.makeConnection(_ResponseTransport(self))
+        # Only an IPushProducer, not an ITransport, as IResponse.deliverBody says it is.
+        protocol.makeConnection(_ResponseTransport(self))  # type: ignore[arg-type]
         early, self._early = self._early, []
         for data in early:
             if self.stopped:
@@ -795,14 +931,14 @@ class UpstreamResponse:
         if connection is not None and not self.paused:
             self.paused = True
             if connection.usable:
-                connection.transport.pauseProducing()  # type: ignore[union-attr]
+                connection.transport.pauseProducing()
 
     def resume(self) -> None:
         connection = self._connection
         if connection is not None and self.paused and not self.stopped:
             self.paused = False
             if connection.usable:
-                connection.transport.resumeProducing()  # type: ignore[union-attr]
+                connection.transport.resumeProducing()
 
     def stop(self) -> None:
         if self._connection is not None and not self.stopped:

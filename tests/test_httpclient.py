@@ -28,6 +28,8 @@ from zope.interface import alsoProvides, implementer
 
 from ollana import tls
 from ollana.httpclient import (
+    Call,
+    Connection,
     ResponseHeadTimeout,
     ResponseHeadTooLarge,
     SwitchedProtocols,
@@ -334,6 +336,21 @@ class ResponseTests(SynchronousTestCase):
         body = Collect()
         response.deliverBody(body)
         self.assertEqual(body.body, b"{}")
+
+    def test_an_interim_answer_with_a_body_is_read_past(self) -> None:
+        """llhttp reads a body on an interim answer that says it has one (a 199 with a
+        Content-Length); it is not ours, the final answer is read whole, in any number of
+        pieces, and the connection is not kept."""
+        self.up.answer(b"HTTP/1.1 199 Odd\r\nContent-Length: 3\r\n\r\nabc")
+        self.assertNoResult(self.result)
+        self.up.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nde")
+        body = Collect()
+        self.successResultOf(self.result).deliverBody(body)
+        self.up.answer(b"fg")
+        self.assertEqual(body.body, b"defg")
+        body.assert_done()
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.disconnected)  # closed, not aborted
 
 
 class NoBodyTests(SynchronousTestCase):
@@ -848,6 +865,29 @@ class BodyLengthTests(SynchronousTestCase):
         self.assertEqual(self.up.attempts, 2)  # this one went on the freed connection
         self.assertEqual(head(transport.value())[0], b"GET /api/tags HTTP/1.1")
 
+    def test_a_connection_dropped_as_its_answer_completes_is_not_reused(self) -> None:
+        """The body writer aborts (as the proxy does when it abandons a body) while the
+        packet that completes the answer is read: the answer ends, and the dropped
+        connection is not handed out again."""
+        body = Body(length=2)
+        result = self.up.request(b"POST", b"/api/chat", None, body)
+        transport = self.up.connect()
+        body.write(b"{}")
+        body.finish()
+
+        class Abandon(Collect):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                body.consumer.abort()
+
+        reader = Abandon()
+        result.addCallback(lambda response: response.deliverBody(reader))
+        self.up.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        reader.assert_done()
+        self.assertTrue(transport.disconnected)
+        self.up.request()
+        self.assertEqual(self.up.attempts, 2)
+
 
 class StrayAnswerTests(SynchronousTestCase):
     def test_an_unasked_answer_during_an_upload_is_not_read(self) -> None:
@@ -934,6 +974,136 @@ class StopDuringEarlyDeliveryTests(SynchronousTestCase):
         self.successResultOf(result).deliverBody(Stop())
         self.assertTrue(transport.aborted)
         self.assertFalse(transport.resumed_after_abort)
+
+
+class StateTests(SynchronousTestCase):
+    """The states and transitions Connection's docstring lists, walked by the events that
+    make them. (A request with a body gives its connection: ``body.consumer.connection``.)"""
+
+    def setUp(self) -> None:
+        self.up = Upstreams()
+
+    def post(self, length: int = 2) -> tuple[Body, Deferred[Any], StringTransport, Connection]:
+        body = Body(length=length)
+        result = self.up.request(b"POST", b"/api/chat", None, body)
+        transport = self.up.connect()
+        return body, result, transport, body.consumer.connection
+
+    def assert_state(self, connection: Connection, state: str, answer: str | None) -> None:
+        self.assertEqual((connection.state, connection.answer), (state, answer))
+
+    def test_connecting_then_idle(self) -> None:
+        connection = Connection(self.up.agent, ORIGIN)
+        self.assert_state(connection, "CONNECTING", None)
+        self.assertFalse(connection.usable)
+        connection.makeConnection(StringTransport())
+        self.assert_state(connection, "IDLE", None)
+        self.assertTrue(connection.usable)
+
+    def test_an_exchange_with_an_interim_answer(self) -> None:
+        body, result, transport, connection = self.post()
+        self.assert_state(connection, "BUSY", "WAITING")
+        self.assertTrue(connection.usable)
+        for data, answer in [
+            (b"\r\n", "STARTED"),  # blank lines before an answer (llhttp skips them)
+            (b"HTTP/1.1 100 Continue\r\n", "HEAD"),
+            (b"\r\n", "STARTED"),  # the interim answer has ended
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", "HEAD"),
+            (b"\r\n", "BODY"),
+            (b"{}", "WHOLE"),  # before the request's body is all sent
+        ]:
+            self.up.answer(data)
+            self.assert_state(connection, "BUSY", answer)
+        body.write(b"{}")
+        body.finish()
+        self.assert_state(connection, "IDLE", None)  # kept for another request
+        self.up.reactor.advance(50)  # idle too long
+        self.assert_state(connection, "CLOSING", None)
+        self.assertFalse(connection.usable)
+        self.up.lose()
+        self.assert_state(connection, "LOST", None)
+
+    def test_the_answer_to_a_head_request_is_whole_with_its_head(self) -> None:
+        body, result, transport, connection = self.post()
+        body.write(b"{}")
+        body.finish()
+        self.up.answer(OK)
+        self.assert_state(connection, "IDLE", None)
+        self.up.request(b"HEAD", b"/")
+        self.assert_state(connection, "BUSY", "WAITING")
+        self.up.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\n")
+        self.assert_state(connection, "IDLE", None)
+
+    def test_a_stray_answer_closes_it_once_the_request_is_sent(self) -> None:
+        body, result, transport, connection = self.post()
+        self.up.answer(OK + b"HTTP/1.1 200 OK\r\n")
+        self.assert_state(connection, "BUSY", "STRAY")
+        body.write(b"{}")
+        body.finish()
+        self.assert_state(connection, "CLOSING", None)
+
+    def test_aborting_keeps_the_answer_until_the_connection_is_gone(self) -> None:
+        body, result, transport, connection = self.post()
+        self.up.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        reader = Collect()
+        self.successResultOf(result).deliverBody(reader)
+        reader.transport.stopProducing()  # type: ignore[union-attr]
+        self.assert_state(connection, "ABORTING", "BODY")
+        self.assertFalse(connection.usable)
+        self.up.answer(b"defg")  # under way when it was dropped: not read
+        self.assertIsNone(reader.ended)
+        self.up.lose(reason=error.ConnectionAborted())
+        self.assert_state(connection, "LOST", None)
+        self.assertEqual(reader.body, b"abc")
+        assert reader.ended is not None
+        reader.ended.trap(ResponseFailed)
+
+    def test_unasked_bytes_on_an_idle_connection_abort_it(self) -> None:
+        connection = Connection(self.up.agent, ORIGIN)
+        transport = StringTransport()
+        connection.makeConnection(transport)
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        self.assert_state(connection, "ABORTING", None)
+        self.assertTrue(transport.disconnected)
+
+    def test_a_request_is_sent_on_an_idle_connection_only(self) -> None:
+        body, result, transport, connection = self.post()
+        sent = transport.value()
+        with self.assertRaises(RuntimeError):
+            connection.send(Call(b"GET", b"/", None, None), reused=True)
+        self.assert_state(connection, "BUSY", "WAITING")
+        self.assertEqual(transport.value(), sent)
+        connection.abort()
+        with self.assertRaises(RuntimeError):
+            connection.send(Call(b"GET", b"/", None, None), reused=True)
+        self.assertEqual(transport.value(), sent)
+
+    def test_a_busy_connection_is_not_closed(self) -> None:
+        body, result, transport, connection = self.post()
+        with self.assertRaises(RuntimeError):
+            connection.close()
+        self.assert_state(connection, "BUSY", "WAITING")
+        self.assertFalse(transport.disconnecting)
+
+    def test_closing_or_aborting_again_does_nothing_more(self) -> None:
+        body, result, transport, connection = self.post()
+        body.write(b"{}")
+        body.finish()
+        self.up.answer(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}")
+        self.assert_state(connection, "CLOSING", None)
+        closed = connection.close()
+        connection.abort()
+        self.assert_state(connection, "ABORTING", None)
+        self.assertTrue(transport.disconnected)
+        connection.abort()
+        again = connection.close()
+        self.assert_state(connection, "ABORTING", None)
+        self.assertNoResult(closed)
+        self.up.lose(reason=error.ConnectionAborted())
+        self.assert_state(connection, "LOST", None)
+        self.assertIsNone(self.successResultOf(closed))
+        self.assertIsNone(self.successResultOf(again))
+        self.assertIsNone(self.successResultOf(connection.close()))
 
 
 def head_of(size: int, status: bytes = b"HTTP/1.1 200 OK") -> bytes:

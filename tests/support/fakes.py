@@ -24,6 +24,7 @@ from twisted.internet.interfaces import (
     IProtocol,
     IReactorMulticast,
     IReactorUDP,
+    IUDPTransport,
 )
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
@@ -42,7 +43,7 @@ def capture_logs(case: SynchronousTestCase) -> EventLoggingObserver:
     return EventLoggingObserver.createWithCleanup(case, globalLogPublisher)  # type: ignore[arg-type]
 
 
-@implementer(IListeningPort, IMulticastTransport)
+@implementer(IListeningPort, IUDPTransport, IMulticastTransport)
 class FakeDatagramPort:
     """A bound UDP socket in memory: records writes; can be told to fail them. (It joins
     no multicast group: discovery broadcasts.)"""
