@@ -8,7 +8,8 @@ From the repository's root::
 
 Every node is ``python -m ollana serve --logfile FILE`` (so it logs at the default level,
 as installed), listening on 127.0.0.1 on a port it picks, with --no-discovery, or with
-discovery broadcast to 127.255.255.255 on a free UDP port. Scenarios (``--only``):
+discovery broadcast to 127.255.255.255 on a free UDP port. Each scenario's processes are
+a ``bench.harness.Processes``, stopped at its end whatever happened. Scenarios (``--only``):
 
 - **headers**: a client-mode node whose one server (--peer, health checked every second)
   answers GET /api/version, and everything else with a status line and header lines
@@ -60,17 +61,22 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench import run as bench_run
-from bench.timings import get
+from bench.harness import (
+    Processes,
+    RSSSampler,
+    get,
+    machine,
+    raise_file_limit,
+    stop_on_sigterm,
+)
+from bench.tables import rst_table
 from ollana import wire
-from ollana.demo import LOOPBACK_BROADCAST, free_udp_port
+from ollana.demo import free_udp_port
 
-STARTED = re.compile(rb"(?:Listening for HTTP on 127\.0\.0\.1:|port |on http://127\.0\.0\.1:)(\d+)")
 HOSTILE_KINDS = ("endless-headers", "endless-status", "many-models")
 ENDLESS_FOR = 60.0  # seconds an endless answer goes on, at most
 RSS_LIMIT_MB = 50.0  # "tens of MB at most"
@@ -148,50 +154,32 @@ async def hostile(kind: str, count: int) -> None:
 # --- processes ----------------------------------------------------------------------------
 
 
-@contextmanager
-def running(workdir: str) -> Iterator[bench_run.Processes]:
-    """The processes of one scenario, every one stopped at the end, whatever happened."""
-    processes = bench_run.Processes(workdir)
-    try:
-        yield processes
-    finally:
-        processes.stop_all()
-
-
-def started(processes: bench_run.Processes, name: str, argv: list[str], out: str) -> int:
-    """Start ``python ARGV`` and return the port it says it listens on in file out."""
-    process = processes.command(name, [sys.executable, *argv])
-    with open(out, "a+b") as stream:  # created now if the process has not yet
-        return processes._port_from(stream, STARTED, process, name)
-
-
-def node(processes: bench_run.Processes, name: str, *args: str, discovery: int = 0) -> int:
+def node(processes: Processes, name: str, *args: str, discovery: int = 0) -> int:
     """``python -m ollana serve`` on 127.0.0.1 with discovery off, or on loopback on the
     UDP port discovery; its HTTP port."""
-    log = os.path.join(processes.workdir, f"{name}.log")
-    lan = ["--broadcast", LOOPBACK_BROADCAST, "--discovery-port", str(discovery)]
-    serve = ["-m", "ollana", "serve", "--logfile", log, "--drain-timeout", "2"]
-    listen = ["--listen", "tcp:0:interface=127.0.0.1", *(lan if discovery else ["--no-discovery"])]
-    return started(processes, name, [*serve, *listen, *args], log)
+    processes.serve(name, "--drain-timeout", "2", *args, discovery=discovery)
+    return processes.port(name)
 
 
-def helper(processes: bench_run.Processes, name: str, *argv: str) -> int:
-    """A helper server (``-m MODULE ...``) that prints its port; its port."""
-    return started(processes, name, list(argv), os.path.join(processes.workdir, f"{name}.out"))
+def helper(processes: Processes, name: str, *argv: str) -> int:
+    """A helper server (``-m MODULE ...``) that prints ``port N``; its port."""
+    processes.python(name, *argv)
+    return processes.port(name)
 
 
-def simulator(processes: bench_run.Processes, name: str, pace: float) -> int:
+def simulator(processes: Processes, name: str, pace: float) -> int:
     """The simulated Ollama (model echo), pace seconds between chunks; its port."""
-    return helper(processes, name, "-m", "ollana.simulator", "--port", "0", "--pace", str(pace))
+    processes.simulator(name, "--pace", str(pace))
+    return processes.port(name)
 
 
-def server_of(processes: bench_run.Processes, name: str, ollama: int, discovery: int = 0) -> int:
+def server_of(processes: Processes, name: str, ollama: int, discovery: int = 0) -> int:
     """A server-mode node in front of the Ollama on port ollama; its port."""
     url = f"http://127.0.0.1:{ollama}"
     return node(processes, name, "--mode", "server", "--ollama", url, discovery=discovery)
 
 
-def client_of(processes: bench_run.Processes, servers: list[int], *args: str) -> int:
+def client_of(processes: Processes, servers: list[int], *args: str) -> int:
     """A client-mode node with these servers as --peer, checked every second; its port."""
     peers = [arg for port in servers for arg in ("--peer", f"127.0.0.1:{port}")]
     return node(processes, "client", "--mode", "client", "--health-interval", "1", *peers, *args)
@@ -378,12 +366,12 @@ class Outcome:
         self.checks.append(Check(figure, value, expected, ok))
 
 
-def _hostile_upstream(processes: bench_run.Processes, kind: str, requests: int) -> Outcome:
+def _hostile_upstream(processes: Processes, kind: str, requests: int) -> Outcome:
     """A client whose one server answers with an endless head: what its requests (proxied,
     and one merged listing) get, and what the client's memory and reactor do."""
     server = helper(processes, kind, "-m", "bench.faults", "serve", kind)
     client = client_of(processes, [server])
-    rss = bench_run.RSSSampler(processes.named["client"].pid)  # from before its first check
+    rss = RSSSampler(processes.named["client"].pid)  # from before its first check
     wait_healthy(client, 1)
     probe = StallProbe(client)
 
@@ -431,22 +419,22 @@ def _hostile_upstream(processes: bench_run.Processes, kind: str, requests: int) 
     return out
 
 
-def endless_headers(processes: bench_run.Processes, args: argparse.Namespace) -> Outcome:
+def endless_headers(processes: Processes, args: argparse.Namespace) -> Outcome:
     return _hostile_upstream(processes, "endless-headers", args.requests)
 
 
-def endless_status(processes: bench_run.Processes, args: argparse.Namespace) -> Outcome:
+def endless_status(processes: Processes, args: argparse.Namespace) -> Outcome:
     return _hostile_upstream(processes, "endless-status", args.requests)
 
 
-def many_models(processes: bench_run.Processes, args: argparse.Namespace) -> Outcome:
+def many_models(processes: Processes, args: argparse.Namespace) -> Outcome:
     """A server listing args.models models: the client's memory and its reactor's stalls
     while its health checker and merged listings read it."""
     server = helper(
         processes, "many-models", "-m", "bench.faults", "serve", "many-models", str(args.models)
     )
     client = client_of(processes, [server], "--models-interval", "1")
-    rss = bench_run.RSSSampler(processes.named["client"].pid)
+    rss = RSSSampler(processes.named["client"].pid)
     wait_healthy(client, 1)
     probe = StallProbe(client)
     statuses: Counter[int] = Counter()
@@ -476,7 +464,7 @@ def many_models(processes: bench_run.Processes, args: argparse.Namespace) -> Out
     return out
 
 
-def many_streams(processes: bench_run.Processes, args: argparse.Namespace) -> Outcome:
+def many_streams(processes: Processes, args: argparse.Namespace) -> Outcome:
     """args.streams streams at once through one client to one server."""
     ollama = simulator(processes, "ollama", 0.05)
     server = server_of(processes, "server", ollama)
@@ -504,7 +492,7 @@ def many_streams(processes: bench_run.Processes, args: argparse.Namespace) -> Ou
     return out
 
 
-def junk_datagrams(processes: bench_run.Processes, args: argparse.Namespace) -> Outcome:
+def junk_datagrams(processes: Processes, args: argparse.Namespace) -> Outcome:
     """args.datagrams junk datagrams to a server's discovery port, and its log."""
     ollama = simulator(processes, "ollama", 0)
     discovery = free_udp_port()
@@ -559,7 +547,7 @@ def _junk(rng: random.Random, n: int) -> bytes:
     return wire.encode(wire.Bye(node_id))
 
 
-def dead_ollama(processes: bench_run.Processes, args: argparse.Namespace) -> Outcome:
+def dead_ollama(processes: Processes, args: argparse.Namespace) -> Outcome:
     """Two servers, one client, four streams back to back; one server's Ollama killed."""
     servers: dict[str, str] = {}  # server address -> its Ollama's process name
     for name in ("a", "b"):
@@ -611,7 +599,7 @@ def _counted(kinds: Counter[Any]) -> str:
     return ", ".join(f"{n} × {kind}" for kind, n in kinds.most_common()) or "none"
 
 
-Scenario = Callable[[bench_run.Processes, argparse.Namespace], Outcome]
+Scenario = Callable[[Processes, argparse.Namespace], Outcome]
 SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "headers": ("endless upstream headers", endless_headers),
     "status": ("endless status line", endless_status),
@@ -628,9 +616,9 @@ def play(name: str, args: argparse.Namespace, workdir: str) -> Outcome:
     print(f"{title}...", file=sys.stderr, flush=True)
     began = time.monotonic()
     try:
-        with running(os.path.join(workdir, name)) as processes:
+        with Processes(os.path.join(workdir, name)) as processes:
             outcome = scenario(processes, args)
-    except (Exception, SystemExit) as e:  # SystemExit: bench.run's "did not start"
+    except (Exception, SystemExit) as e:  # SystemExit: the harness's DidNotStart
         outcome = Outcome({"error": str(e)})
         outcome.check("ran", str(e), "to the end", False)
     outcome.figures["scenario_seconds"] = time.monotonic() - began
@@ -651,17 +639,12 @@ def table(outcomes: dict[str, Outcome]) -> str:
         for name, outcome in outcomes.items()
         for i, c in enumerate(outcome.checks)
     ]
-    widths = [max(map(len, column)) for column in zip(header, *rows, strict=True)]
-    rule = "  ".join("=" * width for width in widths)
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in (header, *rows)
-    ]
-    return "\n".join([rule, lines[0], rule, *lines[1:], rule])
+    return rst_table(header, rows, left=range(len(header)))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    stop_on_sigterm()
     if argv[:1] == ["serve"]:
         if len(argv) < 2 or argv[1] not in HOSTILE_KINDS:
             raise SystemExit(f"serve what? one of {', '.join(HOSTILE_KINDS)}")
@@ -686,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(names) - set(SCENARIOS)
     if unknown:
         parser.error(f"--only: unknown {', '.join(sorted(unknown))}")
-    bench_run._raise_file_limit()  # 300 streams: 600 descriptors here and in the client
+    raise_file_limit()  # 300 streams: 600 descriptors here and in the client
     workdir = tempfile.mkdtemp(prefix="ollana-faults-")
     began = time.monotonic()
     try:
@@ -696,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Logs: {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"Machine: {bench_run.machine()}")
+    print(f"Machine: {machine()}")
     print(f"{len(names)} scenarios in {time.monotonic() - began:.0f} s\n")
     print(table(outcomes))
     if args.json:

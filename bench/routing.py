@@ -20,8 +20,10 @@ user's own, 50-word questions, the answers received), then 1 to 3 s of thinking 
 the first turns spread over the first 2 s. Every node keeps its defaults otherwise
 (health checks every 5 s); discovery is off, everything listens on 127.0.0.1.
 
-Each strategy plays on fresh processes (simulators with nothing loaded), once per seed;
-every process imports Ollana from a copy of ollana/ taken when the run starts.
+Each strategy plays on fresh processes (simulators with nothing loaded; bench.harness
+starts and stops them), once per seed; every process imports Ollana from a copy of
+ollana/ taken when the run starts. bench.run's part "routing" (registered here) plays
+every strategy with two seeds.
 ``--health-interval`` gives every node, whatever the strategy, another interval. Per
 request: TTFT (from just before connecting to the first byte of the answer's body),
 whether it failed, ``X-Ollana-Route`` and ``X-Ollana-Peer``, and from the final NDJSON line
@@ -37,13 +39,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import json
 import os
 import random
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,8 +53,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from xml.sax.saxutils import escape
 
-from bench import run as bench_run
-from bench.timings import get
+from bench import harness, parts
+from bench.harness import ROOT, Processes, code_version, get
+from bench.tables import rst_table
 
 STRATEGIES = ("ttft", "round-robin", "least-connections", "fastest")
 BLIND = ("round-robin", "least-connections")  # the load-blind strategies ttft must beat
@@ -72,7 +74,6 @@ SIMULATOR = [
     "--prefill-seconds", "0.002", "--token-seconds", "0.02",
 ]  # fmt: skip
 REQUEST_TIMEOUT = 120.0
-STARTED = re.compile(rb"(?:Listening for HTTP on 127\.0\.0\.1:|on http://127\.0\.0\.1:)(\d+)")
 
 
 @dataclass
@@ -113,54 +114,29 @@ class Play:
 # --- the processes ------------------------------------------------------------------------
 
 
-Started = tuple[subprocess.Popen[bytes], str]  # a process, and the file it says its port in
-
-
-def _start(processes: bench_run.Processes, name: str, argv: list[str], out: str) -> Started:
-    return processes.command(name, [sys.executable, *argv]), out
-
-
-def _port(processes: bench_run.Processes, started: Started, name: str) -> int:
-    process, out = started
-    with open(out, "a+b") as stream:  # created now if the process has not yet
-        return processes._port_from(stream, STARTED, process, name)
-
-
-def _node(processes: bench_run.Processes, name: str, *args: str) -> Started:
+def _node(processes: Processes, name: str, *args: str) -> None:
     """``python -m ollana serve`` on 127.0.0.1, discovery off, logging to a file."""
-    log = os.path.join(processes.workdir, f"{name}.log")
-    serve = ["-m", "ollana", "serve", "--logfile", log, "--drain-timeout", "1", "--no-discovery",
-             "--listen", "tcp:0:interface=127.0.0.1", *args]  # fmt: skip
-    return _start(processes, name, serve, log)
+    processes.serve(name, "--drain-timeout", "1", *args)
 
 
-def lan(
-    processes: bench_run.Processes, strategy: str, options: list[str]
-) -> tuple[list[int], list[int]]:
+def lan(processes: Processes, strategy: str, options: list[str]) -> tuple[list[int], list[int]]:
     """Three simulated Ollamas, a server-mode node in front of each and two client-mode
     nodes using strategy (every node with options too), each set started at once;
     (server ports, client ports), once every client sees every server healthy."""
     models = [arg for model in MODELS for arg in ("--model", model)]
-    simulators = [
-        _start(processes, f"ollama{i}", ["-m", "ollana.simulator", "--port", "0", *models,
-               *SIMULATOR], os.path.join(processes.workdir, f"ollama{i}.out"))
-        for i in range(SERVERS)
-    ]  # fmt: skip
-    ollamas = [_port(processes, s, f"ollama{i}") for i, s in enumerate(simulators)]
+    for i in range(SERVERS):
+        processes.simulator(f"ollama{i}", *models, *SIMULATOR)
+    ollamas = [processes.port(f"ollama{i}") for i in range(SERVERS)]
     limits = ["--ollama-parallel", str(PARALLEL), "--ollama-max-loaded", str(MAX_LOADED)]
-    servers = [
-        _node(processes, f"server{i}", "--mode", "server",
-              "--ollama", f"http://127.0.0.1:{port}", *limits, *options)
-        for i, port in enumerate(ollamas)
-    ]  # fmt: skip
-    server_ports = [_port(processes, s, f"server{i}") for i, s in enumerate(servers)]
+    for i, port in enumerate(ollamas):
+        _node(processes, f"server{i}", "--mode", "server", "--ollama", f"http://127.0.0.1:{port}",
+              *limits, *options)  # fmt: skip
+    server_ports = [processes.port(f"server{i}") for i in range(SERVERS)]
     peers = [arg for port in server_ports for arg in ("--peer", f"127.0.0.1:{port}")]
-    clients = [
+    for i in range(CLIENTS):
         _node(processes, f"client{i}", "--mode", "client", "--strategy", strategy, *peers,
-              *options)
-        for i in range(CLIENTS)
-    ]  # fmt: skip
-    client_ports = [_port(processes, c, f"client{i}") for i, c in enumerate(clients)]
+              *options)  # fmt: skip
+    client_ports = [processes.port(f"client{i}") for i in range(CLIENTS)]
     for port in client_ports:
         _wait_healthy(port)
     return server_ports, client_ports
@@ -267,76 +243,36 @@ async def workload(client_ports: list[int], server_ports: list[int], seed: int) 
     return turns
 
 
-class Snapshot(bench_run.Processes):
-    """Processes that import Ollana from a copy taken at the start of the run, so that
-    every play runs the same code even if the tree is edited meanwhile."""
-
-    def __init__(self, workdir: str, source: str) -> None:
-        super().__init__(workdir)
-        self.source = source
-
-    def env(self) -> dict[str, str]:
-        env = super().env()
-        env["PYTHONPATH"] = self.source + os.pathsep + env["PYTHONPATH"]
-        return env
-
-
-def code_version() -> str:
-    """The commit the run's code is from, and whether ollana/ differs from it."""
-    git = ["git", "-C", bench_run.ROOT]
-    try:
-        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-        changed = subprocess.run([*git, "status", "--porcelain", "ollana"], capture_output=True,
-                                 text=True, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git)"
-    return head + (" with uncommitted changes to ollana/" if changed else "")
-
-
 def snapshot(workdir: str) -> str:
-    """A copy of the ollana package in workdir (the twistd plugin names ``ollana.tap``,
-    found there first); the directory to put first on the path."""
+    """A copy of the ollana package and its twistd plugin in workdir: a checkout the
+    processes run from (see bench.harness)."""
     source = os.path.join(workdir, "source")
-    shutil.copytree(os.path.join(bench_run.ROOT, "ollana"), os.path.join(source, "ollana"),
-                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    for tree in ("ollana", os.path.join("twisted", "plugins")):
+        shutil.copytree(os.path.join(ROOT, tree), os.path.join(source, tree),
+                        ignore=shutil.ignore_patterns("__pycache__", "dropin.cache"))  # fmt: skip
+    # Compiled now, as the tree's own modules are: not by the nodes, on their first requests.
+    compileall.compile_dir(source, quiet=1)
     return source
 
 
 def play(strategy: str, seed: int, workdir: str, source: str, options: list[str]) -> Play:
-    """The workload once, on fresh processes stopped at the end; if they do not all
-    start, what the one that did not said, and once more on fresh ones."""
+    """The workload once, on fresh processes (importing Ollana from source) stopped at the
+    end; if they do not all start, what the one that did not said, and once more on fresh
+    ones."""
     for attempt in (1, 2):
-        processes = Snapshot(os.path.join(workdir, f"{strategy}-{seed}-{attempt}"), source)
-        try:
+        where = os.path.join(workdir, f"{strategy}-{seed}-{attempt}")
+        with Processes(where, checkout=source) as processes:
             try:
                 server_ports, client_ports = lan(processes, strategy, options)
-            except SystemExit as failed:
+            except SystemExit as failed:  # DidNotStart, or a client not seeing its servers
                 if attempt == 2:
                     raise
-                print(f"    {failed}:\n{_exited(processes)}\n    again", file=sys.stderr)
+                print(f"    {failed}:\n{processes.exited()}\n    again", file=sys.stderr)
                 continue
             began = time.monotonic()
             turns = asyncio.run(workload(client_ports, server_ports, seed))
             return Play(strategy, seed, turns, time.monotonic() - began)
-        finally:
-            processes.stop_all()
     raise AssertionError("unreachable")
-
-
-def _exited(processes: bench_run.Processes) -> str:
-    """The last lines of what each process that exited wrote (output and log)."""
-    lines = []
-    for name, process in processes.named.items():
-        if process.poll() is None:
-            continue
-        for path in (f"{name}.out", f"{name}.log"):
-            try:
-                with open(os.path.join(processes.workdir, path), errors="replace") as out:
-                    lines += [f"    {path}: {line.rstrip()}" for line in out.readlines()[-8:]]
-            except OSError:
-                pass
-    return "\n".join(lines)
 
 
 # --- the figures ----------------------------------------------------------------------------
@@ -387,15 +323,7 @@ def table(figures: dict[str, dict[str, Any]]) -> str:
          ", ".join(f"{route} {n}" for route, n in f["routes"].most_common())]
         for name, f in figures.items()
     ]  # fmt: skip
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    rule = "  ".join("=" * width for width in widths)
-
-    def line(cells: list[str]) -> str:
-        aligned = [cell.ljust(w) if i in (0, len(cells) - 1) else cell.rjust(w)
-                   for i, (cell, w) in enumerate(zip(cells, widths, strict=True))]  # fmt: skip
-        return "  ".join(aligned).rstrip()
-
-    return "\n".join([rule, line(header), rule, *(line(row) for row in rows), rule])
+    return rst_table(header, rows, left=(0, len(header) - 1))
 
 
 def report(figures: dict[str, dict[str, Any]], seeds: list[int]) -> str:
@@ -501,7 +429,21 @@ def measure(
     return figures, plays
 
 
+@parts.register(
+    "routing",
+    "chat users' time to first token, each strategy, two seeds (about 5 min)",
+    parts.nothing,
+)
+def routing(context: parts.Context, _: None) -> parts.Measured:
+    """Every strategy, two seeds, in the run's directory."""
+    seeds = [1, 2]
+    where = os.path.join(context.workdir, "routing")
+    figures, _plays = measure(list(STRATEGIES), seeds, where)
+    return parts.Measured(figures, report(figures, seeds))
+
+
 def main(argv: list[str] | None = None) -> int:
+    harness.stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
                         help=f"comma-separated [{','.join(STRATEGIES)}]")  # fmt: skip
@@ -523,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(1, args.seeds + 1))
     workdir = tempfile.mkdtemp(prefix="ollana-routing-")
     began = time.monotonic()
-    machine = bench_run.machine()
+    machine = harness.machine()
     version = code_version()
     try:
         options = [] if args.health_interval is None else [

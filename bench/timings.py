@@ -4,9 +4,10 @@ Run from the repository's root, with the development virtualenv::
 
     python -m bench.timings
 
-Every node is a twistd process of its own (as bench.run starts them), listening on
-127.0.0.1, with discovery kept on loopback: broadcasts go to 127.255.255.255 on a UDP
-port nothing else uses (``ollana.demo.free_udp_port``), never to the LAN.
+or as bench.run's part "timings" (registered here). Every node is a twistd process of
+its own (bench.harness starts it as it starts bench.run's), listening on 127.0.0.1, with
+discovery kept on loopback: broadcasts go to 127.255.255.255 on a UDP port nothing else
+uses (``ollana.demo.free_udp_port``), never to the LAN.
 
 - **discovery**: a client-mode node runs (default probe interval, 5 s); a server-mode
   node is started in a new process, and the time is taken from just before its start
@@ -24,7 +25,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -34,48 +34,15 @@ import threading
 import time
 from typing import Any
 
-from bench import run as bench_run  # a module: bench.run imports this one too
-from ollana.demo import LOOPBACK_BROADCAST, free_udp_port
+from bench import parts
+from bench.harness import LISTENING, Processes, get, stop_on_sigterm
+from ollana.demo import free_udp_port
 
 TIMEOUT = 20.0  # seconds to wait for a node to find, or see, another
 Record = tuple[float, float, int, str]  # a request: start, end, status (0: error), peer
 
 
-# --- nodes with loopback discovery ------------------------------------------------------
-
-
-def start_node(processes: bench_run.Processes, name: str, discovery_port: int,
-               *args: str) -> subprocess.Popen[bytes]:  # fmt: skip
-    """Start ``twistd -n --pidfile= ollana`` on 127.0.0.1 with discovery on loopback only
-    (broadcast to 127.255.255.255, on discovery_port), without waiting for it to listen.
-    Like Processes.ollana, which always adds --no-discovery; stopped by stop_all."""
-    logfile = os.path.join(processes.workdir, f"{name}.log")
-    command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-               "-n", "--pidfile=", f"--logfile={logfile}", "ollana",
-               "--listen", "tcp:0:interface=127.0.0.1", "--broadcast", LOOPBACK_BROADCAST,
-               "--discovery-port", str(discovery_port), *args]  # fmt: skip
-    return processes.command(name, command)
-
-
-def node_port(processes: bench_run.Processes, process: subprocess.Popen[bytes], name: str) -> int:
-    """The HTTP port of a node start_node started, once it listens."""
-    with open(os.path.join(processes.workdir, f"{name}.log"), "a+b") as log:
-        pattern = re.compile(bench_run.LISTENING.pattern.encode())
-        return processes._port_from(log, pattern, process, name)
-
-
-def get(port: int, path: str, timeout: float = 0.5) -> tuple[int, bytes]:
-    """Status and body of GET http://127.0.0.1:port/path, on a new connection; (0, b"")
-    when it fails."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        connection.request("GET", path)
-        answer = connection.getresponse()
-        return answer.status, answer.read()
-    except (OSError, http.client.HTTPException):
-        return 0, b""
-    finally:
-        connection.close()
+# --- nodes ----------------------------------------------------------------------------
 
 
 def peer_state(client_port: int, server_port: int) -> dict[str, Any] | None:
@@ -90,7 +57,7 @@ def peer_state(client_port: int, server_port: int) -> dict[str, Any] | None:
 # --- the measurements -------------------------------------------------------------------
 
 
-def discovery_time(processes: bench_run.Processes, backend_port: int, runs: int = 3,
+def discovery_time(processes: Processes, backend_port: int, runs: int = 3,
                    startup: list[float] | None = None) -> list[float]:  # fmt: skip
     """Seconds from starting a server-mode process to the first 200 to GET /api/version
     through a client-mode node that was already running, one per run. When given,
@@ -99,24 +66,23 @@ def discovery_time(processes: bench_run.Processes, backend_port: int, runs: int 
     The server announces itself by broadcast as soon as its Ollama answers, so the
     client's probe interval plays no part: nearly all of it is the process's start-up."""
     ollama = f"http://127.0.0.1:{backend_port}"
-    pattern = re.compile(bench_run.LISTENING.pattern.encode())
     times = []
     for run in range(runs):
         discovery = free_udp_port()
         client_name, server_name = f"discovery-client-{run}", f"discovery-server-{run}"
-        client = start_node(processes, client_name, discovery, "--mode", "client")
-        client_port = node_port(processes, client, client_name)
+        client = processes.twistd(client_name, "--mode", "client", discovery=discovery)
+        client_port = processes.port(client_name)
         time.sleep(0.5)  # running, its first probe sent (unanswered)
         logfile = os.path.join(processes.workdir, f"{server_name}.log")
         started = time.monotonic()
-        server = start_node(processes, server_name, discovery, "--mode", "server",
-                            "--ollama", ollama)  # fmt: skip
+        server = processes.twistd(server_name, "--mode", "server", "--ollama", ollama,
+                                  discovery=discovery)  # fmt: skip
         listening: float | None = None
         while True:
             now = time.monotonic()
             if listening is None and os.path.exists(logfile):
                 with open(logfile, "rb") as log:
-                    listening = now if pattern.search(log.read()) else None
+                    listening = now if LISTENING.search(log.read()) else None
             if get(client_port, "/api/version")[0] == 200:
                 break
             if server.poll() is not None or now - started > TIMEOUT:
@@ -152,7 +118,7 @@ def _load(port: int, records: list[Record], stop: threading.Event) -> None:
     connection.close()
 
 
-def failover_time(processes: bench_run.Processes, backend_port: int, threads: int = 4,
+def failover_time(processes: Processes, backend_port: int, threads: int = 4,
                   before: float = 2.0, after: float = 5.0) -> dict[str, Any]:  # fmt: skip
     """Kill one of a client's two servers under steady load; what the requests saw.
 
@@ -161,12 +127,12 @@ def failover_time(processes: bench_run.Processes, backend_port: int, threads: in
     """
     ollama = f"http://127.0.0.1:{backend_port}"
     discovery = free_udp_port()
-    client = start_node(processes, "failover-client", discovery, "--mode", "client")
+    client = processes.twistd("failover-client", "--mode", "client", discovery=discovery)
     servers: dict[int, subprocess.Popen[bytes]] = {}
     for name in ("failover-server-a", "failover-server-b"):
-        server = start_node(processes, name, discovery, "--mode", "server", "--ollama", ollama)
-        servers[node_port(processes, server, name)] = server
-    client_port = node_port(processes, client, "failover-client")
+        server = processes.twistd(name, "--mode", "server", "--ollama", ollama, discovery=discovery)
+        servers[processes.port(name)] = server
+    client_port = processes.port("failover-client")
     deadline = time.monotonic() + TIMEOUT
     while not all((peer_state(client_port, port) or {}).get("healthy") for port in servers):
         if time.monotonic() > deadline:
@@ -266,18 +232,36 @@ def report(discovery: list[float], failover: dict[str, Any],
     return "\n".join(lines)
 
 
+def measure(processes: Processes) -> dict[str, Any]:
+    """Discovery and failover with a simulated Ollama as the servers' backend."""
+    backend = processes.helper("backend")
+    startup: list[float] = []
+    discovery = discovery_time(processes, backend, startup=startup)
+    failover = failover_time(processes, backend)
+    return {"discovery": discovery, "startup": startup, "failover": failover}
+
+
+def processes_of(context: parts.Context) -> Processes:
+    return Processes(os.path.join(context.workdir, "timings"))
+
+
+@parts.register(
+    "timings", "first answer from a new server by discovery; failover at a SIGKILL", processes_of
+)
+def timings(context: parts.Context, processes: Processes) -> parts.Measured:
+    found = measure(processes)
+    return parts.Measured(found, report(found["discovery"], found["failover"], found["startup"]))
+
+
 def main() -> None:
+    stop_on_sigterm()
     workdir = tempfile.mkdtemp(prefix="ollana-timings-")
-    processes = bench_run.Processes(workdir)
     try:
-        print(f"Timing discovery and failover (logs in {workdir})...", file=sys.stderr)
-        backend = processes.helper("backend")
-        startup: list[float] = []
-        discovery = discovery_time(processes, backend, startup=startup)
-        failover = failover_time(processes, backend)
-        print(report(discovery, failover, startup))
+        with Processes(workdir) as processes:
+            print(f"Timing discovery and failover (logs in {workdir})...", file=sys.stderr)
+            found = measure(processes)
+        print(report(found["discovery"], found["failover"], found["startup"]))
     finally:
-        processes.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

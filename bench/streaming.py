@@ -1,0 +1,199 @@
+"""bench.run's parts "streams", "memory" and "blob", on one set of targets in front of the
+streaming backend (``bench.servers streamer``): the delay of NDJSON lines at many streams,
+each proxy's RSS with many streams held open, and one big upload. The load comes from
+``bench.streams``, in a process of its own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from bench import parts
+from bench.harness import ROOT, Processes, RSSSampler, wait_ready
+from bench.tables import against_base, rst_table
+from bench.targets import Targets, proxies, running
+
+
+def start(context: parts.Context, processes: Processes) -> Targets:
+    print("Starting the servers for streaming...", file=sys.stderr)
+    backend = processes.helper("streamer", "0.05", "40")  # 20 lines/s, 2 s per stream
+    bases = proxies(processes, backend, context.nginx, context.baseline)
+    for base in bases.values():
+        wait_ready(base + "/", accept=(200, 404, 405))
+    return Targets(processes, bases, "bench.servers streamer")
+
+
+@contextmanager
+def servers(context: parts.Context) -> Iterator[Targets]:
+    with running(context, "streaming", lambda processes: start(context, processes)) as targets:
+        yield targets
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:7.2f} ms"
+
+
+def loadgen_json(*args: str) -> dict[str, float]:
+    command = [sys.executable, "-m", "bench.streams", *args]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def hold_rss(base: str, streams: int, pid: int) -> dict[str, float]:
+    """Open streams through the proxy at base (slow ones: a line a second), and its RSS."""
+    sampler = RSSSampler(pid)
+    url = base + "/api/generate?slow"
+    command = [sys.executable, "-m", "bench.streams", "hold", url, str(streams), "15"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    opened = int(process.stdout.readline().split()[1])
+    time.sleep(1)
+    held = sampler.now()
+    out, _ = process.communicate()
+    baseline, peak = sampler.stop()
+    report = json.loads(out.strip().splitlines()[-1])
+    return {
+        "opened": opened,
+        "baseline_mb": baseline / 1e6,
+        "held_mb": held / 1e6,
+        "peak_mb": peak / 1e6,
+        "errors": report["errors"],
+    }
+
+
+def blob_rss(base: str, size: int, pid: int | None) -> dict[str, float]:
+    """POST size bytes through base; throughput, and the proxy's RSS growth."""
+    sampler = RSSSampler(pid) if pid is not None else None
+    report = loadgen_json("blob", base + "/api/blobs/sha256:" + "0" * 64, str(size))
+    result = {
+        "status": report["status"],
+        "seconds": report["seconds"],
+        "mib_per_s": size / 2**20 / report["seconds"],
+    }
+    if sampler is not None:
+        baseline, peak = sampler.stop()
+        result.update(baseline_mb=baseline / 1e6, growth_mb=(peak - baseline) / 1e6)
+    return result
+
+
+# --- the tables ---------------------------------------------------------------------------
+
+
+def delay_table(rows: dict[str, dict[str, float]], streams: int) -> str:
+    """Per-line delay of NDJSON streams, and what each proxy adds to direct's."""
+    direct = rows.get("direct")
+    out = []
+    for name, r in rows.items():
+        added50 = (r["p50"] - direct["p50"]) * 1e3 if direct and name != "direct" else None
+        added99 = (r["p99"] - direct["p99"]) * 1e3 if direct and name != "direct" else None
+        out.append(
+            [
+                name,
+                f"{r['lines']:.0f}",
+                f"{r['p50'] * 1e3:.2f}",
+                f"{r['p99'] * 1e3:.2f}",
+                f"{r['max'] * 1e3:.1f}",
+                "-" if added50 is None else f"{added50:.2f}",
+                "-" if added99 is None else f"{added99:.2f}",
+                f"{r['errors']:.0f}",
+            ]
+        )
+    header = ["target", "lines", "p50 ms", "p99 ms", "max ms", "added p50", "added p99", "errors"]
+    title = (
+        f"NDJSON streams: {streams} concurrent, 20 lines/s each; delay from the backend's "
+        "write to the load generator's read, per line"
+    )
+    return title + "\n\n" + rst_table(header, out)
+
+
+def memory_table(rows: dict[str, dict[str, float]], streams: int) -> str:
+    out = [
+        [
+            name,
+            f"{r['opened']:.0f}",
+            f"{r['baseline_mb']:.1f}",
+            f"{r['held_mb']:.1f}",
+            f"{r['peak_mb']:.1f}",
+            f"{r['errors']:.0f}",
+        ]
+        for name, r in rows.items()
+    ]
+    header = ["proxy", "streams open", "idle RSS MB", "RSS held MB", "peak RSS MB", "errors"]
+    title = f"Memory: {streams} streams opened at once and held (a line a second each)"
+    return title + "\n\n" + rst_table(header, out)
+
+
+def blob_table(rows: dict[str, dict[str, float]], size: int) -> str:
+    out = [
+        [
+            name,
+            f"{r['status']:.0f}",
+            f"{r['seconds']:.2f}",
+            f"{r['mib_per_s']:.0f}",
+            f"{r['growth_mb']:.1f}" if "growth_mb" in r else "-",
+        ]
+        for name, r in rows.items()
+    ]
+    header = ["target", "status", "seconds", "MiB/s", "RSS growth MB"]
+    title = f"Upload: one POST of {size / 2**20:.0f} MiB (a model blob) to a backend that drops it"
+    return title + "\n\n" + rst_table(header, out)
+
+
+# --- the parts ----------------------------------------------------------------------------
+
+
+@parts.register(
+    "streams", "--streams concurrent NDJSON streams: each line's delay, p50/p99/max", servers
+)
+def streams(context: parts.Context, targets: Targets) -> parts.Measured:
+    """Per-chunk delay at many streams."""
+    args = context.args
+    print(
+        f"Timing NDJSON lines of {args.streams} concurrent streams, {args.seconds:g} s "
+        "each target:",
+        file=sys.stderr,
+    )
+    rows = {}
+    for name, base in targets.bases.items():
+        rows[name] = loadgen_json("delay", base, str(args.streams), str(args.seconds))
+        print(
+            f"  {name:<14} {_ms(rows[name]['p50'])} p50, {_ms(rows[name]['p99'])} p99, "
+            f"{rows[name]['lines']:.0f} lines, errors {rows[name]['errors']:.0f}",
+            file=sys.stderr,
+        )
+    report = delay_table(rows, args.streams)
+    return parts.Measured(rows, report + against_base(rows, {"p50": "p50", "p99": "p99"}))
+
+
+@parts.register("memory", "--hold slow streams held open: each proxy's RSS, peak", servers)
+def memory(context: parts.Context, targets: Targets) -> parts.Measured:
+    """RSS with many streams open."""
+    args = context.args
+    print(f"Holding {args.hold} streams open through each proxy:", file=sys.stderr)
+    rows = {}
+    for name, base in targets.bases.items():
+        if name == "direct":
+            continue
+        rows[name] = hold_rss(base, args.hold, targets.pid(name))
+        print(f"  {name:<14} {rows[name]}", file=sys.stderr)
+    report = memory_table(rows, args.hold)
+    found = {"baseline_mb": "idle RSS", "held_mb": "RSS held", "peak_mb": "peak RSS"}
+    return parts.Measured(rows, report + against_base(rows, found))
+
+
+@parts.register("blob", "one POST of --blob bytes: time, MiB/s, the proxy's RSS growth", servers)
+def blob(context: parts.Context, targets: Targets) -> parts.Measured:
+    """A big upload."""
+    args = context.args
+    print(f"Uploading {args.blob / 2**20:.0f} MiB through each target:", file=sys.stderr)
+    rows = {}
+    for name, base in targets.bases.items():
+        rows[name] = blob_rss(base, args.blob, targets.pid(name) if name != "direct" else None)
+        print(f"  {name:<14} {rows[name]}", file=sys.stderr)
+    report = blob_table(rows, args.blob)
+    return parts.Measured(rows, report + against_base(rows, {"mib_per_s": "MiB/s"}))
