@@ -1,3 +1,5 @@
+"""python -m ollana: the ollana command."""
+
 from ollana.cli import main
 
 main()

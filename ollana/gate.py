@@ -31,6 +31,7 @@ def parse_network(text: str, option: str = "--allow") -> Network:
 TEREDO = ipaddress.ip_network("2001::/32")  # "private" to Python, reachable from anywhere
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every request: sources repeat
 def local_network_address(host: str) -> bool:
     """Loopback, private (RFC 1918, unique-local, and the other private-use ranges of the
     IANA registries, 198.18.0.0/15 included), or link-local: the default allow-list."""

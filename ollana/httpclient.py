@@ -172,7 +172,7 @@ class UpstreamAgent:
             return
         self._idle[connection.origin] = idle
         idle.append(connection)
-        connection.idle_since(self.reactor.callLater(self.idle_timeout, connection.close))
+        connection.idle_for(self.idle_timeout)
 
     def forget(self, connection: Connection) -> None:
         """A connection is closing or dropped: it is not handed out again."""
@@ -278,12 +278,12 @@ def split_origin(uri: bytes) -> tuple[bytes, bytes]:
     -> (``http://h``, ``/?q``)."""
     start = uri.find(b"://")
     start = start + 3 if start >= 0 else 0
-    ends = [i for i in (uri.find(b"/", start), uri.find(b"?", start)) if i >= 0]
-    if not ends:
-        return uri, b"/"
-    end = min(ends)
-    path = uri[end:]
-    return uri[:end], path if path.startswith(b"/") else b"/" + path
+    slash, query = uri.find(b"/", start), uri.find(b"?", start)
+    if slash < 0 or 0 <= query < slash:
+        if query < 0:
+            return uri, b"/"
+        return uri[:query], b"/" + uri[query:]
+    return uri[:slash], uri[slash:]
 
 
 class Call:
@@ -463,8 +463,20 @@ class Connection(Protocol):
             self._handshake_timer.cancel()
             self._handshake_timer = None
 
-    def idle_since(self, timer: IDelayedCall) -> None:
-        self._idle_timer = timer
+    def idle_for(self, seconds: float) -> None:
+        """Close the connection if it is still idle in seconds. One timer for its whole
+        life, pushed back each time it idles (a reset costs less than a timer per
+        request); one that fires while the connection is busy does nothing."""
+        timer = self._idle_timer
+        if timer is not None and timer.active():
+            timer.reset(seconds)
+        else:
+            self._idle_timer = self.agent.reactor.callLater(seconds, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        if self.state == "IDLE":
+            self.close()
 
     # Sending.
 
@@ -472,10 +484,7 @@ class Connection(Protocol):
         """Send call's request (IDLE -> BUSY)."""
         if self.state != "IDLE":
             raise RuntimeError(f"a request sent on a {self.state} connection")
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
-        self._idle_timer = None
-        self.state = "BUSY"
+        self.state = "BUSY"  # the idle timer, if any, is left to fire for nothing
         self.answer = "WAITING"
         self.call = call
         call.connection = self
@@ -783,13 +792,15 @@ class Connection(Protocol):
         return self.state == "BUSY" or self.state == "IDLE"
 
 
-def connection_tokens(headers: Headers) -> set[bytes]:
+def connection_tokens(headers: Headers) -> frozenset[bytes]:
     """The options a message's Connection headers name (close, keep-alive, header names)."""
-    return {
-        token.strip().lower()
-        for value in headers.getRawHeaders(b"connection", [])
-        for token in value.split(b",")
-    }
+    values = headers.getRawHeaders(b"connection")
+    if not values:
+        return NO_TOKENS
+    return frozenset(token.strip().lower() for value in values for token in value.split(b","))
+
+
+NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 def _keeps_alive(version: str, headers: Headers) -> bool:

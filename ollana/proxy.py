@@ -236,45 +236,47 @@ class Exchange:
 
     _whole = False  # the body is read whole before the router plans where it goes
     _not_found: tuple[str, ...] = ()  # the servers that said 404 for the request's model
+    client_gone = False
+    timed_out = False
+    _waited = 0.0  # how long the upstream had owed us when it timed out
+    down: str | None = None  # why the upstream was found down during the attempt
+    awaiting_head = False  # the attempt has sent its request and awaits the answer
+    responding = False
+    relay: ResponseRelay | None = None
+    upstream: Upstream | None = None
+    body: RequestBody | None = None
+    scanner: ModelScanner | None = None
+    _keyed: str | None = None  # the model found, while the key's body comes in
+    _queue_at: Upstream | None = None  # the first server that said busy
+    _stall_check: IDelayedCall | None = None  # a stream's, once its upstream is down
+    _may_queue_elsewhere = False  # this attempt said QUEUE_HEADER
+    _tail: tuple[bytes, bytes] | None = None  # the last two chunks of a generation
+    _received_size = 0
+    _active: Upstream | None = None
+    # What the exchange waits on now: an attempt, an answer made here, or a 404's body.
+    _pending: (
+        defer.Deferred[IResponse] | defer.Deferred[LocalAnswer] | defer.Deferred[bytes] | None
+    ) = None
+    _answer: IResponse | None = None
+    _cancelled = False
+    first_byte: float | None = None
+    bytes_in = 0
+    _counted = False
 
     def __init__(self, proxy: ProxySettings, request: IDownstream, length: int | None) -> None:
+        # (What every exchange starts with is set on the class, below the docstring: an
+        # assignment less per field and request.)
         self.proxy = proxy
         self.router = proxy.router
         self.request = request
         self.length = length
-        self.client_gone = False
         self.client_complete = length == 0
-        self.timed_out = False
-        self._waited = 0.0  # how long the upstream had owed us when it timed out
-        self.down: str | None = None  # why the upstream was found down during the attempt
-        self.awaiting_head = False  # the attempt has sent its request and awaits the answer
-        self.responding = False
-        self.relay: ResponseRelay | None = None
         first = min(proxy.idle_timeout, proxy.first_byte_timeout)
         self._idle = IdleTimer(proxy.clock, first, self._limit, self._went_idle)
-        self.upstream: Upstream | None = None
-        self.body: RequestBody | None = None
-        self.scanner: ModelScanner | None = None
         self.candidates: list[Upstream] = []
         self.reasons: list[str] = []
-        self._keyed: str | None = None  # the model found, while the key's body comes in
-        self._queue_at: Upstream | None = None  # the first server that said busy
-        self._stall_check: IDelayedCall | None = None  # a stream's, once its upstream is down
-        self._may_queue_elsewhere = False  # this attempt said QUEUE_HEADER
-        self._tail: tuple[bytes, bytes] | None = None  # the last two chunks of a generation
         self._received: list[bytes] | None = []  # the body so far, while it can be resent
-        self._received_size = 0
-        self._active: Upstream | None = None
-        # What the exchange waits on now: an attempt, an answer made here, or a 404's body.
-        self._pending: (
-            defer.Deferred[IResponse] | defer.Deferred[LocalAnswer] | defer.Deferred[bytes] | None
-        ) = None
-        self._answer: IResponse | None = None
-        self._cancelled = False
         self.arrived = proxy.clock.seconds()
-        self.first_byte: float | None = None
-        self.bytes_in = 0
-        self._counted = False
         proxy.metrics.started()
         self.response: defer.Deferred[IResponse | LocalAnswer] = defer.Deferred(self._cancel)
         request.notifyFinish().addCallbacks(self._request_done, self._client_left)

@@ -12,11 +12,13 @@ hooks are used; tests/test_twisted_contract.py checks the order they are called 
 
 from __future__ import annotations
 
+import functools
 import io
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import (
+    IAddress,
     IDelayedCall,
     IPushProducer,
     IReactorTime,
@@ -24,10 +26,11 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import version as server_version
 from zope.interface import implementer
 
 from ollana.access import access
@@ -43,6 +46,12 @@ log = Logger()
 
 
 # Reason phrases twisted.web.http.RESPONSES lacks, for our own answers.
+@functools.lru_cache(maxsize=2)
+def http_date(second: int) -> bytes:
+    """The Date header's value for a second (the same for every answer in it)."""
+    return datetimeToString(second)
+
+
 def host_refusal(version: bytes, headers: Headers) -> str | None:
     """Why a request's Host header makes it malformed (RFC 9112 3.2), or None."""
     hosts = headers.getRawHeaders(b"host", [])
@@ -107,6 +116,21 @@ class ProxyRequest(Request):
             return
         self.content = io.BytesIO()  # stays empty: the body goes upstream instead
         self.exchange = Exchange(proxy, self, length)
+
+    def process(self) -> None:
+        """A relayed request goes to its exchange at once: twisted.web's resource lookup
+        (Request.process) has nothing to find for it. The rest is as process does it."""
+        exchange = self.exchange
+        if exchange is None or self.refused or self.cors_status is not None:
+            super().process()
+            return
+        self.site = self.channel.site  # type: ignore[attr-defined]  # (set by Site)
+        self.setHeader(b"server", server_version)
+        self.setHeader(b"date", http_date(int(self.clock.seconds())))
+        try:
+            exchange.respond()
+        except BaseException:
+            self.processingFailed(Failure())
 
     def refuse(self, code: int, message: str) -> None:
         """Answer at once, before the body, and close: the client need not send it all."""
@@ -224,6 +248,7 @@ class ProxyChannel(HTTPChannel):
     _headers_due: IDelayedCall | None = None
     _parsing = False  # in dataReceived: Twisted's parser is the one acting
     _reading_head = True  # awaiting or reading a request's head (line and headers)
+    _timing_head = False  # a head has begun and the header timer counts for it
     _answered = False  # an answer of our own was written: the connection is closing
 
     def connectionMade(self) -> None:
@@ -234,7 +259,20 @@ class ProxyChannel(HTTPChannel):
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
+        # Asked of every request (twisted.web's Request asks at its start, the exchange for
+        # X-Forwarded-*); the same for the whole connection, so read once.
+        self._secure = super().isSecure()
+        self._host, self._peer = super().getHost(), super().getPeer()
         self.site.opened(self)
+
+    def isSecure(self) -> bool:
+        return self._secure
+
+    def getHost(self) -> IAddress:
+        return self._host
+
+    def getPeer(self) -> IAddress:
+        return self._peer
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_header_timer()
@@ -244,9 +282,16 @@ class ProxyChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         # A request's head (line and headers) must all come within the gate's
         # header_timeout of its first byte: a client that trickles it (slowloris) is cut off.
-        if self._headers_due is None and data and self._reading_head:
+        # One timer per connection, pushed back for each head (a reset is cheaper than a
+        # new timer per request); once a head is in, it is left to fire for nothing.
+        if not self._timing_head and data and self._reading_head:
+            self._timing_head = True
             timeout = self.site.proxy.gate.header_timeout
-            self._headers_due = self.callLater(timeout, self._headers_overdue)
+            due = self._headers_due
+            if due is not None and due.active():
+                due.reset(timeout)
+            else:
+                self._headers_due = self.callLater(timeout, self._headers_overdue)
         parsing, self._parsing = self._parsing, True
         try:
             super().dataReceived(data)
@@ -290,8 +335,7 @@ class ProxyChannel(HTTPChannel):
         super().timeoutConnection()
 
     def allHeadersReceived(self) -> None:
-        self._reading_head = False
-        self._stop_header_timer()
+        self._reading_head = self._timing_head = False
         super().allHeadersReceived()
 
     def _stop_header_timer(self) -> None:
@@ -301,7 +345,8 @@ class ProxyChannel(HTTPChannel):
 
     def _headers_overdue(self) -> None:
         self._headers_due = None
-        self.answer_and_close(408, "ollana: request headers took too long")
+        if self._timing_head:
+            self.answer_and_close(408, "ollana: request headers took too long")
 
     def allContentReceived(self) -> None:
         request = self.requests[-1]

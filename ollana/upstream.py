@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, error
@@ -58,6 +58,11 @@ class Upstream:
     # Told the status of the answer that is relayed from here (what the router learns of a
     # model management request: a blob stored, a model made).
     on_answer: Callable[[int], object] | None = field(default=None, compare=False, repr=False)
+
+    def asked(self, model: str | None, key: str | None) -> Upstream:
+        """This upstream for one request's model and affinity key (dataclasses.replace
+        spelt out: it runs for every request, and replace's generic way cost 2 % of one)."""
+        return Upstream(self.url, self.peer, self.server, model, key, self.route, self.on_answer)
 
 
 class NoUpstream(Exception):
@@ -164,7 +169,7 @@ class Router:
         """The upstreams to try, in order (at least one), or NoUpstream."""
         if self.upstream is None:
             raise NoUpstream("ollana: no upstream configured")
-        return [replace(self.upstream, model=model, key=key)]
+        return [self.upstream.asked(model, key)]
 
     def answered(self, upstream: Upstream, watcher: Watcher, headers: Headers) -> None:
         """The upstream's answer to the request has begun (its head, any status)."""

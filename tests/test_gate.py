@@ -178,6 +178,26 @@ class LimitTests(SynchronousTestCase):
         proxy.reactor.advance(5)
         self.assertEqual(head(proxy.response())[0], b"HTTP/1.1 408 Request Time-out")
 
+    def test_each_head_is_timed_from_its_own_first_byte_by_one_timer(self) -> None:
+        """The connection's one header timer is pushed back for each head: many requests
+        leave one timer, and the next head has its whole header_timeout."""
+        proxy = ProxyHarness(self, gate=Gate(header_timeout=30))
+        proxy.send(GET)
+        proxy.connect()
+        proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        timers = len(proxy.reactor.getDelayedCalls())
+        for _ in range(50):
+            proxy.send(GET)
+            proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertEqual(len(proxy.reactor.getDelayedCalls()), timers)
+        proxy.reactor.advance(20)
+        proxy.client.clear()
+        proxy.send(b"GET /api/ps HTTP/1.1\r\n")
+        proxy.reactor.advance(29)
+        self.assertEqual(proxy.response(), b"")
+        proxy.reactor.advance(1)
+        self.assertEqual(head(proxy.response())[0], b"HTTP/1.1 408 Request Time-out")
+
     def test_a_body_is_not_timed_as_a_head(self) -> None:
         proxy = ProxyHarness(self, gate=Gate(header_timeout=30))
         proxy.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n")

@@ -35,6 +35,7 @@ from ollana.httpclient import (
     SwitchedProtocols,
     TLSHandshakeTimeout,
     UpstreamAgent,
+    split_origin,
 )
 from ollana.upstream import UpstreamEndpoints, describe_error, make_agent
 from tests.support.http import FakeUpstreams, after_head, head, header_values
@@ -1622,3 +1623,16 @@ class LoopbackHandshakeTests(TestCase):
         self.assertEqual(await readBody(response), b"{}")
         await agent.closeCachedConnections()
         await upstreams.accepted[0].lost
+
+
+class SplitOriginTests(SynchronousTestCase):
+    def test_origin_and_request_target(self) -> None:
+        cases = {
+            b"http://h:1/api/tags?q=1": (b"http://h:1", b"/api/tags?q=1"),
+            b"http://h:1?q=/x": (b"http://h:1", b"/?q=/x"),
+            b"http://h:1": (b"http://h:1", b"/"),
+            b"http://h:1/": (b"http://h:1", b"/"),
+            b"https://[::1]:2/a/b": (b"https://[::1]:2", b"/a/b"),
+        }
+        for uri, expected in cases.items():
+            self.assertEqual(split_origin(uri), expected, uri)

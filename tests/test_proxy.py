@@ -158,7 +158,7 @@ class ResponseRelayTests(SynchronousTestCase):
         for _ in range(100):
             self.proxy.answer(b"1\r\nx\r\n")
             self.proxy.reactor.advance(5)
-        self.assertEqual(len(self.proxy.reactor.getDelayedCalls()), timers)
+        self.assertLessEqual(len(self.proxy.reactor.getDelayedCalls()), timers)
         producer(self.proxy.client).pauseProducing()  # the client's wait, not the upstream's
         self.proxy.reactor.advance(1000)
         self.assertFalse(self.proxy.client.disconnecting)

@@ -372,3 +372,44 @@ class SummaryTests(SynchronousTestCase):
         summary = Summary(Logger(observer=self.events), self.clock, level=LogLevel.info)
         summary("Refused {client}", client="a")
         self.assertEqual(self.events[0]["log_level"], LogLevel.info)
+
+
+class RelayedAnswerHeadTests(SynchronousTestCase):
+    """A relayed request skips twisted.web's resource lookup (ProxyRequest.process) but
+    its answer's head is as twisted.web would start it."""
+
+    def test_date_of_the_second_unless_the_upstream_sent_one(self) -> None:
+        proxy = ProxyHarness(self)
+        ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+        proxy.reactor.advance(0.7)
+        proxy.send(GET)
+        proxy.connect()
+        proxy.answer(ok)
+        self.assertEqual(
+            header_values(proxy.response(), b"date"), [b"Thu, 01 Jan 1970 00:00:00 GMT"]
+        )
+        proxy.client.clear()
+        proxy.reactor.advance(0.5)  # the next second
+        proxy.send(GET)
+        proxy.answer(ok)
+        self.assertEqual(
+            header_values(proxy.response(), b"date"), [b"Thu, 01 Jan 1970 00:00:01 GMT"]
+        )
+        proxy.client.clear()
+        proxy.send(GET)
+        proxy.answer(b"HTTP/1.1 200 OK\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\n"
+                     b"Content-Length: 2\r\n\r\n{}")  # fmt: skip
+        self.assertEqual(
+            header_values(proxy.response(), b"date"), [b"Mon, 01 Jan 2024 00:00:00 GMT"]
+        )
+
+    def test_upstream_server_header_is_passed_and_twisted_webs_is_not(self) -> None:
+        proxy = ProxyHarness(self)
+        proxy.send(GET)
+        proxy.connect()
+        proxy.answer(b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertEqual(header_values(proxy.response(), b"server"), [b"nginx"])
+        proxy.client.clear()
+        proxy.send(GET)
+        proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertEqual(header_values(proxy.response(), b"server"), [])

@@ -46,6 +46,10 @@ class RecordingRequest(Request):
         self.log("requestReceived", command, path, version)
         super().requestReceived(command, path, version)
 
+    def process(self) -> None:
+        self.log("process", self.method, self.path)
+        super().process()
+
     def connectionLost(self, reason: Failure) -> None:
         self.log("Request.connectionLost", reason.type)
         super().connectionLost(reason)
@@ -192,7 +196,7 @@ class HookOrderTests(ContractCase):
         )
         self.channel.dataReceived(b"{}")
         self.assertEqual(
-            [e for e in self.channel.events if e[0] != "lineReceived"],
+            [e for e in self.channel.events if e[0] not in ("lineReceived", "process")],
             [
                 ("allHeadersReceived",),
                 ("gotLength", Request.method, [b"x"]),
@@ -204,6 +208,19 @@ class HookOrderTests(ContractCase):
             "yet Request.method, the body, HTTPChannel.allContentReceived and only then "
             "Request.requestReceived",
         )
+
+    def test_requestReceived_hands_the_request_to_process(self) -> None:
+        """ProxyRequest.process starts a relayed answer; everything before it is set."""
+        self.channel.dataReceived(b"GET /api/tags?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(
+            [e for e in self.channel.events if e[0] in ("requestReceived", "process")],
+            [
+                ("requestReceived", b"GET", b"/api/tags?x=1", b"HTTP/1.1"),
+                ("process", b"GET", b"/api/tags"),
+            ],
+            "Request.requestReceived sets method and path, then calls Request.process",
+        )
+        self.assertEqual(len(self.resource.requests), 1, "Request.process renders")
 
     def test_a_request_kept_meanwhile_is_read_in_requestDone(self) -> None:
         self.channel.dataReceived(
