@@ -21,7 +21,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import IO
 
 from twisted.internet.interfaces import IDelayedCall, IReactorCore, IReactorTime
 from twisted.logger import (
@@ -144,7 +144,7 @@ def json_line(event: LogEvent) -> str:
     """The event as one line of JSON: time, level, namespace, message, then its own fields
     (repr'd unless plain) and a failure's traceback."""
     level = event.get("log_level")
-    record: dict[str, Any] = {
+    record: dict[str, object] = {
         "time": utc_time(event.get("log_time", 0)),
         "level": getattr(level, "name", "info"),
         "namespace": event.get("log_namespace", ""),
@@ -345,9 +345,9 @@ class Summary:
         self.level = level
         self._due: IDelayedCall | None = None  # set while an interval runs
         self._repeats = 0
-        self._last: tuple[str, dict[str, Any]] = ("", {})
+        self._last: tuple[str, dict[str, object]] = ("", {})
 
-    def __call__(self, format: str, **fields: Any) -> None:
+    def __call__(self, format: str, **fields: object) -> None:
         """Log this line now, or count it if a line of this kind was logged recently."""
         if self._due is None:
             self.logger.emit(self.level, format, **fields)

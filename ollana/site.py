@@ -26,6 +26,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource, getChildForRequest
@@ -136,7 +137,8 @@ class ProxyRequest(Request):
         """Answer at once, before the body, and close: the client need not send it all."""
         self.refused = True
         self.content = io.BytesIO()
-        channel: Any = self.channel
+        channel = self.channel
+        assert isinstance(channel, ProxyChannel)  # the only channel that makes these
         channel.answer_and_close(code, message)
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -359,7 +361,7 @@ class ProxyChannel(HTTPChannel):
 
     def answer_and_close(self, code: int, message: str) -> None:
         """An error answer of our own, then the end of the connection."""
-        transport: Any = self.transport
+        transport = self.transport
         if transport is None or self._answered:
             return
         self._answered = True
@@ -389,7 +391,7 @@ class ProxyResource(Resource):
 
     isLeaf = True
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> bytes | int:
         if getattr(request, "refused", False):
             return NOT_DONE_YET  # answered already; the connection is closing
         cors_status = getattr(request, "cors_status", None)
@@ -424,7 +426,8 @@ class ProxySite(Site):
         self._drained: defer.Deferred[None] | None = None
         self._summaries: dict[object, Summary] = {}
 
-    def buildProtocol(self, addr: Any) -> Any:
+    # Any: a ProxyChannel, a BusyAnswer or None, which callers (tests too) tell apart.
+    def buildProtocol(self, addr: IAddress | None) -> Any:
         """A channel for an admitted source within the connection caps; past a cap, a
         BusyAnswer; None, which closes the connection at once, for a source not admitted
         or past BUSY_AT_ONCE."""
@@ -517,11 +520,11 @@ class ProxySite(Site):
             if channel.transport is not None:
                 channel.transport.abortConnection()  # type: ignore[attr-defined]
 
-    def log(self, request: Any) -> None:
+    def log(self, request: http.Request) -> None:
         """One access line per request: the exchange's own, or this for the rest."""
         if getattr(request, "exchange", None) is None:
             duration = self.proxy.clock.seconds() - getattr(request, "arrived", 0.0)
-            access(request, None, request.code, duration, 0)
+            access(IDownstream(request), None, request.code, duration, 0)
 
 
 def _peer_host(connection: Protocol) -> str | None:
