@@ -12,16 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import error
-from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import HTTPChannel
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import Request, Site
 
-CLIENT = IPv4Address("TCP", "198.18.0.50", 40000)
+from tests.support.http import CLIENT, Silent
 
 
 class RecordingRequest(Request):
@@ -93,20 +91,6 @@ class RecordingChannel(HTTPChannel):
         super().timeoutConnection()
 
 
-class Pending(Resource):
-    """Answers nothing until the test finishes a request."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[Request] = []
-
-    def render(self, request: Request) -> Any:
-        self.requests.append(request)
-        return NOT_DONE_YET
-
-
 class RecordingSite(Site):
     protocol = RecordingChannel  # type: ignore[assignment]
 
@@ -116,7 +100,7 @@ class ContractCase(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.resource = Pending()
+        self.resource = Silent()
         self.site = RecordingSite(self.resource, requestFactory=RecordingRequest,
                                   reactor=self.clock)  # fmt: skip
         self.connect()
@@ -220,7 +204,7 @@ class HookOrderTests(ContractCase):
             ],
             "Request.requestReceived sets method and path, then calls Request.process",
         )
-        self.assertEqual(len(self.resource.requests), 1, "Request.process renders")
+        self.assertEqual(len(self.resource.pending), 1, "Request.process renders")
 
     def test_a_request_kept_meanwhile_is_read_in_requestDone(self) -> None:
         self.channel.dataReceived(
@@ -233,7 +217,7 @@ class HookOrderTests(ContractCase):
             "HTTPChannel keeps the next request's bytes while one is answered",
         )
         del self.channel.events[:]
-        self.answer(self.resource.requests[0])
+        self.answer(self.resource.pending[0])
         self.assertEqual(
             self.names(),
             ["requestDone", "lineReceived", "lineReceived", "requestDone ended"],
@@ -244,7 +228,7 @@ class HookOrderTests(ContractCase):
     def test_requestDone_closes_a_connection_that_is_not_persistent(self) -> None:
         self.channel.dataReceived(b"GET /a HTTP/1.0\r\n\r\nGET /b HTTP/1.0\r\n")
         del self.channel.events[:]
-        self.answer(self.resource.requests[0])
+        self.answer(self.resource.pending[0])
         self.assertEqual(self.names(), ["requestDone", "loseConnection", "requestDone ended"],
                          "HTTPChannel.requestDone: closes when HTTPChannel.persistent is "
                          "false, reading no more")  # fmt: skip
