@@ -3,24 +3,21 @@
 Each Metrics has a registry of its own, so one process can hold several (tests do).
 Counts that other parts already keep (the pool's servers, the discovery protocols'
 datagrams, server mode's load report) are read when scraped rather than copied.
+prometheus_client is imported at the first scrape, not with this module: a node nobody
+scrapes never loads it (1.2 MB of its resident memory).
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Protocol
-
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.utils import floatToGoString
+from typing import TYPE_CHECKING, Protocol
 
 from ollana.interfaces import IServerState
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import HistogramMetricFamily, Metric
 
 # Seconds: from a few milliseconds (a listing) to many minutes (a long generation).
 TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -40,7 +37,8 @@ class Metrics:
     """
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self._collectors: list[_Computed] = []
+        self._registry: CollectorRegistry | None = None
         self.in_flight = 0
         self.requests: dict[tuple[str, int], int] = {}  # (peer, status) -> answered
         self.first_byte = Buckets(TTFB_BUCKETS)
@@ -52,9 +50,23 @@ class Metrics:
         self.evaluated_tokens = 0
         self.watch(self._requests)
 
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The registry scrapes read: made (and prometheus_client imported) on first use."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            self._registry = CollectorRegistry(auto_describe=True)
+            for collector in self._collectors:
+                self._registry.register(collector)
+        return self._registry
+
     def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Add metrics computed at each scrape (from the pool, the discovery protocols)."""
-        self.registry.register(_Computed(collect))
+        collector = _Computed(collect)
+        self._collectors.append(collector)
+        if self._registry is not None:
+            self._registry.register(collector)
 
     def started(self) -> None:
         """A request is under way."""
@@ -85,6 +97,8 @@ class Metrics:
         self.evaluated_tokens += max(0, evaluated)
 
     def _requests(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         yield GaugeMetricFamily(
             "ollana_requests_in_flight", "Requests under way.", value=self.in_flight
         )
@@ -136,6 +150,9 @@ class Buckets:
         self.sum += value
 
     def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        from prometheus_client.core import HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
         cumulative, buckets = 0, []
         for bound, count in zip(
             [*map(floatToGoString, self.bounds), "+Inf"], self.counts, strict=True
@@ -178,6 +195,8 @@ class DatagramCounts(Protocol):
 
 def peer_metrics(peers: Iterable[Server]) -> Iterator[Metric]:
     """Servers by health, for a pool's peers."""
+    from prometheus_client.core import GaugeMetricFamily
+
     states = GaugeMetricFamily("ollana_peers", "Known servers, by health.", labels=["state"])
     usable = [peer for peer in peers if peer.usable]
     healthy = sum(1 for peer in usable if peer.healthy)
@@ -188,6 +207,8 @@ def peer_metrics(peers: Iterable[Server]) -> Iterator[Metric]:
 
 def discovery_metrics(protocols: Iterable[DatagramCounts]) -> Iterator[Metric]:
     """Discovery datagrams sent, received and rejected, summed over the given protocols."""
+    from prometheus_client.core import CounterMetricFamily
+
     packets = CounterMetricFamily(
         "ollana_discovery_packets", "Discovery datagrams.", labels=["direction"]
     )
@@ -203,6 +224,8 @@ def load_metrics(state: IServerState | None) -> Iterator[Metric]:
     report (client mode)."""
     if state is None:
         return
+    from prometheus_client.core import GaugeMetricFamily
+
     requests = GaugeMetricFamily(
         "ollana_ollama_requests", "Requests being relayed to the Ollama, by model: in flight, "
         "and of those waiting for the first byte.", labels=["model", "state"],

@@ -7,8 +7,6 @@ import socket
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
-import psutil
-
 from ollana.config import LIMITED_BROADCAST
 
 
@@ -64,5 +62,7 @@ def broadcast_addresses(
 
 def default_broadcast_addresses() -> list[str]:
     """This machine's directed broadcast addresses, or the limited broadcast if none."""
+    import psutil  # here, not at the top: only discovery asks, and psutil costs 0.8 MB
+
     found = broadcast_addresses(psutil.net_if_addrs(), psutil.net_if_stats())
     return found or [LIMITED_BROADCAST]

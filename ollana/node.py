@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -62,6 +62,9 @@ from ollana.site import ProxySite
 from ollana.status import StatusPages, peer_status, state_status
 from ollana.tls import ClientTLS
 from ollana.upstream import TLSPolicy, make_agent
+
+if TYPE_CHECKING:  # imported at the first scrape, by ollana.metrics
+    from prometheus_client import CollectorRegistry
 
 log = Logger()
 

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TypeVar
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -176,6 +175,9 @@ class MetricsPage(_NodePage):
     """/ollana/metrics: the node's registry in Prometheus' text format."""
 
     def render_GET(self, request: Request) -> bytes:
+        # Here, not at the top: a node nobody scrapes never loads prometheus_client.
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self.node.registry)
 
