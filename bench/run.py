@@ -36,11 +36,13 @@ Parts (``--parts``):
 - **streams**: ``--streams`` (200) clients POST /api/generate back to back to a
   streaming backend (``bench.servers streamer``: 20 to 60 NDJSON lines, 20 a second,
   each stamped with the time it was written) and every line's delay is measured at the
-  client (``bench.streams``); p50/p99/max, and what each proxy adds to direct's.
+  client (``bench.streams``); p50/p99/max, and what each proxy adds to direct's. With
+  ``--rounds N``, each target's round with the median p99.
 - **memory**: ``--hold`` (1,000) slow streams opened at once and held; the proxy's RSS
   (nginx: master and worker) before, while held, and at its peak (sampled every 20 ms).
 - **blob**: one POST of ``--blob`` bytes (1 GiB) to a backend that drops it: time,
-  throughput and the proxy's RSS growth.
+  throughput and the proxy's RSS growth. With ``--rounds N``, each target's round with
+  the median throughput.
 - **timings** (``bench.timings``): from starting a server process to the first answer
   through a client that finds it by loopback broadcast; and a client with two servers
   under steady load, one SIGKILLed: failed requests, how soon no request went to it.
@@ -102,7 +104,10 @@ def options() -> argparse.ArgumentParser:
     )
     parser.add_argument("--path", default="/api/version", help="the GET measured [/api/version]")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="of the small GET, interleaved; medians [1]"
+        "--rounds",
+        type=int,
+        default=1,
+        help="of the small GET, streams and upload, interleaved; medians [1]",
     )
     parser.add_argument(
         "--loadgen",

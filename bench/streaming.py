@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from bench import parts
@@ -147,6 +147,24 @@ def blob_table(rows: dict[str, dict[str, float]], size: int) -> str:
 # --- the parts ----------------------------------------------------------------------------
 
 
+def interleaved(
+    context: parts.Context,
+    targets: Targets,
+    measure: Callable[[str, str], dict[str, float]],
+    key: str,
+) -> dict[str, dict[str, float]]:
+    """Each target measured once a round, in --rounds interleaved rounds; for each, the
+    round with the median ``key``."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets.bases}
+    for number in range(context.args.rounds):
+        if context.args.rounds > 1:
+            print(f" round {number + 1} of {context.args.rounds}:", file=sys.stderr)
+        for name, base in targets.bases.items():
+            runs[name].append(measure(name, base))
+    return {name: sorted(rows, key=lambda row: row[key])[len(rows) // 2]
+            for name, rows in runs.items()}  # fmt: skip
+
+
 @parts.register(
     "streams", "--streams concurrent NDJSON streams: each line's delay, p50/p99/max", servers
 )
@@ -158,14 +176,17 @@ def streams(context: parts.Context, targets: Targets) -> parts.Measured:
         "each target:",
         file=sys.stderr,
     )
-    rows = {}
-    for name, base in targets.bases.items():
-        rows[name] = loadgen_json("delay", base, str(args.streams), str(args.seconds))
+
+    def delays(name: str, base: str) -> dict[str, float]:
+        row = loadgen_json("delay", base, str(args.streams), str(args.seconds))
         print(
-            f"  {name:<14} {_ms(rows[name]['p50'])} p50, {_ms(rows[name]['p99'])} p99, "
-            f"{rows[name]['lines']:.0f} lines, errors {rows[name]['errors']:.0f}",
+            f"  {name:<14} {_ms(row['p50'])} p50, {_ms(row['p99'])} p99, "
+            f"{row['lines']:.0f} lines, errors {row['errors']:.0f}",
             file=sys.stderr,
         )
+        return row
+
+    rows = interleaved(context, targets, delays, "p99")
     report = delay_table(rows, args.streams)
     return parts.Measured(rows, report + against_base(rows, {"p50": "p50", "p99": "p99"}))
 
@@ -191,9 +212,12 @@ def blob(context: parts.Context, targets: Targets) -> parts.Measured:
     """A big upload."""
     args = context.args
     print(f"Uploading {args.blob / 2**20:.0f} MiB through each target:", file=sys.stderr)
-    rows = {}
-    for name, base in targets.bases.items():
-        rows[name] = blob_rss(base, args.blob, targets.pid(name) if name != "direct" else None)
-        print(f"  {name:<14} {rows[name]}", file=sys.stderr)
+
+    def upload(name: str, base: str) -> dict[str, float]:
+        row = blob_rss(base, args.blob, targets.pid(name) if name != "direct" else None)
+        print(f"  {name:<14} {row}", file=sys.stderr)
+        return row
+
+    rows = interleaved(context, targets, upload, "mib_per_s")
     report = blob_table(rows, args.blob)
     return parts.Measured(rows, report + against_base(rows, {"mib_per_s": "MiB/s"}))
