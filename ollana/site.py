@@ -46,7 +46,6 @@ from ollana.upstream import ERROR_HEADER
 log = Logger()
 
 
-# Reason phrases twisted.web.http.RESPONSES lacks, for our own answers.
 @functools.lru_cache(maxsize=2)
 def http_date(second: int) -> bytes:
     """The Date header's value for a second (the same for every answer in it)."""
