@@ -70,6 +70,7 @@ from bench.harness import (
     RSSSampler,
     get,
     machine,
+    post,
     raise_file_limit,
     stop_on_sigterm,
 )
@@ -258,16 +259,8 @@ async def generate(port: int, words: int, timeout: float) -> Answer:
 
 async def _generate(answer: Answer, port: int, words: int) -> None:
     body = json.dumps({"model": "echo", "prompt": " ".join(["word"] * words)}).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer, answer.status, headers = await post(port, b"/api/generate", body)
     try:
-        writer.write(
-            b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (port, len(body), body)
-        )
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        answer.status = int(head[0].split()[1])
-        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head)}
         answer.error = headers.get("x-ollana-error", "")
         answer.peer = headers.get("x-ollana-peer", "")
         if answer.status != 200:

@@ -17,6 +17,7 @@ description, which every benchmark prints.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import os
 import re
@@ -399,3 +400,24 @@ def raise_file_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def post(
+    port: int, path: bytes, body: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, dict[str, str]]:
+    """POST a JSON body to 127.0.0.1:port on a connection of its own (closed after the
+    answer): the reader of the answer's body, the writer to close, the status and the
+    head's headers by lower-case name."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (path, port, len(body), body)
+        )
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    except BaseException:
+        writer.close()
+        raise
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
+    return reader, writer, int(head[0].split()[1]), headers

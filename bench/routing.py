@@ -54,7 +54,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from bench import harness, parts
-from bench.harness import ROOT, Processes, code_version, get
+from bench.harness import ROOT, Processes, code_version, get, post
 from bench.tables import rst_table
 
 STRATEGIES = ("ttft", "round-robin", "least-connections", "fastest")
@@ -175,16 +175,8 @@ async def chat(port: int, body: bytes, turn: Turn, servers: dict[str, int]) -> s
 async def _chat(
     port: int, body: bytes, turn: Turn, servers: dict[str, int], began: float, text: list[str]
 ) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer, turn.status, headers = await post(port, b"/api/chat", body)
     try:
-        writer.write(
-            b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (port, len(body), body)
-        )
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        turn.status = int(head[0].split()[1])
-        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head)}
         turn.error = headers.get("x-ollana-error", "")
         turn.route = headers.get("x-ollana-route", "")
         turn.server = servers.get(headers.get("x-ollana-peer", ""), -1)
