@@ -369,6 +369,19 @@ class RSSSampler:
         return self.baseline, self.peak
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """The CPU time (user and system) the processes and their children have used so far."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        process = psutil.Process(pid)
+        for each in (process, *process.children(recursive=True)):
+            times = each.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def machine() -> str:
     """The machine in one line: CPU model, cores, memory, kernel, Python, Twisted."""
     import platform

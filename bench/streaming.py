@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from bench import parts
-from bench.harness import ROOT, Processes, RSSSampler, wait_ready
+from bench.harness import ROOT, Processes, RSSSampler, cpu_seconds, wait_ready
 from bench.tables import against_base, rst_table
 from bench.targets import Targets, proxies, running
 
@@ -100,13 +100,16 @@ def delay_table(rows: dict[str, dict[str, float]], streams: int) -> str:
                 f"{r['max'] * 1e3:.1f}",
                 "-" if added50 is None else f"{added50:.2f}",
                 "-" if added99 is None else f"{added99:.2f}",
+                f"{r['cpu_ms']:.1f}" if "cpu_ms" in r else "-",
                 f"{r['errors']:.0f}",
             ]
         )
-    header = ["target", "lines", "p50 ms", "p99 ms", "max ms", "added p50", "added p99", "errors"]
+    header = ["target", "lines", "p50 ms", "p99 ms", "max ms", "added p50", "added p99",
+              "CPU ms", "errors"]  # fmt: skip
     title = (
         f"NDJSON streams: {streams} concurrent, 20 lines/s each; delay from the backend's "
-        "write to the load generator's read, per line"
+        "write to the load generator's read, per line; CPU ms: the proxy's CPU time (both "
+        "nodes for two hops) per 1,000 lines"
     )
     return title + "\n\n" + rst_table(header, out)
 
@@ -178,17 +181,23 @@ def streams(context: parts.Context, targets: Targets) -> parts.Measured:
     )
 
     def delays(name: str, base: str) -> dict[str, float]:
+        path = targets.path(name)
+        before = cpu_seconds(path)
         row = loadgen_json("delay", base, str(args.streams), str(args.seconds))
+        if path and row["lines"]:
+            row["cpu_ms"] = (cpu_seconds(path) - before) * 1e3 / (row["lines"] / 1000)
         print(
             f"  {name:<14} {_ms(row['p50'])} p50, {_ms(row['p99'])} p99, "
-            f"{row['lines']:.0f} lines, errors {row['errors']:.0f}",
+            f"{row['lines']:.0f} lines, errors {row['errors']:.0f}"
+            + (f", CPU {row['cpu_ms']:.1f} ms per 1,000 lines" if "cpu_ms" in row else ""),
             file=sys.stderr,
         )
         return row
 
     rows = interleaved(context, targets, delays, "p99")
     report = delay_table(rows, args.streams)
-    return parts.Measured(rows, report + against_base(rows, {"p50": "p50", "p99": "p99"}))
+    figures = {"p50": "p50", "p99": "p99", "cpu_ms": "CPU per line"}
+    return parts.Measured(rows, report + against_base(rows, figures))
 
 
 @parts.register("memory", "--hold slow streams held open: each proxy's RSS, peak", servers)

@@ -42,6 +42,15 @@ class Targets:
         """The process of a target (for its memory)."""
         return self.processes.named[PROCESS[target]].pid
 
+    def path(self, target: str) -> list[int]:
+        """The processes a request to target passes through (two hops: both nodes); none
+        for direct."""
+        if target == "direct":
+            return []
+        if HOPS[target] == 2:
+            return [self.pid(target), self.pid(target.replace("2 hops", "1 hop"))]
+        return [self.pid(target)]
+
 
 def start_nginx(processes: Processes, binary: str, name: str, backend: int | None) -> int:
     """nginx as a static backend (backend None) or as a proxy to backend; its port."""
