@@ -447,6 +447,7 @@ class Connection(Protocol):
         self._head_timer: IDelayedCall | None = None
         self._handshake_timer: IDelayedCall | None = None
         self._lost: list[defer.Deferred[None]] = []
+        self._writer: BodyWriter | None = None  # the request body's, while it is sent
 
     def connectionMade(self) -> None:
         self.state = "IDLE"
@@ -524,7 +525,8 @@ class Connection(Protocol):
         if self.call is not call:
             return  # that request has ended already
         self.transport.unregisterProducer()
-        if not self._writer.finish():  # short of its Content-Length
+        writer, self._writer = self._writer, None  # (it keeps this connection: a cycle)
+        if writer is None or not writer.finish():  # short of its Content-Length
             self.abort()
             return
         self._sending = False
@@ -732,6 +734,7 @@ class Connection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.state = "LOST"
+        self._writer = None
         self._stop_timers()
         call = self.call
         retry = None
@@ -910,6 +913,7 @@ class UpstreamResponse:
                 break
             protocol.dataReceived(data)
         if self._ended is not None:
+            self._protocol = None  # (see end)
             protocol.connectionLost(self._ended)
         elif unread and not self.paused:
             self.paused = True
@@ -930,10 +934,13 @@ class UpstreamResponse:
 
     def end(self, reason: Failure) -> None:
         self._connection = None
-        if self._protocol is None:
+        protocol, self._protocol = self._protocol, None
+        if protocol is None:
             self._ended = reason
         else:
-            self._protocol.connectionLost(reason)
+            # Let go of the protocol, whose transport points back here: no cycle is left
+            # for the cyclic collector.
+            protocol.connectionLost(reason)
 
     # From the body's protocol, through _ResponseTransport.
 

@@ -11,6 +11,7 @@ much.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -45,9 +46,11 @@ class IdleTimer:
             self.since = None
 
     def stop(self) -> None:
-        """The request has ended: nothing more is owed, and the timer goes."""
+        """The request has ended: nothing more is owed, and the timer goes, with what it
+        would have called (often the methods of the timer's owner: a cycle otherwise)."""
         self.stopped = True
         self.since = None
+        self._limit, self._expired = _never, _nothing
         call, self._call = self._call, None
         if call is not None and call.active():
             call.cancel()
@@ -61,3 +64,12 @@ class IdleTimer:
             self._call = self._clock.callLater(left, self._check)
         else:
             self._expired()
+
+
+def _never() -> float:
+    """A stopped timer's limit."""
+    return math.inf
+
+
+def _nothing() -> None:
+    """What a stopped timer would call when expired: nothing."""

@@ -127,6 +127,7 @@ class RequestBody:
         self._discarding = True
         self._done = None
         self._waiting = []
+        self._upstream_owes = _owes_nothing  # (see _maybe_done)
         self._client.release()
 
     def abandon(self) -> None:
@@ -175,7 +176,14 @@ class RequestBody:
         if self._complete and not self._waiting and self._done is not None:
             done, self._done = self._done, None
             self._upstream_owes(True)  # now the answer is the upstream's to give
+            # Sent: its pauses no longer say who owes what; and it lets go of the exchange
+            # (whose method this is), which keeps it.
+            self._upstream_owes = _owes_nothing
             done.callback(None)
+
+
+def _owes_nothing(owes: bool) -> None:
+    """What a request body that is sent or dropped tells the exchange: nothing."""
 
 
 @implementer(IPushProducer)
@@ -187,31 +195,40 @@ class ResponseRelay(Protocol):
     """
 
     def __init__(self, exchange: Exchange) -> None:
-        self.exchange = exchange
-        self.finished = False
+        self._exchange: Exchange | None = exchange  # until the body has ended
         self.paused = False
 
+    @property
+    def finished(self) -> bool:
+        """Whether the upstream's body has ended."""
+        return self._exchange is None
+
     def connectionMade(self) -> None:
-        self.exchange.relaying(self)
+        assert self._exchange is not None
+        self._exchange.relaying(self)
 
     def dataReceived(self, data: bytes) -> None:
-        self.exchange.chunk(data)
+        assert self._exchange is not None
+        self._exchange.chunk(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.finished = True
-        self.exchange.upstream_ended(reason)
+        # The exchange keeps the relay; the relay lets go of the exchange, so that neither
+        # waits for the cyclic collector.
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            exchange.upstream_ended(reason)
 
     def pauseProducing(self) -> None:
         self.paused = True
-        if not self.finished:
+        if self._exchange is not None:
             self.connection.pauseProducing()
-            self.exchange.upstream_owes(False)
+            self._exchange.upstream_owes(False)
 
     def resumeProducing(self) -> None:
         self.paused = False
-        if not self.finished:
+        if self._exchange is not None:
             self.connection.resumeProducing()
-            self.exchange.upstream_owes(True)
+            self._exchange.upstream_owes(True)
 
     def stopProducing(self) -> None:
         """Drop the upstream connection (the client left, or the upstream went idle)."""

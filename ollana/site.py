@@ -218,6 +218,14 @@ class ProxyRequest(Request):
     def connectionLost(self, reason: Failure) -> None:
         self._lost = True  # first: the notifyFinish errbacks may call hold or release
         super().connectionLost(reason)
+        self.exchange = None  # (see finish)
+
+    def finish(self) -> None:
+        super().finish()
+        # The exchange has heard (notifyFinish) and holds this request still; without the
+        # link back the two are freed as soon as the exchange is done with, not by the
+        # cyclic collector, whose full passes stall every stream for tens of milliseconds.
+        self.exchange = None
 
     def write(self, data: bytes) -> None:
         if not self.finished and not self._lost:
