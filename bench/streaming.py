@@ -109,7 +109,8 @@ def delay_table(rows: dict[str, dict[str, float]], streams: int) -> str:
     title = (
         f"NDJSON streams: {streams} concurrent, 20 lines/s each; delay from the backend's "
         "write to the load generator's read, per line; CPU ms: the proxy's CPU time (both "
-        "nodes for two hops) per 1,000 lines, median over the rounds"
+        "nodes for two hops) per 1,000 lines; each figure its median over the rounds, "
+        "errors their sum"
     )
     return title + "\n\n" + rst_table(header, out)
 
@@ -154,23 +155,30 @@ def interleaved(
     context: parts.Context,
     targets: Targets,
     measure: Callable[[str, str], dict[str, float]],
-    key: str,
+    key: str | None,
 ) -> dict[str, dict[str, float]]:
     """Each target measured once a round, in --rounds interleaved rounds; for each, the
-    round with the median ``key`` (and the median CPU time over the rounds, if any)."""
+    round with the median ``key``, or, without a key, each figure's own median over the
+    rounds (errors: their sum)."""
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets.bases}
     for number in range(context.args.rounds):
         if context.args.rounds > 1:
             print(f" round {number + 1} of {context.args.rounds}:", file=sys.stderr)
         for name, base in targets.bases.items():
             runs[name].append(measure(name, base))
-    chosen = {name: dict(sorted(rows, key=lambda row: row[key])[len(rows) // 2])
-              for name, rows in runs.items()}  # fmt: skip
-    for name, rows in runs.items():  # the CPU time is a median of its own, as steadier
-        cpu = sorted(row["cpu_ms"] for row in rows if "cpu_ms" in row)
-        if cpu:
-            chosen[name]["cpu_ms"] = cpu[len(cpu) // 2]
-    return chosen
+    if key is not None:
+        return {name: sorted(rows, key=lambda row: row[key])[len(rows) // 2]
+                for name, rows in runs.items()}  # fmt: skip
+    return {name: each_median(rows) for name, rows in runs.items()}
+
+
+def each_median(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over rows (the upper one of an even count), errors summed."""
+    out = {}
+    for figure in rows[0]:
+        values = sorted(row[figure] for row in rows if figure in row)
+        out[figure] = sum(values) if figure == "errors" else values[len(values) // 2]
+    return out
 
 
 @parts.register(
@@ -199,7 +207,7 @@ def streams(context: parts.Context, targets: Targets) -> parts.Measured:
         )
         return row
 
-    rows = interleaved(context, targets, delays, "p99")
+    rows = interleaved(context, targets, delays, None)
     report = delay_table(rows, args.streams)
     figures = {"p50": "p50", "p99": "p99", "cpu_ms": "CPU per line"}
     return parts.Measured(rows, report + against_base(rows, figures))

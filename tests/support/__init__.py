@@ -12,4 +12,5 @@
 - ``fake_ollama``: the simulator under the tests' name (``python -m
   tests.support.fake_ollama``).
 - ``strategies``: Hypothesis strategies for datagrams.
+- ``garbage``: what a test leaves in reference cycles, for the cyclic collector.
 """
