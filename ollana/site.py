@@ -259,6 +259,7 @@ class ProxyChannel(HTTPChannel):
     _reading_head = True  # awaiting or reading a request's head (line and headers)
     _timing_head = False  # a head has begun and the header timer counts for it
     _answered = False  # an answer of our own was written: the connection is closing
+    last = False  # Ollana is stopping: the request under way, or the next, is the last
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -345,7 +346,19 @@ class ProxyChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._reading_head = self._timing_head = False
-        super().allHeadersReceived()
+        super().allHeadersReceived()  # (which judges from the head if the connection stays)
+        if self.last:
+            self.end_after_request()
+
+    def end_after_request(self) -> None:
+        """Close the connection once the request under way is answered, or, if none has
+        begun, the next: Ollana is stopping (ProxySite.drain)."""
+        self.last = True
+        if self.requests and not self._reading_head:
+            self.persistent = False
+            request = self.requests[-1]
+            if not request.startedWriting:  # the client learns it from the answer
+                request.responseHeaders.setRawHeaders(b"connection", [b"close"])
 
     def _stop_header_timer(self) -> None:
         due, self._headers_due = self._headers_due, None
@@ -491,7 +504,7 @@ class ProxySite(Site):
     def opened(self, channel: ProxyChannel) -> None:
         self.channels.add(channel)
         if self._drained is not None:  # accepted just before the port closed
-            channel.persistent = False
+            channel.end_after_request()
 
     def closed(self, channel: ProxyChannel) -> None:
         self.channels.discard(channel)
@@ -507,8 +520,9 @@ class ProxySite(Site):
         self._drained = drained
         busy = [channel for channel in self.channels if channel.requests]
         for channel in list(self.channels):
-            channel.persistent = False  # no next request on this connection
-            if not channel.requests:
+            if channel.requests:
+                channel.end_after_request()
+            else:
                 channel.loseConnection()
         if not self.channels:
             drained.callback(None)

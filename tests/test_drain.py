@@ -60,6 +60,41 @@ class DrainTests(SynchronousTestCase):
         self.lose(self.proxy.channel)
         self.successResultOf(drained)
 
+    def test_a_connection_accepted_as_the_drain_begins_is_served_once(self) -> None:
+        drained = self.proxy.site.drain(30)
+        late = self.proxy.site.buildProtocol(CLIENT)
+        transport = StringTransport(peerAddress=CLIENT)
+        late.makeConnection(transport)
+        self.assertFalse(transport.disconnecting, "its request is still to come")
+        late.dataReceived(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.proxy.connect()
+        self.proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        response = transport.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 OK\r\n"), response)
+        self.assertIn(b"\r\nConnection: close\r\n", response)
+        self.assertTrue(response.endswith(b"\r\n\r\n{}"), response)
+        self.assertTrue(transport.disconnecting, "closed after its one request")
+        self.lose(late)
+        self.lose(self.idle)
+        self.proxy.answer(b"0\r\n\r\n", index=0)
+        self.lose(self.proxy.channel)
+        self.successResultOf(drained)
+
+    def test_a_head_half_in_as_the_drain_begins_is_answered_then_closed(self) -> None:
+        channel = self.proxy.site.buildProtocol(CLIENT)
+        transport = StringTransport(peerAddress=CLIENT)
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n")
+        self.proxy.site.drain(30)
+        self.assertFalse(transport.disconnecting, "a request under way")
+        channel.dataReceived(b"Accept: */*\r\n\r\n")  # a head that says keep-alive
+        self.proxy.connect()
+        self.proxy.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        response = transport.value()
+        self.assertIn(b"\r\nConnection: close\r\n", response)
+        self.assertTrue(response.endswith(b"\r\n\r\n{}"), response)
+        self.assertTrue(transport.disconnecting, "closed after its answer")
+
     def test_nothing_open_is_drained_at_once(self) -> None:
         self.lose(self.idle)
         self.lose(self.proxy.channel)
