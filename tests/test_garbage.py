@@ -39,14 +39,6 @@ def lose_client(proxy: ProxyHarness, reason: Exception) -> None:
     proxy.channel.connectionLost(Failure(reason))
 
 
-def lose_upstream(proxy: ProxyHarness, reason: Exception | None = None) -> None:
-    """The upstream connection is gone, as a real transport reports it (see lose_client)."""
-    transport = proxy.transports[-1]
-    if transport.producer is not None:
-        transport.unregisterProducer()
-    proxy.lose(reason=reason)
-
-
 class RelayedRequestTests(SynchronousTestCase):
     """Each test drops the whole harness at the end, so that whatever a request left in a
     cycle is found, reachable from the harness or not."""
@@ -77,7 +69,7 @@ class RelayedRequestTests(SynchronousTestCase):
             proxy.answer(STREAM_HEAD + b"3\r\nabc\r\n")
             lose_client(proxy, error.ConnectionLost())
             self.assertTrue(upstream.disconnecting, "the upstream is dropped with it")
-            lose_upstream(proxy)
+            proxy.lose()
             del proxy, upstream
         self.assertNothingLeft(cycles)
 
@@ -87,7 +79,7 @@ class RelayedRequestTests(SynchronousTestCase):
             proxy.send(GENERATE)
             proxy.connect()
             proxy.answer(STREAM_HEAD + b"3\r\nabc\r\n")
-            lose_upstream(proxy, error.ConnectionLost())
+            proxy.lose(reason=error.ConnectionLost())
             self.assertTrue(proxy.client.disconnecting, "a cut answer is not passed as whole")
             lose_client(proxy, error.ConnectionLost())
             del proxy
@@ -111,7 +103,7 @@ class RelayedRequestTests(SynchronousTestCase):
             upstream = proxy.connect()
             proxy.answer(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
             self.assertTrue(upstream.disconnected, "aborted: it waited for the body's rest")
-            lose_upstream(proxy)
+            proxy.lose()
             proxy.send(b"56789")
             self.assertIn(b" 400 ", proxy.response().split(b"\r\n", 1)[0])
             lose_client(proxy, error.ConnectionDone())

@@ -70,7 +70,11 @@ class FakeUpstreams:
         self.protocols[index].dataReceived(data)
 
     def lose(self, index: int = -1, reason: Exception | None = None) -> None:
-        """The connection ends (as a real transport reports it: ``lost`` unless told)."""
+        """The connection ends, as a real transport reports it: its producer dropped first,
+        then ``lost`` (unless told) to the protocol."""
+        transport = self.transports[index]
+        if transport.producer is not None:
+            transport.unregisterProducer()
         self.protocols[index].connectionLost(Failure(reason or self.lost()))
 
 
